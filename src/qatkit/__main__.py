@@ -1,0 +1,3 @@
+from qatkit.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Training backends: `hf` (transformers + peft + trl + torchao) and `unsloth` (CUDA)."""

@@ -1,0 +1,136 @@
+"""hf backend: transformers + peft + trl, with torchao fake quantization inserted before LoRA."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qatkit import schemes
+from qatkit.backends.base import TrainResult
+from qatkit.errors import Interrupted
+from qatkit.loading import load_model_and_tokenizer
+from qatkit.lora_qat import use_merged_lora_forward
+
+if TYPE_CHECKING:
+    from qatkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def lora_config(recipe: Recipe):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=recipe.lora.r,
+        lora_alpha=recipe.lora.alpha,
+        lora_dropout=recipe.lora.dropout,
+        target_modules=list(recipe.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def prepare_for_qat(recipe: Recipe, model) -> schemes.Plan:
+    """Fake quantizers go on the base linears first; LoRA modules are added after and never quantized."""
+    return schemes.prepare(model, schemes.get_scheme(recipe.qat.scheme), recipe.qat.group_size)
+
+
+def attach_lora(recipe: Recipe, model, adapter_dir: Path | None = None):
+    """Wrap a QAT-prepared model with LoRA: new adapters, or trained ones from `adapter_dir`."""
+    from peft import PeftModel, get_peft_model
+
+    if adapter_dir is None:
+        model = get_peft_model(model, lora_config(recipe))
+    else:
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    if recipe.qat.lora == "merged":
+        use_merged_lora_forward(model)
+    return model
+
+
+def load_trained(recipe: Recipe, adapter_dir: Path):
+    """Rebuild the model exactly as it was trained: base + fake quant + LoRA (in the recipe's mode)."""
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    plan = prepare_for_qat(recipe, model)
+    return attach_lora(recipe, model, adapter_dir), tokenizer, plan
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+class HFBackend:
+    name = "hf"
+
+    def finetune(self, recipe: Recipe, examples: list[dict], work: Path, resume: bool) -> TrainResult:
+        import torch
+        from datasets import Dataset
+        from trl import SFTConfig, SFTTrainer
+
+        t0 = time.time()
+        model, tokenizer = load_model_and_tokenizer(recipe.model)
+        plan = prepare_for_qat(recipe, model)
+        (work / "qat_plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        model = attach_lora(recipe, model)
+        if recipe.train.gradient_checkpointing:
+            model.enable_input_require_grads()
+
+        t = recipe.train
+        on_cuda = torch.cuda.is_available()
+        ckpt_dir = work / "checkpoints"
+        args = SFTConfig(
+            output_dir=str(ckpt_dir),
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.lr,
+            warmup_steps=t.warmup_steps,
+            weight_decay=t.weight_decay,
+            lr_scheduler_type=t.lr_scheduler,
+            optim=t.optim,
+            seed=t.seed,
+            data_seed=t.seed,
+            logging_steps=t.logging_steps,
+            save_steps=t.save_steps,
+            save_total_limit=2,
+            gradient_checkpointing=t.gradient_checkpointing,
+            max_length=recipe.model.max_seq_length,
+            completion_only_loss=True,
+            packing=False,
+            bf16=on_cuda and model.dtype == torch.bfloat16,
+            use_cpu=not on_cuda,
+            report_to="none",
+            dataloader_num_workers=0,
+            disable_tqdm=False,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer)
+        resume_from = _last_checkpoint(ckpt_dir) if resume else None
+        if resume_from:
+            log.info("resuming training from %s", resume_from)
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        except KeyboardInterrupt:
+            trainer._save_checkpoint(trainer.model, trial=None)
+            raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}") from None
+
+        model.save_pretrained(str(work / "adapter"))
+        tokenizer.save_pretrained(str(work / "adapter"))
+        trainer.state.save_to_json(str(work / "trainer_state.json"))
+        losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+        (work / "loss.json").write_text(json.dumps(losses))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return TrainResult(
+            steps=trainer.state.global_step,
+            first_loss=losses[0]["loss"] if losses else None,
+            final_loss=losses[-1]["loss"] if losses else None,
+            seconds=round(time.time() - t0, 2),
+            loss_history=losses,
+            fake_quantized_modules=len(schemes.fake_quantizers(model)),
+            lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
+        )

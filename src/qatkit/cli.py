@@ -1,0 +1,169 @@
+"""qatkit command line (Typer). Parse, call one function, map errors to exit codes.
+
+Heavy libraries (torch, transformers, torchao, lm_eval) are imported inside the commands only.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from qatkit.errors import QatkitError
+
+app = typer.Typer(
+    name="qatkit",
+    help="Quantization-aware training of LLMs: finetune with fake quantization, convert, evaluate.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode="rich",
+)
+_state = {"debug": False}
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: recipe `out`, else runs/<name>).")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a run dir: skip finished stages, resume training.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing run dir.")]
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
+) -> None:
+    from qatkit import log
+
+    _state["debug"] = debug
+    log.setup(verbose=verbose, debug=debug)
+
+
+def _fail(e: BaseException) -> typer.Exit:
+    from qatkit.log import err_console
+
+    if isinstance(e, QatkitError):
+        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+        return typer.Exit(e.exit_code)
+    if isinstance(e, KeyboardInterrupt):
+        err_console.print("[yellow]interrupted[/]")
+        return typer.Exit(130)
+    err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e}  (rerun with --debug for the traceback)")
+    return typer.Exit(1)
+
+
+def _guard(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except typer.Exit:
+        raise
+    except BaseException as e:  # noqa: BLE001 - the CLI boundary maps every failure to an exit code
+        if _state["debug"] and not isinstance(e, KeyboardInterrupt):
+            import traceback
+
+            traceback.print_exc()
+        raise _fail(e) from None
+
+
+def _run(recipe_path: Path, out: Path | None, overrides: list[str] | None, resume: bool, force: bool,
+         only: list[str] | None) -> None:
+    from qatkit.commands import run_command
+
+    _guard(run_command, recipe_path, out, overrides or [], resume=resume, force=force, only=only)
+
+
+@app.command()
+def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, force: ForceOpt = False) -> None:
+    """Run a recipe end to end: finetune -> convert -> eval -> report.
+
+    Example: [bold]qatkit run recipes/smollm2-135m-8da4w-piqa.yaml --out runs/demo[/]
+    """
+    _run(recipe, out, set_, resume, force, None)
+
+
+@app.command()
+def finetune(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, force: ForceOpt = False) -> None:
+    """Only the finetune stage (LoRA + fake quantization).
+
+    Example: [bold]qatkit finetune recipes/qwen3-8b-int4.yaml --set train.max_steps=10[/]
+    """
+    _run(recipe, out, set_, resume, force, ["finetune"])
+
+
+@app.command()
+def convert(
+    recipe: Annotated[Path | None, typer.Argument(help="Recipe whose run dir has a finished finetune stage.")] = None,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    from_: Annotated[Path | None, typer.Option("--from", help="Quantize this HF model dir directly (PTQ).")] = None,
+    scheme: Annotated[str | None, typer.Option("--scheme", help="Scheme for --from (see `qatkit schemes`).")] = None,
+) -> None:
+    """Convert fake-quantized training into a real low-bit checkpoint (or PTQ a model with --from).
+
+    Examples: [bold]qatkit convert recipes/tiny-8da4w.yaml --out runs/tiny[/]
+              [bold]qatkit convert --from ./my-model --scheme int8-int4 --out runs/my-model-8da4w[/]
+    """
+    from qatkit.commands import convert_command
+
+    _guard(convert_command, recipe, out, set_ or [], from_, scheme)
+
+
+@app.command(name="eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="HF model directory (e.g. <run>/convert).")],
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated lm-eval tasks.")] = "mmlu",
+    limit: Annotated[int | None, typer.Option("--limit", help="Items per task.")] = None,
+    num_fewshot: Annotated[int, typer.Option("--num-fewshot")] = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    include_path: Annotated[Path | None, typer.Option("--include-path", help="Dir of local lm-eval task YAMLs.")] = None,
+    output: Annotated[Path | None, typer.Option("--output", help="Write results JSON here.")] = None,
+) -> None:
+    """Evaluate a model directory with lm-eval (offline-safe: task data is checked before loading).
+
+    Example: [bold]qatkit eval runs/demo/convert --tasks mmlu --limit 100[/]
+    """
+    from qatkit.commands import eval_command
+
+    _guard(eval_command, model_dir, [t for t in tasks.split(",") if t], limit, num_fewshot, batch_size, include_path, output)
+
+
+@app.command()
+def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
+    """Check a recipe without running it: schema, hardware, model, data, tasks, and the module plan.
+
+    Example: [bold]qatkit validate recipes/qwen3-8b-int4.yaml --set model.name_or_path=./tiny-qwen3[/]
+    """
+    from qatkit.commands import validate_command
+
+    _guard(validate_command, recipe, set_ or [])
+
+
+@app.command()
+def schemes() -> None:
+    """List quantization schemes: torchao configs and where they train and convert.
+
+    Example: [bold]qatkit schemes[/]
+    """
+    from qatkit.commands import schemes_command
+
+    _guard(schemes_command)
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory.")]) -> None:
+    """Rebuild report.md, report.json, plots and the model card from a run dir (runs nothing).
+
+    Example: [bold]qatkit report runs/demo[/]
+    """
+    from qatkit.commands import report_command
+
+    _guard(report_command, run_dir)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""What each CLI command does, with its rich output. cli.py only parses and maps errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from qatkit.errors import RecipeError
+from qatkit.log import console
+from qatkit.recipe import Recipe, load_recipe, validate_recipe
+
+
+def _out_dir(recipe: Recipe, out: Path | None) -> Path:
+    return out or Path(recipe.out or f"runs/{recipe.name}")
+
+
+def run_command(recipe_path: Path, out: Path | None, overrides: list[str], *, resume: bool, force: bool,
+                only: list[str] | None) -> None:
+    from qatkit.pipeline import run_recipe
+    from qatkit.validate import preflight
+
+    recipe = load_recipe(recipe_path, overrides)
+    if only:
+        recipe = recipe.model_copy(update={"stages": [s for s in recipe.stages if s in only] or only})
+    preflight(recipe)
+    target = _out_dir(recipe, out)
+    console.print(f"[bold]qatkit[/] {recipe.name}: scheme [cyan]{recipe.qat.scheme}[/], stages {', '.join(only or recipe.stages)} → {target}")
+    run = run_recipe(recipe, target, resume=resume, force=force, only=only,
+                     on_stage=lambda name, status: console.print(f"[bold]▶ {name}[/] {status}"))
+    print_summary(run.root)
+
+
+def convert_command(recipe_path: Path | None, out: Path | None, overrides: list[str], from_: Path | None,
+                    scheme: str | None) -> None:
+    if (recipe_path is None) == (from_ is None):
+        raise RecipeError("give either a RECIPE or --from MODEL_DIR --scheme NAME")
+    if recipe_path is not None:
+        return run_command(recipe_path, out, overrides, resume=False, force=False, only=["convert"])
+    if scheme is None:
+        raise RecipeError("--from needs --scheme (see `qatkit schemes`)")
+    if not from_.exists():
+        raise RecipeError(f"--from {from_}: no such model directory")
+    from qatkit.pipeline import run_recipe
+
+    recipe = validate_recipe({"name": f"{from_.name}-{scheme}", "model": {"name_or_path": str(from_.resolve())},
+                              "qat": {"scheme": scheme}, "stages": ["convert"]}, source="--from/--scheme")
+    target = out or Path(f"runs/{recipe.name}")
+    run = run_recipe(recipe, target, force=False, only=["convert"])
+    print_summary(run.root)
+
+
+def eval_command(model_dir: Path, tasks: list[str], limit: int | None, num_fewshot: int, batch_size: int,
+                 include_path: Path | None, output: Path | None) -> None:
+    from qatkit.loading import load_model_and_tokenizer
+    from qatkit.recipe import EvalSpec, ModelSpec
+    from qatkit.stages.eval import evaluate_model, preflight
+
+    if not (model_dir / "config.json").exists():
+        raise RecipeError(f"{model_dir}: not a model directory (no config.json)")
+    includes = [str(include_path.resolve())] if include_path else []
+    preflight(tasks, includes)
+    spec = EvalSpec(tasks=tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
+    model, tokenizer = load_model_and_tokenizer(ModelSpec(name_or_path=str(model_dir)), path=str(model_dir))
+    results = evaluate_model(model.eval(), tokenizer, tasks, spec, includes)
+    table = Table("task", "metric", "value", "stderr", title=f"lm-eval: {model_dir}")
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if not name.endswith("_stderr") and value is not None:
+                err = metrics.get(f"{name}_stderr")
+                table.add_row(task, name, f"{value:.4f}", f"{err:.4f}" if isinstance(err, float) else "—")
+    console.print(table)
+    if output:
+        output.write_text(json.dumps({"model": str(model_dir), "tasks": tasks, "limit": limit, "results": results}, indent=2))
+
+
+def validate_command(recipe_path: Path, overrides: list[str]) -> None:
+    from qatkit.validate import validate
+
+    recipe = load_recipe(recipe_path, overrides)
+    v = validate(recipe)
+    console.print(f"[green]✓[/] {recipe_path}: recipe is valid; scheme [cyan]{recipe.qat.scheme}[/], "
+                  f"backend {recipe.backend}, stages {', '.join(recipe.stages)}; model {v.source.describe()}")
+    table = Table("module type", "count", "action", title="QAT plan (per module type)")
+    for key, counter in sorted(v.by_type.items()):
+        for action, count in counter.items():
+            table.add_row(key, str(count), "[green]fake-quantize[/]" if action == "quantize" else f"[yellow]skip[/]: {action}")
+    console.print(table)
+    if v.plan.untie_embeddings:
+        console.print("lm_head is tied to the input embedding: it will be untied so each is quantized on its own.")
+    console.print(f"Estimated checkpoint size: {v.size_quantized_mb} MB converted vs {v.size_bf16_mb} MB in bf16 "
+                  f"({v.size_quantized_mb / v.size_bf16_mb:.0%}).")
+
+
+def schemes_command() -> None:
+    from qatkit.schemes import HARDWARE_TEXT, list_schemes
+
+    table = Table("scheme", "aliases", "torchao configs", "train on", "convert on", "notes", title="qatkit schemes")
+    for s in list_schemes():
+        notes = "; ".join(x for x in (s.summary, s.notes, f"on CPU use {s.cpu_alternatives}" if s.cpu_alternatives else "") if x)
+        table.add_row(s.name, ", ".join(s.aliases), s.configs, HARDWARE_TEXT[s.train_on], HARDWARE_TEXT[s.convert_on], notes)
+    console.print(table)
+
+
+def report_command(run_dir: Path) -> None:
+    from qatkit.pipeline import RunDir
+    from qatkit.stages import report
+
+    if not (run_dir / "manifest.json").exists():
+        raise RecipeError(f"{run_dir}: not a qatkit run dir (no manifest.json)")
+    report.build(RunDir(run_dir.resolve()))
+    print_summary(run_dir)
+
+
+def print_summary(root: Path) -> None:
+    rep_path = root / "report.json"
+    if not rep_path.exists():
+        return
+    rep = json.loads(rep_path.read_text())
+    stages = Table("stage", "status", "seconds", title="stages")
+    for name, s in rep["stages"].items():
+        stages.add_row(name, s["status"] or "", f"{s['seconds']:.1f}" if s["seconds"] else "")
+    console.print(stages)
+    if rep.get("training"):
+        t = rep["training"]
+        console.print(f"training: {t['steps']} steps, loss {t['first_loss']:.4f} → {t['final_loss']:.4f}")
+    if rep.get("quality"):
+        from qatkit.stages.report import VARIANT_LABEL
+
+        q = Table("task", "variant", "accuracy", "± stderr", "norm. degradation", title="quality")
+        for r in rep["quality"]:
+            q.add_row(f"{r['task']} ({r['metric']})", VARIANT_LABEL.get(r["variant"], r["variant"]),
+                      "—" if r["value"] is None else f"{100 * r['value']:.2f}",
+                      "—" if r["stderr"] is None else f"{100 * r['stderr']:.2f}",
+                      "—" if r["normalized_degradation"] is None else f"{100 * r['normalized_degradation']:+.1f}%")
+        console.print(q)
+    if rep.get("parity") and rep["parity"].get("as_trained_vs_converted"):
+        console.print(f"parity: converted vs as-trained SQNR {rep['parity']['as_trained_vs_converted']['sqnr_db']:.1f} dB")
+    if (root / "convert" / "DONE").exists():
+        console.print(f"checkpoint: [bold]{root / 'convert'}[/] ({rep['checkpoint_mb']} MB) — loads with "
+                      "AutoModelForCausalLM.from_pretrained")
+    console.print(f"report: {root / 'report.md'}")

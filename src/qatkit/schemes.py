@@ -1,0 +1,440 @@
+"""Scheme registry: the only module that imports torchao.
+
+A scheme is one object that yields both the QAT (fake-quant) step and the convert step from the same
+torchao base config, so the quantizer used in training is by construction the one used at deployment.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+from qatkit.errors import EnvError, RecipeError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger(__name__)
+
+Hardware = Literal["cpu", "cuda", "cuda-sm89", "cuda-sm100"]
+HARDWARE_TEXT = {
+    "cpu": "CPU or GPU",
+    "cuda": "a CUDA GPU",
+    "cuda-sm89": "a CUDA GPU with compute capability >= 8.9 (Ada/Hopper)",
+    "cuda-sm100": "a Blackwell GPU (compute capability >= 10.0)",
+}
+
+
+@dataclass(frozen=True)
+class Scheme:
+    name: str
+    summary: str
+    configs: str  # human-readable torchao configs, for `qatkit schemes`
+    linear_config: Callable[[int | None], object]  # group_size -> torchao base config for linears
+    default_group_size: int | None = None
+    embedding_config: Callable[[], object] | None = None  # quantize input embeddings too
+    quantize_lm_head: bool = False  # also quantize lm_head (untied first if tied)
+    train_on: Hardware = "cpu"
+    convert_on: Hardware = "cpu"
+    aliases: tuple[str, ...] = ()
+    cpu_alternatives: str = ""
+    notes: str = ""
+    straight_through_fp8: bool = False  # torchao casts fp8 fake-quant grads unscaled; use STE
+
+    def group_size(self, override: int | None = None) -> int | None:
+        return override if override is not None else self.default_group_size
+
+
+_SCHEMES: dict[str, Scheme] = {}
+_ALIASES: dict[str, str] = {}
+
+
+def register_scheme(s: Scheme) -> Scheme:
+    for key in (s.name, *s.aliases):
+        if key in _SCHEMES or key in _ALIASES:
+            raise ValueError(f"scheme {key!r} registered twice")
+    _SCHEMES[s.name] = s
+    _ALIASES.update({a: s.name for a in s.aliases})
+    return s
+
+
+def list_schemes() -> list[Scheme]:
+    return list(_SCHEMES.values())
+
+
+def canonical_name(name: str) -> str:
+    name = name.strip().lower()
+    if name in _SCHEMES:
+        return name
+    if name in _ALIASES:
+        return _ALIASES[name]
+    known = sorted([*_SCHEMES, *_ALIASES])
+    close = difflib.get_close_matches(name, known, n=2)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise ValueError(f"unknown scheme {name!r}.{hint} Known: {', '.join(sorted(_SCHEMES))}")
+
+
+def get_scheme(name: str) -> Scheme:
+    try:
+        return _SCHEMES[canonical_name(name)]
+    except ValueError as e:
+        raise RecipeError(str(e)) from None
+
+
+# --- torchao configs (imported lazily: `qatkit --help` must not import torch) -------------------
+
+
+def _int4_weight_only(group_size: int | None):
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    return Int4WeightOnlyConfig(group_size=group_size)
+
+
+def _intx_weight_only(bits: int):
+    def build(group_size: int | None):
+        import torch
+        from torchao.quantization import IntxWeightOnlyConfig, PerAxis, PerGroup
+
+        dtype = {4: torch.int4, 8: torch.int8}[bits]
+        granularity = PerGroup(group_size) if group_size else PerAxis(0)
+        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=granularity)
+
+    return build
+
+
+def _int8_embedding():
+    return _intx_weight_only(8)(None)
+
+
+def _int8_act_int4_weight(group_size: int | None):
+    import torch
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup
+
+    granularity = PerGroup(group_size) if group_size else PerAxis(0)
+    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=granularity)
+
+
+def _fp8_act_int4_weight(group_size: int | None):
+    from torchao.quantization import Float8DynamicActivationInt4WeightConfig
+
+    return Float8DynamicActivationInt4WeightConfig()
+
+
+def _fp8_fp8(group_size: int | None):
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow
+
+    return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+
+
+def _nvfp4(group_size: int | None):
+    from torchao.prototype.mx_formats import NVFP4DynamicActivationNVFP4WeightConfig
+
+    return NVFP4DynamicActivationNVFP4WeightConfig()
+
+
+def _mxfp8(group_size: int | None):
+    from torchao.prototype.mx_formats import MXDynamicActivationMXWeightConfig
+
+    return MXDynamicActivationMXWeightConfig()
+
+
+register_scheme(Scheme(
+    name="int4",
+    summary="int4 weight-only, asymmetric, group 128 (the Qwen3-8B / Gemma-3-12B QAT cards)",
+    configs="Int4WeightOnlyConfig(group_size=128)",
+    linear_config=_int4_weight_only,
+    default_group_size=128,
+    convert_on="cuda",
+    cpu_alternatives="w4-intx or int8-int4",
+    notes="convert needs torchao's CUDA int4 kernels (mslk)",
+))
+register_scheme(Scheme(
+    name="int8",
+    summary="int8 weight-only, per output channel (Unsloth PR #3859)",
+    configs="IntxWeightOnlyConfig(int8, PerAxis(0))",
+    linear_config=_intx_weight_only(8),
+))
+register_scheme(Scheme(
+    name="int8-int4",
+    aliases=("8da4w", "phone-deployment"),
+    summary="int8 dynamic activations + int4 symmetric weights g32; int8 embeddings; lm_head untied",
+    configs="Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) + IntxWeightOnlyConfig(int8, PerAxis(0)) on embeddings",
+    linear_config=_int8_act_int4_weight,
+    default_group_size=32,
+    embedding_config=_int8_embedding,
+    quantize_lm_head=True,
+    notes="ExecuTorch/XNNPACK layout (the Qwen3-4B 8da4w card)",
+))
+register_scheme(Scheme(
+    name="w4-intx",
+    summary="int4 weight-only, symmetric, group 32 (converts on CPU)",
+    configs="IntxWeightOnlyConfig(int4, PerGroup(32))",
+    linear_config=_intx_weight_only(4),
+    default_group_size=32,
+))
+register_scheme(Scheme(
+    name="w4-channel",
+    summary="int4 weight-only, symmetric, per output channel (where plain PTQ hurts most)",
+    configs="IntxWeightOnlyConfig(int4, PerAxis(0))",
+    linear_config=_intx_weight_only(4),
+    default_group_size=None,
+))
+register_scheme(Scheme(
+    name="fp8-int4",
+    summary="fp8 dynamic activations + int4 weights g128",
+    configs="Float8DynamicActivationInt4WeightConfig()",
+    linear_config=_fp8_act_int4_weight,
+    default_group_size=128,
+    convert_on="cuda",
+    cpu_alternatives="int8-int4",
+    notes="convert needs torchao's CUDA int4 kernels (mslk)",
+    straight_through_fp8=True,
+))
+register_scheme(Scheme(
+    name="fp8-fp8",
+    summary="fp8 dynamic activations + fp8 weights, per row",
+    configs="Float8DynamicActivationFloat8WeightConfig(PerRow())",
+    linear_config=_fp8_fp8,
+    convert_on="cuda-sm89",
+    cpu_alternatives="int8",
+    straight_through_fp8=True,
+))
+register_scheme(Scheme(
+    name="nvfp4",
+    summary="NVFP4 activations and weights",
+    configs="NVFP4DynamicActivationNVFP4WeightConfig()",
+    linear_config=_nvfp4,
+    default_group_size=16,
+    train_on="cuda-sm100",
+    convert_on="cuda-sm100",
+    notes="Blackwell only",
+))
+register_scheme(Scheme(
+    name="mxfp8",
+    summary="MXFP8 activations and weights",
+    configs="MXDynamicActivationMXWeightConfig()",
+    linear_config=_mxfp8,
+    default_group_size=32,
+    train_on="cuda-sm100",
+    convert_on="cuda-sm100",
+    notes="Blackwell only",
+))
+
+
+# --- hardware -----------------------------------------------------------------------------------
+
+
+def hardware_ok(req: Hardware) -> bool:
+    if req == "cpu":
+        return True
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    cc = torch.cuda.get_device_capability()
+    return {"cuda": (0, 0), "cuda-sm89": (8, 9), "cuda-sm100": (10, 0)}[req] <= cc
+
+
+def require_hardware(scheme: Scheme, step: Literal["train", "convert"]) -> None:
+    req = scheme.train_on if step == "train" else scheme.convert_on
+    if hardware_ok(req):
+        return
+    alt = f"; on CPU use {scheme.cpu_alternatives}" if scheme.cpu_alternatives else ""
+    why = f" ({scheme.notes})" if scheme.notes else ""
+    raise EnvError(f"{scheme.name} {step} needs {HARDWARE_TEXT[req]}{why}{alt}")
+
+
+# --- which modules a scheme covers --------------------------------------------------------------
+
+
+@dataclass
+class ModulePlan:
+    fqn: str
+    kind: Literal["linear", "embedding"]
+    shape: tuple[int, int]
+    quantize: bool
+    reason: str = ""
+
+
+@dataclass
+class Plan:
+    scheme: str
+    group_size: int | None
+    modules: list[ModulePlan] = field(default_factory=list)
+    untie_embeddings: bool = False
+
+    @property
+    def quantized(self) -> list[ModulePlan]:
+        return [m for m in self.modules if m.quantize]
+
+    @property
+    def skipped(self) -> list[ModulePlan]:
+        return [m for m in self.modules if not m.quantize]
+
+    def to_dict(self) -> dict:
+        return {
+            "scheme": self.scheme,
+            "group_size": self.group_size,
+            "untie_embeddings": self.untie_embeddings,
+            "quantized": [m.fqn for m in self.quantized],
+            "skipped": {m.fqn: m.reason for m in self.skipped},
+        }
+
+
+def _is_lora(fqn: str) -> bool:
+    return "lora_" in fqn
+
+
+def plan_modules(model: torch.nn.Module, scheme: Scheme, group_size: int | None = None) -> Plan:
+    """Decide, per Linear/Embedding, whether the scheme quantizes it and why not."""
+    import torch
+
+    gs = scheme.group_size(group_size)
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
+    plan = Plan(scheme.name, gs, untie_embeddings=tied and scheme.quantize_lm_head)
+    for fqn, mod in model.named_modules():
+        if _is_lora(fqn):
+            continue
+        if isinstance(mod, torch.nn.Linear):
+            p = ModulePlan(fqn, "linear", (mod.out_features, mod.in_features), True)
+            if mod is out_emb and not scheme.quantize_lm_head:
+                p.quantize, p.reason = False, "lm_head (not covered by this scheme)"
+            elif gs and mod.in_features % gs:
+                p.quantize, p.reason = False, f"in_features {mod.in_features} not a multiple of group size {gs}"
+            plan.modules.append(p)
+        elif isinstance(mod, torch.nn.Embedding):
+            p = ModulePlan(fqn, "embedding", (mod.num_embeddings, mod.embedding_dim), scheme.embedding_config is not None)
+            if not p.quantize:
+                p.reason = "embedding (not covered by this scheme)"
+            elif type(mod) is not torch.nn.Embedding:
+                p.quantize, p.reason = False, f"{type(mod).__name__} has extra forward logic; kept in high precision"
+            plan.modules.append(p)
+    return plan
+
+
+def untie_embeddings(model: torch.nn.Module) -> None:
+    """Give lm_head its own weight so it can be quantized differently from the embedding."""
+    import torch
+
+    out_emb = model.get_output_embeddings()
+    out_emb.weight = torch.nn.Parameter(out_emb.weight.detach().clone(), requires_grad=out_emb.weight.requires_grad)
+    model.config.get_text_config(decoder=True).tie_word_embeddings = False
+    if hasattr(model.config, "tie_word_embeddings"):
+        model.config.tie_word_embeddings = False
+    model._tied_weights_keys = {} if isinstance(getattr(model, "_tied_weights_keys", None), dict) else []
+
+
+# --- prepare / convert ---------------------------------------------------------------------------
+
+
+def _fqn_filter(fqns: set[str]):
+    return lambda mod, fqn: fqn in fqns
+
+
+def prepare(model: torch.nn.Module, scheme: Scheme, group_size: int | None = None) -> Plan:
+    """Insert fake quantizers (QATConfig step="prepare") into the modules the plan covers."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    plan = plan_modules(model, scheme, group_size)
+    if plan.untie_embeddings:
+        untie_embeddings(model)
+    for skipped in plan.skipped:
+        if skipped.kind == "linear" and "group size" in skipped.reason:
+            log.warning("not quantizing %s: %s", skipped.fqn, skipped.reason)
+    linears = {m.fqn for m in plan.quantized if m.kind == "linear"}
+    embeddings = {m.fqn for m in plan.quantized if m.kind == "embedding"}
+    if linears:
+        quantize_(model, QATConfig(scheme.linear_config(plan.group_size), step="prepare"), _fqn_filter(linears))
+    if embeddings:
+        quantize_(model, QATConfig(scheme.embedding_config(), step="prepare"), _fqn_filter(embeddings))
+    if scheme.straight_through_fp8:
+        _use_straight_through_fp8(model)
+    return plan
+
+
+def convert(model: torch.nn.Module, scheme: Scheme, group_size: int | None = None) -> dict[str, object]:
+    """Turn fake-quantized modules into real torchao tensors (QATConfig step="convert").
+
+    Returns the fqn -> torchao config map of what was converted (needed to save the checkpoint).
+    """
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
+
+    require_hardware(scheme, "convert")
+    gs = scheme.group_size(group_size)
+    converted: dict[str, object] = {}
+    for cls, build in ((FakeQuantizedLinear, lambda: scheme.linear_config(gs)), (FakeQuantizedEmbedding, scheme.embedding_config)):
+        fqns = {n for n, m in model.named_modules() if isinstance(m, cls)}
+        if fqns:
+            cfg = build()
+            quantize_(model, QATConfig(cfg, step="convert"), _fqn_filter(fqns))
+            converted.update(dict.fromkeys(sorted(fqns), cfg))
+    if not converted:
+        raise RecipeError("convert found no fake-quantized modules: the model was not prepared for QAT")
+    return converted
+
+
+def quantize_ptq(model: torch.nn.Module, scheme: Scheme, group_size: int | None = None) -> dict[str, object]:
+    """Post-training quantization through the exact same path as QAT convert."""
+    prepare(model, scheme, group_size)
+    return convert(model, scheme, group_size)
+
+
+def attach_hf_quantizer(model: torch.nn.Module, converted: dict[str, object]) -> None:
+    """Make `save_pretrained` write a checkpoint that plain `from_pretrained` loads (torchao format)."""
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    has_embedding = any(type(c).__name__ == "IntxWeightOnlyConfig" and "embed" in f for f, c in converted.items())
+    cfg = TorchAoConfig(FqnToConfig(dict(converted)), modules_to_not_convert=[], include_input_output_embeddings=has_embedding)
+    model.hf_quantizer = AutoHfQuantizer.from_config(cfg, pre_quantized=True)
+    model.config.quantization_config = model.hf_quantizer.quantization_config
+
+
+# --- inspection (used by tests and the Unsloth backend's "did QAT really happen" check) -----------
+
+
+def fake_quantizers(model: torch.nn.Module) -> dict[str, tuple[str | None, str | None]]:
+    """fqn -> (activation fake-quantizer class, weight fake-quantizer class) for every prepared module."""
+    out = {}
+    for fqn, mod in model.named_modules():
+        wfq = getattr(mod, "weight_fake_quantizer", None)
+        if wfq is None:
+            continue
+        afq = getattr(mod, "activation_fake_quantizer", None)
+        out[fqn] = (type(afq).__name__ if afq is not None else None, type(wfq).__name__)
+    return out
+
+
+def _use_straight_through_fp8(model: torch.nn.Module) -> None:
+    """Wrap fp8 fake quantizers in a straight-through estimator.
+
+    torchao 0.18 casts the gradient of its fp8 fake quant to fp8 without a scale, which zeroes almost
+    all of it; the STE passes the gradient through unchanged while the forward stays bit-identical.
+    """
+    import torch
+
+    class _STE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, fq):
+            with torch.no_grad():
+                return fq(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    for mod in model.modules():
+        for attr in ("activation_fake_quantizer", "weight_fake_quantizer"):
+            fq = getattr(mod, attr, None)
+            if fq is not None and "Float8" in type(fq).__name__ and not getattr(fq, "_qatkit_ste", False):
+                original = fq.forward
+                fq.forward = lambda x, _orig=original: _STE.apply(x, _orig)
+                fq._qatkit_ste = True

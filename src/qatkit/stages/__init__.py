@@ -1,0 +1,1 @@
+"""Pipeline stages: finetune -> convert -> eval, then report."""

@@ -1,0 +1,96 @@
+"""convert stage: merge LoRA, QATConfig(step="convert"), save a checkpoint plain transformers loads.
+
+Parity gate on a fixed batch (SQNR in dB, max abs diff of the logits):
+  (a) converted vs the model exactly as trained (fake quant + LoRA in the recipe's mode) — gated;
+  (b) converted vs fake quant of the merged model;
+  (c) reloaded from disk vs in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from qatkit import schemes
+from qatkit.data import chat_prompt, read_items
+from qatkit.errors import GateError
+from qatkit.loading import load_model_and_tokenizer
+from qatkit.metrics import compare
+from qatkit.pipeline import RunDir
+from qatkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+FALLBACK_TEXTS = [
+    "The capital of France is Paris, and the capital of Italy is Rome.",
+    "Quantization-aware training inserts fake quantizers into the forward pass.",
+    "def add(a, b):\n    return a + b\n",
+    "Water boils at 100 degrees Celsius at sea level.",
+]
+
+
+def parity_batch(tokenizer, run_dir: RunDir, n: int = 8):
+    eval_file = run_dir.root / "data" / "eval.jsonl"
+    items = read_items(eval_file)[:n] if eval_file.exists() else []
+    texts = [chat_prompt(tokenizer, it) + " " + it.completion().split()[-1] for it in items] or FALLBACK_TEXTS
+    return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
+
+
+def logits(model, batch):
+    import torch
+
+    with torch.no_grad():
+        out = model(**batch).logits.float()
+    return out[batch["attention_mask"].bool()]
+
+
+def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from qatkit.backends.hf import load_trained
+
+    scheme = schemes.get_scheme(recipe.qat.scheme)
+    schemes.require_hardware(scheme, "convert")
+    if "finetune" in recipe.stages:
+        model, tokenizer, plan = load_trained(recipe, run_dir.stage("finetune") / "adapter")
+        batch = parity_batch(tokenizer, run_dir)
+        as_trained = logits(model, batch)
+        model = model.merge_and_unload()
+    else:  # PTQ recipe: quantize the original model directly through the same scheme
+        model, tokenizer = load_model_and_tokenizer(recipe.model)
+        plan = schemes.prepare(model, scheme, recipe.qat.group_size)
+        batch = parity_batch(tokenizer, run_dir)
+        as_trained = None
+    fake_quant_merged = logits(model, batch)
+    converted = schemes.convert(model, scheme, recipe.qat.group_size)
+    in_memory = logits(model, batch)
+
+    schemes.attach_hf_quantizer(model, converted)
+    model.save_pretrained(str(work))
+    tokenizer.save_pretrained(str(work))
+    reloaded = AutoModelForCausalLM.from_pretrained(str(work))
+    parity = {
+        "as_trained_vs_converted": compare(as_trained, in_memory) if as_trained is not None else None,
+        "fake_quant_merged_vs_converted": compare(fake_quant_merged, in_memory),
+        "reloaded_vs_in_memory": compare(logits(reloaded, batch), in_memory),
+        "qat_lora_mode": recipe.qat.lora,
+        "threshold_db": recipe.convert.parity_min_sqnr,
+        "tokens": int(batch["attention_mask"].sum()),
+    }
+    (work / "parity.json").write_text(json.dumps(parity, indent=2))
+    (work / "qat_plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    size = sum(f.stat().st_size for f in work.glob("*.safetensors"))
+    run_dir.update_manifest(parity=parity)
+    gated = parity["as_trained_vs_converted"] or parity["fake_quant_merged_vs_converted"]
+    if gated["sqnr_db"] < recipe.convert.parity_min_sqnr:
+        raise GateError(
+            f"parity gate failed: converted vs as-trained logits SQNR {gated['sqnr_db']:.1f} dB "
+            f"< {recipe.convert.parity_min_sqnr} dB (the deployed quantizer does not match the trained one)"
+        )
+    return {
+        "quantized_modules": len(converted),
+        "skipped_modules": len(plan.skipped),
+        "checkpoint_bytes": size,
+        "parity_sqnr_db": {k: v["sqnr_db"] for k, v in parity.items() if isinstance(v, dict)},
+    }

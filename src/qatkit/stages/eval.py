@@ -1,0 +1,193 @@
+"""eval stage: lm-eval on the converted model and the baselines (bf16 original, PTQ of the original).
+
+The only module that imports lm_eval. The recipe's held-out split becomes a local lm-eval task
+(`heldout`), so evaluation runs offline; other task names go to lm-eval's registry (plus
+`--include-path` dirs), checked for offline availability before any model loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from qatkit.data import LETTERS, chat_prompt, read_items
+from qatkit.errors import EnvError, RecipeError
+from qatkit.recipe import EvalSpec
+
+log = logging.getLogger(__name__)
+HELDOUT = "heldout"
+METRICS = ("acc", "acc_norm")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "qat", "bf16", "ptq", ...
+    path: str | None  # checkpoint dir to load, or None for the recipe's base model
+    quantize: bool = False  # apply the scheme as PTQ after loading
+
+
+def write_heldout_task(tokenizer, eval_file: Path, task_dir: Path) -> Path:
+    """Local multiple-choice task: the card-formatted prompt, scored over the answer letters."""
+    import yaml
+
+    items = read_items(eval_file)
+    if not items:
+        raise RecipeError(f"{eval_file}: no held-out items for the '{HELDOUT}' task (data.eval_size is 0?)")
+    task_dir.mkdir(parents=True, exist_ok=True)
+    docs = task_dir / f"{HELDOUT}.jsonl"
+    rows = [{"context": chat_prompt(tokenizer, it), "choices": [f" {LETTERS[i]}." for i in range(len(it.choices))],
+             "gold": it.answer} for it in items]
+    docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {
+        "task": HELDOUT,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(docs.resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "{{context}}",
+        "doc_to_choice": "{{choices}}",
+        "doc_to_target": "{{gold}}",
+        "target_delimiter": "",
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in METRICS],
+    }
+    (task_dir / f"{HELDOUT}.yaml").write_text(yaml.safe_dump(task, sort_keys=False))
+    return task_dir
+
+
+def task_manager(tasks: list[str], include_paths: list[str]):
+    from lm_eval.tasks import TaskManager
+
+    only_local = all(t == HELDOUT for t in tasks)
+    return TaskManager(include_path=include_paths or None, include_defaults=not only_local)
+
+
+def preflight(tasks: list[str], include_paths: list[str]) -> None:
+    """Before any model loads: every task is known and its data loads (from the local cache when offline)."""
+    external = [t for t in tasks if t != HELDOUT]
+    if not external:
+        return
+    tm = task_manager(tasks, include_paths)
+    unknown = [t for t in external if t not in tm.all_tasks]
+    if unknown:
+        raise RecipeError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`, or --include-path DIR)")
+    try:
+        tm.load(external)
+    except Exception as e:  # datasets raises many types for "not cached while offline"
+        first_line = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise EnvError(
+            f"data for task(s) {', '.join(external)} is not available ({type(e).__name__}: {first_line}): "
+            "download it while online, or point qatkit at local data with --include-path DIR "
+            "(a task YAML with dataset_path: json and local data_files)"
+        ) from None
+
+
+def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str, scheme: str, heldout_hash: str) -> str:
+    blob = json.dumps([variant.name, base_id, scheme, tasks, spec.limit, spec.num_fewshot, heldout_hash], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def evaluate_model(model, tokenizer, tasks: list[str], spec: EvalSpec, include_paths: list[str], seed: int = 1234) -> dict:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, max_length=model.config.max_position_embeddings)
+    out = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=spec.num_fewshot,
+        limit=spec.limit,
+        task_manager=task_manager(tasks, include_paths),
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+        log_samples=False,
+    )
+    return {task: _metrics(values) for task, values in out["results"].items()}
+
+
+def _metrics(values: dict) -> dict:
+    out = {}
+    for key, value in values.items():
+        metric, _, _filter = key.partition(",")
+        if isinstance(value, int | float):
+            out[metric] = value
+        elif value == "N/A":
+            out[metric] = None
+    return out
+
+
+def variants_for(recipe, run_dir) -> list[Variant]:
+    """Baselines first, then the converted model ("qat" when finetuned, else it is the PTQ model)."""
+    finetuned = "finetune" in recipe.stages
+    out = []
+    if "bf16" in recipe.eval.baselines:
+        out.append(Variant("bf16", None))
+    if "ptq" in recipe.eval.baselines and finetuned:
+        out.append(Variant("ptq", None, quantize=True))
+    if "convert" in recipe.stages:
+        out.append(Variant("qat" if finetuned else "ptq", str(run_dir.stage("convert"))))
+    return out
+
+
+def _load_variant(recipe, variant: Variant):
+    from qatkit import schemes
+    from qatkit.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(recipe.model, path=variant.path)
+    if variant.quantize:
+        schemes.quantize_ptq(model, schemes.get_scheme(recipe.qat.scheme), recipe.qat.group_size)
+    return model.eval(), tokenizer
+
+
+def _cache_dir() -> Path:
+    from qatkit.loading import cache_root
+
+    return cache_root() / "eval"
+
+
+def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
+    import gc
+    import time
+
+    spec = recipe.eval
+    tasks = list(spec.tasks)
+    include = [spec.include_path] if spec.include_path else []
+    preflight(tasks, include)
+    heldout_hash = ""
+    if HELDOUT in tasks:
+        if not run_dir.is_done("convert"):
+            raise RecipeError(f"eval of '{HELDOUT}' needs a finished convert stage in {run_dir.root}")
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(run_dir.stage("convert")))
+        task_dir = write_heldout_task(tokenizer, run_dir.root / "data" / "eval.jsonl", work / "tasks")
+        include.append(str(task_dir))
+        heldout_hash = hashlib.sha256((task_dir / f"{HELDOUT}.jsonl").read_bytes()).hexdigest()[:16]
+    results, timings = {}, {}
+    for variant in variants_for(recipe, run_dir):
+        key = _cache_key(variant, spec, tasks, recipe.model.name_or_path + recipe.model.dtype, recipe.qat.scheme, heldout_hash)
+        cached = _cache_dir() / f"{key}.json"
+        if variant.path is None and cached.exists():
+            results[variant.name] = json.loads(cached.read_text())
+            timings[variant.name] = "cached"
+            log.info("eval %s: cached baseline %s", variant.name, cached)
+            continue
+        t0 = time.time()
+        model, tokenizer = _load_variant(recipe, variant)
+        results[variant.name] = {
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "tasks": evaluate_model(model, tokenizer, tasks, spec, include, seed=recipe.train.seed),
+        }
+        timings[variant.name] = round(time.time() - t0, 2)
+        if variant.path is None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            cached.write_text(json.dumps(results[variant.name]))
+        del model
+        gc.collect()
+    out = {"tasks": tasks, "limit": spec.limit, "num_fewshot": spec.num_fewshot, "variants": results, "seconds": timings}
+    (work / "results.json").write_text(json.dumps(out, indent=2))
+    return {"variants": list(results), "seconds": timings}
