@@ -12,7 +12,9 @@ for _ in range(400):
     wrong = rng.sample([x for x in range(2, 41) if x != answer], 3)
     choices = [answer, *wrong]
     rng.shuffle(choices)
-    rows.append({"question": f"What is {a} plus {b}?", "choices": [str(c) for c in choices], "answer": choices.index(answer)})
+    rows.append(
+        {"question": f"What is {a} plus {b}?", "choices": [str(c) for c in choices], "answer": choices.index(answer)}
+    )
 out = Path(__file__).resolve().parents[1] / "tests" / "data" / "arith_mc.jsonl"
 out.parent.mkdir(parents=True, exist_ok=True)
 out.write_text("".join(json.dumps(r) + "\n" for r in rows))

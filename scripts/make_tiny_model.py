@@ -13,6 +13,8 @@ p.add_argument("--arch", default="llama")
 p.add_argument("--untied", action="store_true")
 args = p.parse_args()
 data = Path(__file__).resolve().parents[1] / "tests" / "data" / "arith_mc.jsonl"
-items = [MCItem(r["question"], tuple(r["choices"]), r["answer"]) for r in map(json.loads, data.read_text().splitlines())]
+items = [
+    MCItem(r["question"], tuple(r["choices"]), r["answer"]) for r in map(json.loads, data.read_text().splitlines())
+]
 texts = [it.prompt() + "\n" + it.completion() for it in items]
 print(build_tiny_model(args.out, texts, arch=args.arch, tie=not args.untied))

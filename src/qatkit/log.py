@@ -18,7 +18,9 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
     from rich.logging import RichHandler
 
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
-    logging.basicConfig(level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=debug)], force=True)
+    logging.basicConfig(
+        level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=debug)], force=True
+    )
     logging.getLogger("qatkit").setLevel(logging.DEBUG if debug else logging.INFO)
     if not debug:
         for name in NOISY:

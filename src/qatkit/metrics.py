@@ -13,7 +13,10 @@ def sqnr_db(reference, other) -> float:
 
 
 def compare(reference, other) -> dict:
-    return {"sqnr_db": sqnr_db(reference, other), "max_abs_diff": (reference.double() - other.double()).abs().max().item()}
+    return {
+        "sqnr_db": sqnr_db(reference, other),
+        "max_abs_diff": (reference.double() - other.double()).abs().max().item(),
+    }
 
 
 def normalized_degradation(acc: float, acc_bf16: float, acc_ptq: float) -> float | None:

@@ -120,8 +120,14 @@ class RunDir:
         try:
             yield work
         except BaseException as e:
-            self.update_manifest(stages={name: {"status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
-                                                "error": f"{type(e).__name__}: {e}"[:500]}})
+            self.update_manifest(
+                stages={
+                    name: {
+                        "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                        "error": f"{type(e).__name__}: {e}"[:500],
+                    }
+                }
+            )
             raise
         _fsync_tree(work)
         final = self.stage(name)
@@ -131,24 +137,33 @@ class RunDir:
         (final / "DONE").write_text(f"{time.time()}\n")
         _fsync_dir(final)
         _fsync_dir(self.root)
-        self.update_manifest(stages={name: {"status": "done", "seconds": round(time.time() - started, 2),
-                                            "peak_memory": peak_memory_mb()}})
+        self.update_manifest(
+            stages={
+                name: {"status": "done", "seconds": round(time.time() - started, 2), "peak_memory": peak_memory_mb()}
+            }
+        )
 
 
-def open_run_dir(out: Path, recipe: Recipe, *, resume: bool, force: bool) -> RunDir:
-    """Create (or reopen with --resume, or replace with --force) a run directory."""
+def open_run_dir(out: Path, recipe: Recipe, *, resume: bool, force: bool, same_recipe: bool = True) -> RunDir:
+    """Create (or reopen with --resume, or replace with --force) a run directory.
+
+    `same_recipe=False` lets a single-stage command reuse a run dir with a changed recipe (the stages
+    themselves check what matters, e.g. convert checks the trained quantizers).
+    """
     out = out.resolve()
     if out.exists() and any(out.iterdir()):
         if force:
             shutil.rmtree(out)
         elif not resume:
-            raise RecipeError(f"output dir {out} exists and is not empty: pass --resume to continue it or --force to replace it")
+            raise RecipeError(
+                f"output dir {out} exists and is not empty: pass --resume to continue it or --force to replace it"
+            )
         elif not (out / "manifest.json").exists():
             raise RecipeError(f"--resume: {out} is not a qatkit run dir (no manifest.json)")
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
     previous = run.manifest()
-    if resume and previous.get("recipe_hash") not in (None, recipe.digest()):
+    if resume and same_recipe and previous.get("recipe_hash") not in (None, recipe.digest()):
         raise RecipeError(f"--resume: the recipe changed since {out} was started; use --force to start over")
     (out / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
     run.update_manifest(
@@ -196,14 +211,21 @@ def stage_function(name: str) -> StageFn:
     return importlib.import_module(f"qatkit.stages.{name}").run
 
 
-def run_recipe(recipe: Recipe, out: Path, *, resume: bool = False, force: bool = False,
-               only: list[str] | None = None, on_stage: Callable[[str, str], None] | None = None) -> RunDir:
+def run_recipe(
+    recipe: Recipe,
+    out: Path,
+    *,
+    resume: bool = False,
+    force: bool = False,
+    only: list[str] | None = None,
+    on_stage: Callable[[str, str], None] | None = None,
+) -> RunDir:
     """Run the recipe's stages (or `only` some of them) in `out`, then rebuild the report."""
     from qatkit.stages import report
 
     single = only is not None
     reuse = single and (out / "manifest.json").exists()
-    run = open_run_dir(out, recipe, resume=resume or reuse, force=force)
+    run = open_run_dir(out, recipe, resume=resume or reuse, force=force, same_recipe=not reuse)
     prepare_data(recipe, run)
     for name in only or recipe.stages:
         if resume and not single and run.is_done(name):
@@ -211,7 +233,9 @@ def run_recipe(recipe: Recipe, out: Path, *, resume: bool = False, force: bool =
             continue
         for needed in {"convert": ["finetune"], "eval": ["convert"]}.get(name, []):
             if needed in recipe.stages and not run.is_done(needed):
-                raise RecipeError(f"stage {name} needs a finished {needed} stage in {run.root}; run `qatkit {needed}` first")
+                raise RecipeError(
+                    f"stage {name} needs a finished {needed} stage in {run.root}; run `qatkit {needed}` first"
+                )
         on_stage and on_stage(name, "running")
         run_stage(run, name, stage_function(name), recipe, resume=resume)
         on_stage and on_stage(name, "done")

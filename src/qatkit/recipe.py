@@ -35,6 +35,9 @@ class ModelSpec(Strict):
 class QatSpec(Strict):
     scheme: str = Field(description="Scheme name; see `qatkit schemes`.")
     group_size: int | None = Field(None, gt=0, description="Override the scheme's weight group size.")
+    cache_frozen_fake_quant: bool | None = Field(
+        None, description="Compute fq(W) of frozen weights once (default: on without CUDA; costs a weight copy)."
+    )
     lora: Literal["unmerged", "merged"] = Field(
         "merged",
         description="unmerged: fq(W)x + BAx (Unsloth/torchao). merged: fq(W + s*BA)x, the deployed forward.",
@@ -125,7 +128,31 @@ class Recipe(Strict):
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
 
 
+# names other tools (Unsloth, TRL, Axolotl, torchtune) use for the same settings
+FOREIGN_NAMES = {
+    "rank": "r",
+    "lora_r": "r",
+    "lora_alpha": "alpha",
+    "lora_dropout": "dropout",
+    "learning_rate": "lr",
+    "per_device_train_batch_size": "batch_size",
+    "micro_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_scheduler",
+    "optimizer": "optim",
+    "model_name": "name_or_path",
+    "base_model": "name_or_path",
+    "qat_scheme": "scheme",
+    "torch_dtype": "dtype",
+    "num_steps": "max_steps",
+    "steps": "max_steps",
+    "warmup": "warmup_steps",
+}
+
+
 def _did_you_mean(word: str, choices: list[str]) -> str:
+    if FOREIGN_NAMES.get(word) in choices:
+        return f" (did you mean '{FOREIGN_NAMES[word]}'?)"
     close = difflib.get_close_matches(word, choices, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
 
@@ -138,7 +165,9 @@ def _model_for(loc: tuple) -> type[BaseModel] | None:
         if field is None:
             return None
         ann = field.annotation
-        sub = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        sub = next(
+            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None
+        )
         if sub is None:
             return None
         model = sub

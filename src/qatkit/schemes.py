@@ -141,87 +141,105 @@ def _mxfp8(group_size: int | None):
     return MXDynamicActivationMXWeightConfig()
 
 
-register_scheme(Scheme(
-    name="int4",
-    summary="int4 weight-only, asymmetric, group 128 (the Qwen3-8B / Gemma-3-12B QAT cards)",
-    configs="Int4WeightOnlyConfig(group_size=128)",
-    linear_config=_int4_weight_only,
-    default_group_size=128,
-    convert_on="cuda",
-    cpu_alternatives="w4-intx or int8-int4",
-    notes="convert needs torchao's CUDA int4 kernels (mslk)",
-))
-register_scheme(Scheme(
-    name="int8",
-    summary="int8 weight-only, per output channel (Unsloth PR #3859)",
-    configs="IntxWeightOnlyConfig(int8, PerAxis(0))",
-    linear_config=_intx_weight_only(8),
-))
-register_scheme(Scheme(
-    name="int8-int4",
-    aliases=("8da4w", "phone-deployment"),
-    summary="int8 dynamic activations + int4 symmetric weights g32; int8 embeddings; lm_head untied",
-    configs="Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) + IntxWeightOnlyConfig(int8, PerAxis(0)) on embeddings",
-    linear_config=_int8_act_int4_weight,
-    default_group_size=32,
-    embedding_config=_int8_embedding,
-    quantize_lm_head=True,
-    notes="ExecuTorch/XNNPACK layout (the Qwen3-4B 8da4w card)",
-))
-register_scheme(Scheme(
-    name="w4-intx",
-    summary="int4 weight-only, symmetric, group 32 (converts on CPU)",
-    configs="IntxWeightOnlyConfig(int4, PerGroup(32))",
-    linear_config=_intx_weight_only(4),
-    default_group_size=32,
-))
-register_scheme(Scheme(
-    name="w4-channel",
-    summary="int4 weight-only, symmetric, per output channel (where plain PTQ hurts most)",
-    configs="IntxWeightOnlyConfig(int4, PerAxis(0))",
-    linear_config=_intx_weight_only(4),
-    default_group_size=None,
-))
-register_scheme(Scheme(
-    name="fp8-int4",
-    summary="fp8 dynamic activations + int4 weights g128",
-    configs="Float8DynamicActivationInt4WeightConfig()",
-    linear_config=_fp8_act_int4_weight,
-    default_group_size=128,
-    convert_on="cuda",
-    cpu_alternatives="int8-int4",
-    notes="convert needs torchao's CUDA int4 kernels (mslk)",
-    straight_through_fp8=True,
-))
-register_scheme(Scheme(
-    name="fp8-fp8",
-    summary="fp8 dynamic activations + fp8 weights, per row",
-    configs="Float8DynamicActivationFloat8WeightConfig(PerRow())",
-    linear_config=_fp8_fp8,
-    convert_on="cuda-sm89",
-    cpu_alternatives="int8",
-    straight_through_fp8=True,
-))
-register_scheme(Scheme(
-    name="nvfp4",
-    summary="NVFP4 activations and weights",
-    configs="NVFP4DynamicActivationNVFP4WeightConfig()",
-    linear_config=_nvfp4,
-    default_group_size=16,
-    train_on="cuda-sm100",
-    convert_on="cuda-sm100",
-    notes="Blackwell only",
-))
-register_scheme(Scheme(
-    name="mxfp8",
-    summary="MXFP8 activations and weights",
-    configs="MXDynamicActivationMXWeightConfig()",
-    linear_config=_mxfp8,
-    default_group_size=32,
-    train_on="cuda-sm100",
-    convert_on="cuda-sm100",
-    notes="Blackwell only",
-))
+register_scheme(
+    Scheme(
+        name="int4",
+        summary="int4 weight-only, asymmetric, group 128 (the Qwen3-8B / Gemma-3-12B QAT cards)",
+        configs="Int4WeightOnlyConfig(group_size=128)",
+        linear_config=_int4_weight_only,
+        default_group_size=128,
+        convert_on="cuda",
+        cpu_alternatives="w4-intx or int8-int4",
+        notes="convert needs torchao's CUDA int4 kernels (mslk)",
+    )
+)
+register_scheme(
+    Scheme(
+        name="int8",
+        summary="int8 weight-only, per output channel (Unsloth PR #3859)",
+        configs="IntxWeightOnlyConfig(int8, PerAxis(0))",
+        linear_config=_intx_weight_only(8),
+    )
+)
+register_scheme(
+    Scheme(
+        name="int8-int4",
+        aliases=("8da4w", "phone-deployment"),
+        summary="int8 dynamic activations + int4 symmetric weights g32; int8 embeddings; lm_head untied",
+        configs="Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) + IntxWeightOnlyConfig(int8, PerAxis(0)) on embeddings",
+        linear_config=_int8_act_int4_weight,
+        default_group_size=32,
+        embedding_config=_int8_embedding,
+        quantize_lm_head=True,
+        notes="ExecuTorch/XNNPACK layout (the Qwen3-4B 8da4w card)",
+    )
+)
+register_scheme(
+    Scheme(
+        name="w4-intx",
+        summary="int4 weight-only, symmetric, group 32 (converts on CPU)",
+        configs="IntxWeightOnlyConfig(int4, PerGroup(32))",
+        linear_config=_intx_weight_only(4),
+        default_group_size=32,
+    )
+)
+register_scheme(
+    Scheme(
+        name="w4-channel",
+        summary="int4 weight-only, symmetric, per output channel (where plain PTQ hurts most)",
+        configs="IntxWeightOnlyConfig(int4, PerAxis(0))",
+        linear_config=_intx_weight_only(4),
+        default_group_size=None,
+    )
+)
+register_scheme(
+    Scheme(
+        name="fp8-int4",
+        summary="fp8 dynamic activations + int4 weights g128",
+        configs="Float8DynamicActivationInt4WeightConfig()",
+        linear_config=_fp8_act_int4_weight,
+        default_group_size=128,
+        convert_on="cuda",
+        cpu_alternatives="int8-int4",
+        notes="convert needs torchao's CUDA int4 kernels (mslk)",
+        straight_through_fp8=True,
+    )
+)
+register_scheme(
+    Scheme(
+        name="fp8-fp8",
+        summary="fp8 dynamic activations + fp8 weights, per row",
+        configs="Float8DynamicActivationFloat8WeightConfig(PerRow())",
+        linear_config=_fp8_fp8,
+        convert_on="cuda-sm89",
+        cpu_alternatives="int8",
+        straight_through_fp8=True,
+    )
+)
+register_scheme(
+    Scheme(
+        name="nvfp4",
+        summary="NVFP4 activations and weights",
+        configs="NVFP4DynamicActivationNVFP4WeightConfig()",
+        linear_config=_nvfp4,
+        default_group_size=16,
+        train_on="cuda-sm100",
+        convert_on="cuda-sm100",
+        notes="Blackwell only",
+    )
+)
+register_scheme(
+    Scheme(
+        name="mxfp8",
+        summary="MXFP8 activations and weights",
+        configs="MXDynamicActivationMXWeightConfig()",
+        linear_config=_mxfp8,
+        default_group_size=32,
+        train_on="cuda-sm100",
+        convert_on="cuda-sm100",
+        notes="Blackwell only",
+    )
+)
 
 
 # --- hardware -----------------------------------------------------------------------------------
@@ -308,7 +326,9 @@ def plan_modules(model: torch.nn.Module, scheme: Scheme, group_size: int | None 
                 p.quantize, p.reason = False, f"in_features {mod.in_features} not a multiple of group size {gs}"
             plan.modules.append(p)
         elif isinstance(mod, torch.nn.Embedding):
-            p = ModulePlan(fqn, "embedding", (mod.num_embeddings, mod.embedding_dim), scheme.embedding_config is not None)
+            p = ModulePlan(
+                fqn, "embedding", (mod.num_embeddings, mod.embedding_dim), scheme.embedding_config is not None
+            )
             if not p.quantize:
                 p.reason = "embedding (not covered by this scheme)"
             elif type(mod) is not torch.nn.Embedding:
@@ -369,7 +389,10 @@ def convert(model: torch.nn.Module, scheme: Scheme, group_size: int | None = Non
     require_hardware(scheme, "convert")
     gs = scheme.group_size(group_size)
     converted: dict[str, object] = {}
-    for cls, build in ((FakeQuantizedLinear, lambda: scheme.linear_config(gs)), (FakeQuantizedEmbedding, scheme.embedding_config)):
+    for cls, build in (
+        (FakeQuantizedLinear, lambda: scheme.linear_config(gs)),
+        (FakeQuantizedEmbedding, scheme.embedding_config),
+    ):
         fqns = {n for n, m in model.named_modules() if isinstance(m, cls)}
         if fqns:
             cfg = build()
@@ -393,7 +416,9 @@ def attach_hf_quantizer(model: torch.nn.Module, converted: dict[str, object]) ->
     from transformers.quantizers import AutoHfQuantizer
 
     has_embedding = any(type(c).__name__ == "IntxWeightOnlyConfig" and "embed" in f for f, c in converted.items())
-    cfg = TorchAoConfig(FqnToConfig(dict(converted)), modules_to_not_convert=[], include_input_output_embeddings=has_embedding)
+    cfg = TorchAoConfig(
+        FqnToConfig(dict(converted)), modules_to_not_convert=[], include_input_output_embeddings=has_embedding
+    )
     model.hf_quantizer = AutoHfQuantizer.from_config(cfg, pre_quantized=True)
     model.config.quantization_config = model.hf_quantizer.quantization_config
 
@@ -410,6 +435,48 @@ def fake_quantizers(model: torch.nn.Module) -> dict[str, tuple[str | None, str |
             continue
         afq = getattr(mod, "activation_fake_quantizer", None)
         out[fqn] = (type(afq).__name__ if afq is not None else None, type(wfq).__name__)
+    return out
+
+
+def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
+    """Compute fq(W) once for frozen weights instead of every step (same values, so parity is unchanged).
+
+    With LoRA the base weights never change, so their fake-quantized copy is a constant. The cache is
+    keyed on the tensor's storage and version counter, so an in-place update (e.g. a LoRA merge)
+    invalidates it; a weight that requires grad (full finetuning, merged-LoRA input W + s·BA) is never
+    cached. Costs one extra copy of each cached weight. Returns the number of fake quantizers wrapped.
+    """
+    count = 0
+    for mod in model.modules():
+        fq = getattr(mod, "weight_fake_quantizer", None)
+        if fq is None or getattr(fq, "_qatkit_cache", None) is not None:
+            continue
+        fq._qatkit_cache = {}
+        original = fq.forward
+
+        def forward(w, _orig=original, _cache=fq._qatkit_cache):
+            if w.requires_grad:
+                return _orig(w)
+            key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
+            if _cache.get("key") != key:
+                _cache.clear()
+                _cache["key"], _cache["value"] = key, _orig(w).detach()
+            return _cache["value"]
+
+        fq.forward = forward
+        count += 1
+    return count
+
+
+def signature(model: torch.nn.Module) -> dict[str, str]:
+    """fqn -> the exact fake-quantize configs in the forward; used to prove convert rebuilt what was trained."""
+    out = {}
+    for fqn, mod in model.named_modules():
+        wfq = getattr(mod, "weight_fake_quantizer", None)
+        if wfq is not None:
+            afq = getattr(mod, "activation_fake_quantizer", None)
+            act = repr(getattr(afq, "config", None)) if afq is not None else "None"
+            out[fqn.removeprefix("base_model.model.").removesuffix(".base_layer")] = f"act={act} weight={getattr(wfq, 'config', None)!r}"
     return out
 
 

@@ -22,11 +22,13 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                   bos_token=None, unk_token=None)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None
+    )
     fast.chat_template = CHATML
     return fast
 
@@ -34,13 +36,23 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):
 def tiny_config(arch: str = "llama", vocab_size: int = 512, tie: bool = True):
     from transformers import AutoConfig
 
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=512, tie_word_embeddings=tie,
-                  eos_token_id=2, pad_token_id=0, bos_token_id=None)
+    common = dict(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=vocab_size,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie,
+        eos_token_id=2,
+        pad_token_id=0,
+        bos_token_id=None,
+    )
     if arch == "qwen3":
-        return AutoConfig.for_model("qwen3", head_dim=16, **common)
+        return AutoConfig.for_model("qwen3", head_dim=32, **common)
     if arch == "gemma3_text":
-        return AutoConfig.for_model("gemma3_text", head_dim=16, sliding_window=64, query_pre_attn_scalar=16, **common)
+        return AutoConfig.for_model("gemma3_text", head_dim=16, sliding_window=64, query_pre_attn_scalar=32, **common)
     return AutoConfig.for_model(arch, **common)
 
 

@@ -12,8 +12,17 @@ from qatkit.loading import ModelSource, check_model_available, resolve_model
 from qatkit.recipe import Recipe
 
 # bits per weight of each scheme's quantized linears (before scales)
-WEIGHT_BITS = {"int4": 4, "int8": 8, "int8-int4": 4, "w4-intx": 4, "w4-channel": 4, "fp8-int4": 4, "fp8-fp8": 8,
-               "nvfp4": 4, "mxfp8": 8}
+WEIGHT_BITS = {
+    "int4": 4,
+    "int8": 8,
+    "int8-int4": 4,
+    "w4-intx": 4,
+    "w4-channel": 4,
+    "fp8-int4": 4,
+    "fp8-fp8": 8,
+    "nvfp4": 4,
+    "mxfp8": 8,
+}
 
 
 @dataclass

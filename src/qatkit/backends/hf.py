@@ -59,6 +59,26 @@ def load_trained(recipe: Recipe, adapter_dir: Path):
     return attach_lora(recipe, model, adapter_dir), tokenizer, plan
 
 
+def _trainer_class(model):
+    """SFTTrainer, or a subclass whose loss runs the model's own lm_head when that lm_head is fake-quantized.
+
+    TRL fuses lm_head into a chunked log-prob kernel that reads `lm_head.weight` directly, which would
+    silently skip the lm_head's fake quantizers (int8-int4 quantizes lm_head): train and deploy would differ.
+    """
+    from transformers import Trainer
+    from trl import SFTTrainer
+
+    lm_head = model.get_output_embeddings()
+    if getattr(lm_head, "weight_fake_quantizer", None) is None:
+        return SFTTrainer
+
+    class QuantizedHeadSFTTrainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+    return QuantizedHeadSFTTrainer
+
+
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -71,18 +91,22 @@ class HFBackend:
     def finetune(self, recipe: Recipe, examples: list[dict], work: Path, resume: bool) -> TrainResult:
         import torch
         from datasets import Dataset
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig
 
         t0 = time.time()
         model, tokenizer = load_model_and_tokenizer(recipe.model)
         plan = prepare_for_qat(recipe, model)
-        (work / "qat_plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        qat_record = {**plan.to_dict(), "lora_mode": recipe.qat.lora, "signature": schemes.signature(model)}
+        (work / "qat_plan.json").write_text(json.dumps(qat_record, indent=2))
         model = attach_lora(recipe, model)
+        on_cuda = torch.cuda.is_available()
+        cache = recipe.qat.cache_frozen_fake_quant
+        if cache or (cache is None and not on_cuda):
+            schemes.cache_frozen_weight_fake_quant(model)
         if recipe.train.gradient_checkpointing:
             model.enable_input_require_grads()
 
         t = recipe.train
-        on_cuda = torch.cuda.is_available()
         ckpt_dir = work / "checkpoints"
         args = SFTConfig(
             output_dir=str(ckpt_dir),
@@ -109,7 +133,9 @@ class HFBackend:
             dataloader_num_workers=0,
             disable_tqdm=False,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer)
+        trainer = _trainer_class(model)(
+            model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
+        )
         resume_from = _last_checkpoint(ckpt_dir) if resume else None
         if resume_from:
             log.info("resuming training from %s", resume_from)
@@ -117,7 +143,9 @@ class HFBackend:
             trainer.train(resume_from_checkpoint=resume_from)
         except KeyboardInterrupt:
             trainer._save_checkpoint(trainer.model, trial=None)
-            raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}") from None
+            raise Interrupted(
+                f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}"
+            ) from None
 
         model.save_pretrained(str(work / "adapter"))
         tokenizer.save_pretrained(str(work / "adapter"))

@@ -45,6 +45,21 @@ def logits(model, batch):
     return out[batch["attention_mask"].bool()]
 
 
+def check_same_quantizers(run_dir: RunDir, model, recipe: Recipe) -> None:
+    """The model rebuilt for convert must carry exactly the fake quantizers training used."""
+    trained = json.loads((run_dir.stage("finetune") / "qat_plan.json").read_text())
+    now = schemes.signature(model)
+    if trained.get("lora_mode", recipe.qat.lora) != recipe.qat.lora:
+        raise GateError(f"qat.lora is {recipe.qat.lora!r} but training used {trained['lora_mode']!r}")
+    for fqn in sorted(set(trained["signature"]) | set(now)):
+        a, b = trained["signature"].get(fqn), now.get(fqn)
+        if a != b:
+            raise GateError(
+                f"quantizer mismatch at {fqn}: trained with {a or 'no fake quant'}, converting with {b or 'no fake quant'} "
+                f"(scheme {recipe.qat.scheme}); convert with the scheme the model was trained with"
+            )
+
+
 def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -54,6 +69,7 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     schemes.require_hardware(scheme, "convert")
     if "finetune" in recipe.stages:
         model, tokenizer, plan = load_trained(recipe, run_dir.stage("finetune") / "adapter")
+        check_same_quantizers(run_dir, model, recipe)
         batch = parity_batch(tokenizer, run_dir)
         as_trained = logits(model, batch)
         model = model.merge_and_unload()

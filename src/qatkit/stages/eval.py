@@ -38,8 +38,14 @@ def write_heldout_task(tokenizer, eval_file: Path, task_dir: Path) -> Path:
         raise RecipeError(f"{eval_file}: no held-out items for the '{HELDOUT}' task (data.eval_size is 0?)")
     task_dir.mkdir(parents=True, exist_ok=True)
     docs = task_dir / f"{HELDOUT}.jsonl"
-    rows = [{"context": chat_prompt(tokenizer, it), "choices": [f" {LETTERS[i]}." for i in range(len(it.choices))],
-             "gold": it.answer} for it in items]
+    rows = [
+        {
+            "context": chat_prompt(tokenizer, it),
+            "choices": [f" {LETTERS[i]}" for i in range(len(it.choices))],
+            "gold": it.answer,
+        }
+        for it in items
+    ]
     docs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     task = {
         "task": HELDOUT,
@@ -72,7 +78,9 @@ def preflight(tasks: list[str], include_paths: list[str]) -> None:
     tm = task_manager(tasks, include_paths)
     unknown = [t for t in external if t not in tm.all_tasks]
     if unknown:
-        raise RecipeError(f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`, or --include-path DIR)")
+        raise RecipeError(
+            f"unknown lm-eval task(s): {', '.join(unknown)} (see `lm-eval ls tasks`, or --include-path DIR)"
+        )
     try:
         tm.load(external)
     except Exception as e:  # datasets raises many types for "not cached while offline"
@@ -85,15 +93,24 @@ def preflight(tasks: list[str], include_paths: list[str]) -> None:
 
 
 def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str, scheme: str, heldout_hash: str) -> str:
-    blob = json.dumps([variant.name, base_id, scheme, tasks, spec.limit, spec.num_fewshot, heldout_hash], sort_keys=True)
+    blob = json.dumps(
+        [variant.name, base_id, scheme, tasks, spec.limit, spec.num_fewshot, heldout_hash], sort_keys=True
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-def evaluate_model(model, tokenizer, tasks: list[str], spec: EvalSpec, include_paths: list[str], seed: int = 1234) -> dict:
+def evaluate_model(
+    model, tokenizer, tasks: list[str], spec: EvalSpec, include_paths: list[str], seed: int = 1234
+) -> dict:
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=spec.batch_size, max_length=model.config.max_position_embeddings)
+    lm = HFLM(
+        pretrained=model,
+        tokenizer=tokenizer,
+        batch_size=spec.batch_size,
+        max_length=model.config.max_position_embeddings,
+    )
     out = simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -169,7 +186,9 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
         heldout_hash = hashlib.sha256((task_dir / f"{HELDOUT}.jsonl").read_bytes()).hexdigest()[:16]
     results, timings = {}, {}
     for variant in variants_for(recipe, run_dir):
-        key = _cache_key(variant, spec, tasks, recipe.model.name_or_path + recipe.model.dtype, recipe.qat.scheme, heldout_hash)
+        key = _cache_key(
+            variant, spec, tasks, recipe.model.name_or_path + recipe.model.dtype, recipe.qat.scheme, heldout_hash
+        )
         cached = _cache_dir() / f"{key}.json"
         if variant.path is None and cached.exists():
             results[variant.name] = json.loads(cached.read_text())
@@ -188,6 +207,12 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
             cached.write_text(json.dumps(results[variant.name]))
         del model
         gc.collect()
-    out = {"tasks": tasks, "limit": spec.limit, "num_fewshot": spec.num_fewshot, "variants": results, "seconds": timings}
+    out = {
+        "tasks": tasks,
+        "limit": spec.limit,
+        "num_fewshot": spec.num_fewshot,
+        "variants": results,
+        "seconds": timings,
+    }
     (work / "results.json").write_text(json.dumps(out, indent=2))
     return {"variants": list(results), "seconds": timings}

@@ -21,20 +21,28 @@ def render_model_card(report: dict, recipe: dict) -> str:
     t = recipe["train"]
     lora = recipe["lora"]
     lines = [
-        "---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
-        f"# {method}: {base}", "",
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {method}: {base}",
+        "",
         f"- **Quantized from model:** {base}",
         f"- **Quantization method:** {method} (torchao, scheme `{scheme}`)",
-        f"- **Made with:** qatkit recipe `{recipe['name']}`", "",
+        f"- **Made with:** qatkit recipe `{recipe['name']}`",
+        "",
     ]
     if finetuned:
         lines += [
             f"{base} fine-tuned with LoRA under quantization-aware training (fake quantization of the `{scheme}` "
             f"scheme in the forward pass, LoRA mode `{recipe['qat']['lora']}`), then converted to real low-bit "
-            "torchao tensors with the same quantizer.", "",
+            "torchao tensors with the same quantizer.",
+            "",
         ]
     lines += [
-        "# Inference with Transformers", "", "```python",
+        "# Inference with Transformers",
+        "",
+        "```python",
         "import torch",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         'model_id = "path/to/this/checkpoint"',
@@ -44,24 +52,38 @@ def render_model_card(report: dict, recipe: dict) -> str:
         'inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(model.device)',
         "out = model.generate(**inputs, max_new_tokens=128)",
         "print(tokenizer.decode(out[0][inputs['input_ids'].shape[1]:], skip_special_tokens=True))",
-        "```", "",
-        "# Inference with vLLM", "", "```shell", "vllm serve path/to/this/checkpoint --tokenizer path/to/this/checkpoint", "```", "",
+        "```",
+        "",
+        "# Inference with vLLM",
+        "",
+        "```shell",
+        "vllm serve path/to/this/checkpoint --tokenizer path/to/this/checkpoint",
+        "```",
+        "",
     ]
     if finetuned:
         lines += [
-            "# Fine-tuning recipe", "",
+            "# Fine-tuning recipe",
+            "",
             f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, targets {', '.join(lora['target_modules'])}; "
             f"{t['max_steps']} steps, batch {t['batch_size']} x {t['grad_accum']}, lr {t['lr']}, {t['lr_scheduler']} schedule, "
             f"warmup {t['warmup_steps']}, optimizer {t['optim']}, seed {t['seed']}; data `{(recipe.get('data') or {}).get('path')}`.",
-            "", "```yaml", yaml.safe_dump(recipe, sort_keys=False).strip(), "```", "",
-            "Reproduce: `qatkit run recipe.yaml`.", "",
+            "",
+            "```yaml",
+            yaml.safe_dump(recipe, sort_keys=False).strip(),
+            "```",
+            "",
+            "Reproduce: `qatkit run recipe.yaml`.",
+            "",
         ]
     lines += ["# Model quality", ""]
     lines += [quality_table(report["quality"]), ""] if report["quality"] else ["(not evaluated)", ""]
     if report.get("checkpoint_mb"):
         lines += ["# Size", "", f"Checkpoint on disk: {report['checkpoint_mb']} MB.", ""]
     lines += [
-        "# Disclaimer", "",
-        "No safety evaluation was performed. Outputs may differ from the original model; the base model's license applies.", "",
+        "# Disclaimer",
+        "",
+        "No safety evaluation was performed. Outputs may differ from the original model; the base model's license applies.",
+        "",
     ]
     return "\n".join(lines)

