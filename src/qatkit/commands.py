@@ -7,7 +7,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from qatkit.errors import RecipeError
+from qatkit.errors import Interrupted, RecipeError
 from qatkit.log import console
 from qatkit.recipe import Recipe, load_recipe, validate_recipe
 
@@ -30,14 +30,20 @@ def run_command(
     console.print(
         f"[bold]qatkit[/] {recipe.name}: scheme [cyan]{recipe.qat.scheme}[/], stages {', '.join(only or recipe.stages)} → {target}"
     )
-    run = run_recipe(
-        recipe,
-        target,
-        resume=resume,
-        force=force,
-        only=only,
-        on_stage=lambda name, status: console.print(f"[bold]▶ {name}[/] {status}"),
+    resume_cmd = " ".join(
+        ["qatkit run", str(recipe_path), "--out", str(target), "--resume", *(f"--set {o}" for o in overrides)]
     )
+    try:
+        run = run_recipe(
+            recipe,
+            target,
+            resume=resume,
+            force=force,
+            only=only,
+            on_stage=lambda name, status: console.print(f"[bold]▶ {name}[/] {status}"),
+        )
+    except Interrupted as e:
+        raise Interrupted(f"{e}. Resume with: {resume_cmd}") from None
     print_summary(run.root)
 
 
@@ -76,6 +82,7 @@ def eval_command(
     batch_size: int,
     include_path: Path | None,
     output: Path | None,
+    mmlu_from: str | None = None,
 ) -> None:
     from qatkit.loading import load_model_and_tokenizer
     from qatkit.recipe import EvalSpec, ModelSpec
@@ -84,6 +91,10 @@ def eval_command(
     if not (model_dir / "config.json").exists():
         raise RecipeError(f"{model_dir}: not a model directory (no config.json)")
     includes = [str(include_path.resolve())] if include_path else []
+    if mmlu_from:  # lm-eval's mmlu tasks, written from a local file (takes precedence over the built-in ones)
+        from qatkit.stages.mmlu_local import local_mmlu_tasks
+
+        includes.append(str(local_mmlu_tasks(mmlu_from, tasks, num_fewshot)))
     preflight(tasks, includes)
     spec = EvalSpec(tasks=tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
     model, tokenizer = load_model_and_tokenizer(ModelSpec(name_or_path=str(model_dir)), path=str(model_dir))
@@ -97,7 +108,10 @@ def eval_command(
     console.print(table)
     if output:
         output.write_text(
-            json.dumps({"model": str(model_dir), "tasks": tasks, "limit": limit, "results": results}, indent=2)
+            json.dumps(
+                {"model": str(model_dir), "tasks": tasks, "limit": limit, "mmlu_from": mmlu_from, "results": results},
+                indent=2,
+            )
         )
 
 

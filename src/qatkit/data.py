@@ -12,7 +12,7 @@ import json
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from qatkit.errors import EnvError, RecipeError
 from qatkit.loading import resolve_path
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from qatkit.recipe import DataSpec
 
 LETTERS = "ABCDEFGHIJ"
+AnswerStyle = Literal["letter", "text"]
 ANSWER_PREFIX = "The correct answer is"
 
 
@@ -30,19 +31,32 @@ class MCItem:
     choices: tuple[str, ...]
     answer: int  # index into choices
 
-    def prompt(self) -> str:
+    def prompt(self, style: AnswerStyle = "letter") -> str:
+        """letter: the cards' question with lettered choices. text: the bare question (PIQA-style)."""
+        if style == "text":
+            return self.question
         lines = "\n".join(f"{LETTERS[i]}. {c}" for i, c in enumerate(self.choices))
         return f"Choose the correct answer for the following question: {self.question}\n\nChoices:\n{lines}"
 
-    def completion(self) -> str:
-        return f"{ANSWER_PREFIX} {LETTERS[self.answer]}."
+    def continuations(self, style: AnswerStyle = "letter") -> list[str]:
+        """What is scored after the assistant prefix, per choice (the gold one is what training teaches)."""
+        if style == "text":
+            return list(self.choices)
+        return [f" {LETTERS[i]}." for i in range(len(self.choices))]
 
-    def to_example(self) -> dict:
+    def completion(self, style: AnswerStyle = "letter") -> str:
+        return assistant_prefix(style) + self.continuations(style)[self.answer]
+
+    def to_example(self, style: AnswerStyle = "letter") -> dict:
         """Conversational prompt/completion: TRL applies the chat template and trains on the completion only."""
         return {
-            "prompt": [{"role": "user", "content": self.prompt()}],
-            "completion": [{"role": "assistant", "content": self.completion()}],
+            "prompt": [{"role": "user", "content": self.prompt(style)}],
+            "completion": [{"role": "assistant", "content": self.completion(style)}],
         }
+
+
+def assistant_prefix(style: AnswerStyle) -> str:
+    return ANSWER_PREFIX if style == "letter" else ""
 
 
 # --- row formats -> MCItem ------------------------------------------------------------------------
@@ -201,8 +215,8 @@ def load_splits(spec: DataSpec) -> Splits:
     return Splits(train, [e for e in eval_items if isinstance(e, MCItem)], is_mc)
 
 
-def training_examples(splits: Splits) -> list[dict]:
-    return [x.to_example() if isinstance(x, MCItem) else x for x in splits.train]
+def training_examples(splits: Splits, style: AnswerStyle = "letter") -> list[dict]:
+    return [x.to_example(style) if isinstance(x, MCItem) else x for x in splits.train]
 
 
 def write_jsonl(path: Path, rows: list) -> None:
@@ -218,27 +232,15 @@ def read_items(path: Path) -> list[MCItem]:
     return [MCItem(r["question"], tuple(r["choices"]), r["answer"]) for r in read_jsonl(path)]
 
 
-def write_splits(splits: Splits, out: Path) -> dict:
+def write_splits(splits: Splits, out: Path, style: AnswerStyle = "letter") -> dict:
     """Materialize the split in the run dir: data/train.jsonl (chat examples), data/eval.jsonl (MC items)."""
-    write_jsonl(out / "train.jsonl", training_examples(splits))
+    write_jsonl(out / "train.jsonl", training_examples(splits, style))
     write_jsonl(out / "eval.jsonl", splits.eval)
     return {"train_rows": len(splits.train), "eval_rows": len(splits.eval), "sha256_16": splits.digest()}
 
 
-def chat_prompt(tokenizer, item: MCItem) -> str:
-    """The held-out prompt exactly as training formats it, up to the answer letter."""
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": item.prompt()}], tokenize=False, add_generation_prompt=True
-    )
-    return f"{text}{ANSWER_PREFIX}"
-
-
-def ensure_readable(path_spec: str) -> None:
-    """Preflight: a local data path exists and is non-empty (hub ids are checked when read)."""
-    path = resolve_path(path_spec)
-    if path_spec.startswith(("pkg:", ".", "/", "~")) and not path.exists():
-        raise RecipeError(f"data file not found: {path_spec}")
-    if path.is_file() and path.stat().st_size == 0:
-        raise RecipeError(f"{path}: data file is empty")
-    if not path.exists() and not path_spec.count("/") <= 1:
-        raise EnvError(f"{path_spec}: not a local file and not a datasets id")
+def chat_prompt(tokenizer, item: MCItem, style: AnswerStyle = "letter") -> str:
+    """The held-out prompt exactly as training formats it, up to where the answer choices differ."""
+    messages = [{"role": "user", "content": item.prompt(style)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + assistant_prefix(style)

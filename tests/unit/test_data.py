@@ -19,6 +19,13 @@ def test_card_format_matches_the_qwen3_card():
     assert ex["prompt"][0]["role"] == "user" and ex["completion"][0]["content"] == "The correct answer is B."
 
 
+def test_text_style_is_piqa_like():
+    item = MCItem("Open a jar.", ("twist the lid", "hit it with a hammer"), 0)
+    assert item.prompt("text") == "Open a jar."
+    assert item.completion("text") == "twist the lid"
+    assert item.continuations("text") == ["twist the lid", "hit it with a hammer"]
+
+
 def test_mmlu_row():
     [item] = to_items([{"question": "q", "choices": ["a", "b", "c", "d"], "answer": 3, "subject": "x"}], "auto", "t")
     assert item == MCItem("q", ("a", "b", "c", "d"), 3)

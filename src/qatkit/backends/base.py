@@ -25,6 +25,8 @@ class TrainResult:
     loss_history: list[dict] = field(default_factory=list)
     fake_quantized_modules: int = 0
     lora_layers: int = 0
+    resumed_from_step: int | None = None
+
 
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "loss_history"}
@@ -33,7 +35,9 @@ class TrainResult:
 class Backend(Protocol):
     name: str
 
-    def finetune(self, recipe: Recipe, examples: list[dict], work: Path, resume: bool) -> TrainResult: ...
+    def finetune(
+        self, recipe: Recipe, examples: list[dict], work: Path, resume: bool, qat: bool = True
+    ) -> TrainResult: ...
 
 
 def unsloth_usable() -> tuple[bool, str]:

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def lora_config(recipe: Recipe):
+def lora_config(recipe: Recipe, exclude_modules: str | None = None):
     from peft import LoraConfig
 
     return LoraConfig(
@@ -29,6 +29,7 @@ def lora_config(recipe: Recipe):
         lora_alpha=recipe.lora.alpha,
         lora_dropout=recipe.lora.dropout,
         target_modules=list(recipe.lora.target_modules),
+        exclude_modules=exclude_modules,
         bias="none",
         task_type="CAUSAL_LM",
     )
@@ -43,8 +44,8 @@ def attach_lora(recipe: Recipe, model, adapter_dir: Path | None = None):
     """Wrap a QAT-prepared model with LoRA: new adapters, or trained ones from `adapter_dir`."""
     from peft import PeftModel, get_peft_model
 
-    if adapter_dir is None:
-        model = get_peft_model(model, lora_config(recipe))
+    if adapter_dir is None:  # text-only training: no adapters on vision/audio towers
+        model = get_peft_model(model, lora_config(recipe, schemes.lora_exclude_pattern(model)))
     else:
         model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     if recipe.qat.lora == "merged":
@@ -88,17 +89,24 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
 class HFBackend:
     name = "hf"
 
-    def finetune(self, recipe: Recipe, examples: list[dict], work: Path, resume: bool) -> TrainResult:
+    def finetune(self, recipe: Recipe, examples: list[dict], work: Path, resume: bool, qat: bool = True) -> TrainResult:
+        """Train LoRA adapters into `work`; `qat=False` is the control run (same everything, no fake quant)."""
         import torch
         from datasets import Dataset
         from trl import SFTConfig
 
+        from transformers import set_seed
+
         t0 = time.time()
+        set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
         model, tokenizer = load_model_and_tokenizer(recipe.model)
-        plan = prepare_for_qat(recipe, model)
-        qat_record = {**plan.to_dict(), "lora_mode": recipe.qat.lora, "signature": schemes.signature(model)}
-        (work / "qat_plan.json").write_text(json.dumps(qat_record, indent=2))
+
+        if qat:
+            plan = prepare_for_qat(recipe, model)
+            qat_record = {**plan.to_dict(), "lora_mode": recipe.qat.lora, "signature": schemes.signature(model)}
+            (work / "qat_plan.json").write_text(json.dumps(qat_record, indent=2))
         model = attach_lora(recipe, model)
+
         on_cuda = torch.cuda.is_available()
         cache = recipe.qat.cache_frozen_fake_quant
         if cache or (cache is None and not on_cuda):
@@ -161,4 +169,6 @@ class HFBackend:
             loss_history=losses,
             fake_quantized_modules=len(schemes.fake_quantizers(model)),
             lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
+            resumed_from_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None,
+
         )

@@ -30,10 +30,11 @@ FALLBACK_TEXTS = [
 ]
 
 
-def parity_batch(tokenizer, run_dir: RunDir, n: int = 8):
+def parity_batch(tokenizer, run_dir: RunDir, recipe: Recipe, n: int = 8):
     eval_file = run_dir.root / "data" / "eval.jsonl"
     items = read_items(eval_file)[:n] if eval_file.exists() else []
-    texts = [chat_prompt(tokenizer, it) + " " + it.completion().split()[-1] for it in items] or FALLBACK_TEXTS
+    style = recipe.data.answer_style if recipe.data else "letter"
+    texts = [chat_prompt(tokenizer, it, style) + it.continuations(style)[it.answer] for it in items] or FALLBACK_TEXTS
     return tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=256)
 
 
@@ -70,13 +71,13 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     if "finetune" in recipe.stages:
         model, tokenizer, plan = load_trained(recipe, run_dir.stage("finetune") / "adapter")
         check_same_quantizers(run_dir, model, recipe)
-        batch = parity_batch(tokenizer, run_dir)
+        batch = parity_batch(tokenizer, run_dir, recipe)
         as_trained = logits(model, batch)
         model = model.merge_and_unload()
     else:  # PTQ recipe: quantize the original model directly through the same scheme
         model, tokenizer = load_model_and_tokenizer(recipe.model)
         plan = schemes.prepare(model, scheme, recipe.qat.group_size)
-        batch = parity_batch(tokenizer, run_dir)
+        batch = parity_batch(tokenizer, run_dir, recipe)
         as_trained = None
     fake_quant_merged = logits(model, batch)
     converted = schemes.convert(model, scheme, recipe.qat.group_size)
@@ -100,9 +101,14 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     run_dir.update_manifest(parity=parity)
     gated = parity["as_trained_vs_converted"] or parity["fake_quant_merged_vs_converted"]
     if gated["sqnr_db"] < recipe.convert.parity_min_sqnr:
+        why = (
+            "LoRA was trained outside the quantizer (qat.lora: unmerged); qat.lora: merged trains the deployed forward"
+            if recipe.qat.lora == "unmerged" and "finetune" in recipe.stages
+            else "the deployed quantizer does not match the trained one"
+        )
         raise GateError(
             f"parity gate failed: converted vs as-trained logits SQNR {gated['sqnr_db']:.1f} dB "
-            f"< {recipe.convert.parity_min_sqnr} dB (the deployed quantizer does not match the trained one)"
+            f"< convert.parity_min_sqnr={recipe.convert.parity_min_sqnr} dB: {why}"
         )
     return {
         "quantized_modules": len(converted),

@@ -13,11 +13,13 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatkit.data import LETTERS, chat_prompt, read_items
+from qatkit.data import chat_prompt, read_items
 from qatkit.errors import EnvError, RecipeError
 from qatkit.recipe import EvalSpec
+from qatkit.stages.finetune import CONTROL
 
 log = logging.getLogger(__name__)
+
 HELDOUT = "heldout"
 METRICS = ("acc", "acc_norm")
 
@@ -27,10 +29,21 @@ class Variant:
     name: str  # "qat", "bf16", "ptq", ...
     path: str | None  # checkpoint dir to load, or None for the recipe's base model
     quantize: bool = False  # apply the scheme as PTQ after loading
+    adapter: str | None = None  # merge this LoRA adapter first (the no-QAT control run)
 
 
-def write_heldout_task(tokenizer, eval_file: Path, task_dir: Path) -> Path:
-    """Local multiple-choice task: the card-formatted prompt, scored over the answer letters."""
+def heldout_choices(item, style: str) -> list[str]:
+    """Letters are scored as single tokens (" B", no period) so lm-eval runs each shared context once."""
+    return [c.rstrip(".") for c in item.continuations(style)] if style == "letter" else item.continuations(style)
+
+
+def primary_metric(style: str) -> str:
+    """Letters are one token each: plain log-likelihood. Texts differ in length: length-normalized."""
+    return "acc" if style == "letter" else "acc_norm"
+
+
+def write_heldout_task(tokenizer, eval_file: Path, task_dir: Path, style: str = "letter") -> Path:
+    """Local multiple-choice task from the held-out split: the card-formatted prompt, then the answer."""
     import yaml
 
     items = read_items(eval_file)
@@ -40,8 +53,8 @@ def write_heldout_task(tokenizer, eval_file: Path, task_dir: Path) -> Path:
     docs = task_dir / f"{HELDOUT}.jsonl"
     rows = [
         {
-            "context": chat_prompt(tokenizer, it),
-            "choices": [f" {LETTERS[i]}" for i in range(len(it.choices))],
+            "context": chat_prompt(tokenizer, it, style),
+            "choices": heldout_choices(it, style),
             "gold": it.answer,
         }
         for it in items
@@ -145,6 +158,11 @@ def variants_for(recipe, run_dir) -> list[Variant]:
         out.append(Variant("bf16", None))
     if "ptq" in recipe.eval.baselines and finetuned:
         out.append(Variant("ptq", None, quantize=True))
+    control = str(run_dir.stage("finetune") / CONTROL / "adapter")
+    if "ft-bf16" in recipe.eval.baselines and finetuned:
+        out.append(Variant("ft-bf16", None, adapter=control))
+    if "ft-ptq" in recipe.eval.baselines and finetuned:
+        out.append(Variant("ft-ptq", None, quantize=True, adapter=control))
     if "convert" in recipe.stages:
         out.append(Variant("qat" if finetuned else "ptq", str(run_dir.stage("convert"))))
     return out
@@ -155,6 +173,10 @@ def _load_variant(recipe, variant: Variant):
     from qatkit.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(recipe.model, path=variant.path)
+    if variant.adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, variant.adapter).merge_and_unload()
     if variant.quantize:
         schemes.quantize_ptq(model, schemes.get_scheme(recipe.qat.scheme), recipe.qat.group_size)
     return model.eval(), tokenizer
@@ -175,14 +197,17 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
     include = [spec.include_path] if spec.include_path else []
     preflight(tasks, include)
     heldout_hash = ""
+    primary = {}
     if HELDOUT in tasks:
         if not run_dir.is_done("convert"):
             raise RecipeError(f"eval of '{HELDOUT}' needs a finished convert stage in {run_dir.root}")
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(run_dir.stage("convert")))
-        task_dir = write_heldout_task(tokenizer, run_dir.root / "data" / "eval.jsonl", work / "tasks")
+        style = recipe.data.answer_style if recipe.data else "letter"
+        task_dir = write_heldout_task(tokenizer, run_dir.root / "data" / "eval.jsonl", work / "tasks", style)
         include.append(str(task_dir))
+        primary[HELDOUT] = primary_metric(style)
         heldout_hash = hashlib.sha256((task_dir / f"{HELDOUT}.jsonl").read_bytes()).hexdigest()[:16]
     results, timings = {}, {}
     for variant in variants_for(recipe, run_dir):
@@ -190,7 +215,8 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
             variant, spec, tasks, recipe.model.name_or_path + recipe.model.dtype, recipe.qat.scheme, heldout_hash
         )
         cached = _cache_dir() / f"{key}.json"
-        if variant.path is None and cached.exists():
+        cacheable = variant.path is None and variant.adapter is None
+        if cacheable and cached.exists():
             results[variant.name] = json.loads(cached.read_text())
             timings[variant.name] = "cached"
             log.info("eval %s: cached baseline %s", variant.name, cached)
@@ -202,13 +228,14 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
             "tasks": evaluate_model(model, tokenizer, tasks, spec, include, seed=recipe.train.seed),
         }
         timings[variant.name] = round(time.time() - t0, 2)
-        if variant.path is None:
+        if cacheable:
             cached.parent.mkdir(parents=True, exist_ok=True)
             cached.write_text(json.dumps(results[variant.name]))
         del model
         gc.collect()
     out = {
         "tasks": tasks,
+        "primary_metric": primary,
         "limit": spec.limit,
         "num_fewshot": spec.num_fewshot,
         "variants": results,

@@ -18,5 +18,19 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
     result = backend.finetune(recipe, examples, work, resume)
     summary = {"backend": backend.name, **result.summary()}
+    if needs_control_run(recipe):
+        # the "fine-tuned without QAT" control: same data, seed, order and steps, no fake quantization
+        control_dir = work / CONTROL
+        control_dir.mkdir(exist_ok=True)
+        control = backend.finetune(recipe, examples, control_dir, resume, qat=False)
+        summary["control"] = control.summary()
+
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+CONTROL = "control"
+
+
+def needs_control_run(recipe: Recipe) -> bool:
+    return bool({"ft-bf16", "ft-ptq"} & set(recipe.eval.baselines))

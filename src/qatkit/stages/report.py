@@ -37,14 +37,19 @@ def quality_rows(results: dict) -> list[dict]:
     for task in results.get("tasks", []):
         by_variant = {v: variants[v]["tasks"].get(task, {}) for v in variants}
         ref = by_variant.get("bf16", {})
-        metric = _primary_metric(ref) or next(
-            (_primary_metric(m) for m in by_variant.values() if _primary_metric(m)), None
+        metric = (
+            results.get("primary_metric", {}).get(task)
+            or _primary_metric(ref)
+            or next((_primary_metric(m) for m in by_variant.values() if _primary_metric(m)), None)
         )
         base, ptq = ref.get(metric), by_variant.get("ptq", {}).get(metric)
+        ft, ft_ptq = by_variant.get("ft-bf16", {}).get(metric), by_variant.get("ft-ptq", {}).get(metric)
         for name in sorted(by_variant, key=lambda v: VARIANT_ORDER.index(v) if v in VARIANT_ORDER else 99):
             m = by_variant[name]
             acc = m.get(metric)
             nd = normalized_degradation(acc, base, ptq) if None not in (acc, base, ptq) else None
+            nd_ft = normalized_degradation(acc, ft, ft_ptq) if None not in (acc, ft, ft_ptq) else None
+            noise = _combined_stderr(ref.get(f"{metric}_stderr"), by_variant.get("ptq", {}).get(f"{metric}_stderr"))
             rows.append(
                 {
                     "task": task,
@@ -53,13 +58,20 @@ def quality_rows(results: dict) -> list[dict]:
                     "value": acc,
                     "stderr": m.get(f"{metric}_stderr"),
                     "normalized_degradation": nd,
+                    "normalized_degradation_vs_ft": nd_ft,
+                    "ptq_gap_within_noise": nd is not None and noise is not None and abs(base - ptq) < noise,
                     "dtype": variants[name].get("dtype"),
                 }
             )
     return rows
 
 
+def _combined_stderr(a: float | None, b: float | None) -> float | None:
+    return None if not isinstance(a, float) or not isinstance(b, float) else (a * a + b * b) ** 0.5
+
+
 def _fmt_pct(x: float | None) -> str:
+
     return "—" if x is None else f"{100 * x:.2f}"
 
 
@@ -68,14 +80,23 @@ def _fmt_nd(x: float | None) -> str:
 
 
 def quality_table(rows: list[dict]) -> str:
-    lines = ["| task | variant | accuracy (%) | ± stderr | normalized degradation |", "|---|---|---|---|---|"]
+    with_ft = any(r.get("normalized_degradation_vs_ft") is not None for r in rows)
+    head = "| task | variant | accuracy (%) | ± stderr | normalized degradation |"
+    rule = "|---|---|---|---|---|"
+    if with_ft:
+        head, rule = head + " vs fine-tuned without QAT |", rule + "---|"
+    lines = [head, rule]
     for r in rows:
         label = VARIANT_LABEL.get(r["variant"], r["variant"]) + (
             f" ({r['dtype']})" if r["variant"] == "bf16" and r["dtype"] else ""
         )
-        lines.append(
-            f"| {r['task']} ({r['metric']}) | {label} | {_fmt_pct(r['value'])} | {_fmt_pct(r['stderr'])} | {_fmt_nd(r['normalized_degradation'])} |"
-        )
+        nd = _fmt_nd(r["normalized_degradation"]) + ("*" if r.get("ptq_gap_within_noise") else "")
+        cells = [f"{r['task']} ({r['metric']})", label, _fmt_pct(r["value"]), _fmt_pct(r["stderr"]), nd]
+        if with_ft:
+            cells.append(_fmt_nd(r.get("normalized_degradation_vs_ft")))
+        lines.append("| " + " | ".join(cells) + " |")
+    if any(r.get("ptq_gap_within_noise") for r in rows):
+        lines.append("\n\\* the bf16 - PTQ gap is within one standard error: its normalized degradation is noise.")
     return "\n".join(lines)
 
 

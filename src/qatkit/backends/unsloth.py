@@ -1,0 +1,259 @@
+"""unsloth backend: Unsloth's fused LoRA kernels with torchao fake quantization (CUDA only).
+
+Import order: Unsloth patches transformers, peft and trl when it is imported, so in the training process
+`import unsloth` must come before those libraries are imported; imported later, Unsloth warns and some of
+its patches are missing. qatkit imports Unsloth only inside this backend (`import_unsloth`), never at
+module import, so `qatkit --help` and the hf backend never pay for it.
+
+What Unsloth does with `get_peft_model(..., qat_scheme="int4")` (unsloth/models/_utils.py,
+`_prepare_model_for_qat`): it adds LoRA first, then fake-quantizes *every* nn.Linear with
+in_features >= 128, which includes lm_head and the LoRA A matrices, and for `int8-int4` on Gemma-3 it
+silently switches to int4. qatkit's convert stage rebuilds the trained forward from qatkit's own module
+plan, so the string would train a different set of quantizers than the one converted. Instead this
+backend passes Unsloth's own `TorchAOConfig` (which `qat_scheme` accepts) built from the qatkit scheme:
+the same torchao base configs, restricted to exactly the modules of `schemes.plan_modules`. After setup
+it checks that those fake quantizers really are in the model, because Unsloth drops `qat_scheme`
+without a word on CPU and on some paths (FastLanguageModel.get_peft_model for FastModel families).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qatkit import schemes
+from qatkit.backends.base import TrainResult
+from qatkit.errors import EnvError, Interrupted, RecipeError
+
+if TYPE_CHECKING:
+    from qatkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+# model types FastLanguageModel patches itself (unsloth/models/loader.py dispatch); every other family is
+# loaded by FastModel, and FastLanguageModel.get_peft_model drops `qat_scheme` for those.
+FAST_LANGUAGE_MODEL_TYPES = frozenset({"llama", "mistral", "gemma", "gemma2", "qwen2", "qwen3"})
+PATCHED_BY_UNSLOTH = ("transformers", "peft", "trl")
+
+
+def entry_point(model_type: str) -> str:
+    """The Unsloth class to load `model_type` with: FastLanguageModel for the families it patches, else FastModel."""
+    return "FastLanguageModel" if model_type in FAST_LANGUAGE_MODEL_TYPES else "FastModel"
+
+
+def check_recipe(recipe: Recipe) -> None:
+    """What Unsloth cannot train faithfully; raised before anything loads."""
+    scheme = schemes.get_scheme(recipe.qat.scheme)
+    if recipe.qat.lora == "merged":
+        raise RecipeError(
+            "backend unsloth trains LoRA unmerged (its fused LoRA kernels compute fq(W)x + s·BAx): "
+            "set qat.lora: unmerged, or use backend: hf for qat.lora: merged"
+        )
+    if scheme.quantize_lm_head or scheme.embedding_config is not None:
+        raise RecipeError(
+            f"scheme {scheme.name} fake-quantizes lm_head/embeddings, but Unsloth's fused cross-entropy reads "
+            "lm_head.weight directly and would skip that fake quantizer: use backend: hf for this scheme"
+        )
+
+
+def import_unsloth():
+    """Import Unsloth (it must come before transformers/peft/trl in the process; see the module docstring)."""
+    if importlib.util.find_spec("unsloth") is None:
+        raise EnvError("backend unsloth: unsloth is not installed (pip install 'qatkit[unsloth]' on a CUDA machine)")
+    early = [name for name in PATCHED_BY_UNSLOTH if name in sys.modules and "unsloth" not in sys.modules]
+    if early:
+        log.warning(
+            "%s imported before unsloth: Unsloth's patches may be incomplete (import unsloth first)", ", ".join(early)
+        )
+    try:
+        return importlib.import_module("unsloth")
+    except Exception as e:  # unsloth raises NotImplementedError/ImportError/RuntimeError without a usable GPU
+        raise EnvError(f"backend unsloth: import unsloth failed ({type(e).__name__}: {e})") from None
+
+
+def qat_rules(recipe: Recipe) -> tuple[list[tuple[object, object]], object, dict]:
+    """(base_config, filter_fn) pairs and a pre-quantization hook for Unsloth's TorchAOConfig.
+
+    Unsloth calls the hook with the LoRA-wrapped model right before `quantize_(model, QATConfig(cfg,
+    step="prepare"), filter_fn)` for each pair; the hook computes qatkit's module plan on that model
+    (into `state["plan"]`), and the filters select exactly the plan's linears: the base layers of LoRA
+    modules and the other linears the scheme covers, never LoRA A/B, never modules outside the
+    language model. `check_recipe` has refused schemes that quantize lm_head or embeddings.
+    """
+    scheme = schemes.get_scheme(recipe.qat.scheme)
+    state: dict = {}
+
+    def plan_on(model) -> None:
+        plan = schemes.plan_modules(model, scheme, recipe.qat.group_size)
+        state["plan"] = plan
+        state["linears"] = {m.fqn for m in plan.quantized if m.kind == "linear"}
+
+    def selected(module, fqn: str) -> bool:
+        return fqn in state.get("linears", ())
+
+    return [(scheme.linear_config(scheme.group_size(recipe.qat.group_size)), selected)], plan_on, state
+
+
+def unsloth_qat_config(recipe: Recipe) -> tuple[object, dict]:
+    """Unsloth's TorchAOConfig for the recipe's scheme (pass it as `qat_scheme=`), and the plan holder."""
+    try:
+        from unsloth.models._utils import TorchAOConfig
+    except ImportError as e:
+        raise EnvError(f"this unsloth has no TorchAOConfig ({e}); pip install 'qatkit[unsloth]'") from None
+    rules, hook, state = qat_rules(recipe)
+    return TorchAOConfig(qat_scheme=recipe.qat.scheme, base_config_and_filter_fns=rules, prequantization_transform=hook), state
+
+
+def _key(fqn: str) -> str:
+    return fqn.removeprefix("base_model.model.").removesuffix(".base_layer")
+
+
+def verify_fake_quant(model, plan: schemes.Plan | None) -> dict[str, str]:
+    """The fake quantizers really are in the model, on exactly the planned modules; returns the signature."""
+    if not schemes.fake_quantizers(model) or plan is None:
+        raise EnvError(
+            "Unsloth set the model up without any fake quantizer: qat_scheme was dropped (Unsloth does that "
+            "on CPU and for some model families), so this would train plain LoRA, not QAT; use backend: hf"
+        )
+    found = schemes.signature(model)
+    expected = {_key(m.fqn) for m in plan.quantized}
+    if set(found) != expected:
+        extra, missing = sorted(set(found) - expected), sorted(expected - set(found))
+        raise EnvError(
+            f"Unsloth fake-quantized other modules than qatkit planned (unexpected: {extra[:3]}, "
+            f"missing: {missing[:3]}); convert could not rebuild the trained forward; use backend: hf"
+        )
+    return found
+
+
+def _model_path(recipe: Recipe) -> str:
+    """A local directory or cached hub id (GGUF files are dequantized once, like the hf backend does)."""
+    from qatkit.loading import check_model_available, materialize_gguf, resolve_model
+
+    source = resolve_model(recipe.model.name_or_path)
+    check_model_available(source)
+    return materialize_gguf(source).path
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+
+
+class UnslothBackend:
+    name = "unsloth"
+
+    def finetune(self, recipe: Recipe, examples: list[dict], work: Path, resume: bool, qat: bool = True) -> TrainResult:
+        """Train LoRA adapters into `work` like the hf backend (same files, so convert works unchanged)."""
+        check_recipe(recipe)
+        unsloth = import_unsloth()  # before transformers/peft/trl
+        import torch
+        from datasets import Dataset
+        from transformers import AutoConfig
+        from trl import SFTConfig, SFTTrainer
+
+        from qatkit.loading import torch_dtype
+
+        t0 = time.time()
+        path = _model_path(recipe)
+        model_type = AutoConfig.from_pretrained(path, trust_remote_code=recipe.model.trust_remote_code).model_type
+        entry = getattr(unsloth, entry_point(model_type))
+        t = recipe.train
+        model, tokenizer = entry.from_pretrained(
+            model_name=path,
+            max_seq_length=recipe.model.max_seq_length,
+            dtype=None if recipe.model.dtype == "auto" else torch_dtype(recipe.model.dtype),
+            load_in_4bit=False,  # QAT needs the 16-bit weights; load_in_4bit + qat_scheme fails
+            load_in_8bit=False,
+            full_finetuning=False,
+            use_exact_model_name=True,  # no remapping to unsloth/* repos: convert loads the same weights
+            trust_remote_code=recipe.model.trust_remote_code,
+            random_state=t.seed,
+        )
+        tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # FastModel returns a processor for VLMs
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        peft_args = dict(
+            r=recipe.lora.r,
+            lora_alpha=recipe.lora.alpha,
+            lora_dropout=recipe.lora.dropout,
+            target_modules=list(recipe.lora.target_modules),
+            bias="none",
+            use_gradient_checkpointing="unsloth" if t.gradient_checkpointing else False,
+            random_state=t.seed,
+        )
+        if entry.__name__ == "FastModel":  # text-only training: language layers only (Gemma-3 card)
+            peft_args.update(finetune_vision_layers=False, finetune_language_layers=True)
+        state: dict = {}
+        if qat:
+            peft_args["qat_scheme"], state = unsloth_qat_config(recipe)
+        model = entry.get_peft_model(model, **peft_args)
+        if qat:
+            signature = verify_fake_quant(model, state.get("plan"))
+            record = {**state["plan"].to_dict(), "lora_mode": recipe.qat.lora, "signature": signature}
+            (work / "qat_plan.json").write_text(json.dumps(record, indent=2))
+            scheme = schemes.get_scheme(recipe.qat.scheme)
+            if scheme.straight_through_fp8:
+                schemes._use_straight_through_fp8(model)
+            if recipe.qat.cache_frozen_fake_quant:
+                schemes.cache_frozen_weight_fake_quant(model)
+
+        ckpt_dir = work / "checkpoints"
+        args = SFTConfig(
+            output_dir=str(ckpt_dir),
+            max_steps=t.max_steps,
+            per_device_train_batch_size=t.batch_size,
+            gradient_accumulation_steps=t.grad_accum,
+            learning_rate=t.lr,
+            warmup_steps=t.warmup_steps,
+            weight_decay=t.weight_decay,
+            lr_scheduler_type=t.lr_scheduler,
+            optim=t.optim,
+            seed=t.seed,
+            data_seed=t.seed,
+            logging_steps=t.logging_steps,
+            save_steps=t.save_steps,
+            save_total_limit=2,
+            max_length=recipe.model.max_seq_length,
+            completion_only_loss=True,  # loss on the assistant answer only, like train_on_responses_only
+            packing=False,
+            bf16=model.dtype == torch.bfloat16,
+            fp16=model.dtype == torch.float16,
+            report_to="none",
+            dataloader_num_workers=0,
+        )
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer)
+        resume_from = _last_checkpoint(ckpt_dir) if resume else None
+        if resume_from:
+            log.info("resuming training from %s", resume_from)
+        try:
+            trainer.train(resume_from_checkpoint=resume_from)
+        except KeyboardInterrupt:
+            trainer._save_checkpoint(trainer.model, trial=None)
+            raise Interrupted(
+                f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}"
+            ) from None
+
+        model.save_pretrained(str(work / "adapter"))  # peft adapter: convert rebuilds it on the hf model
+        tokenizer.save_pretrained(str(work / "adapter"))
+        trainer.state.save_to_json(str(work / "trainer_state.json"))
+        losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+        (work / "loss.json").write_text(json.dumps(losses))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+        return TrainResult(
+            steps=trainer.state.global_step,
+            first_loss=losses[0]["loss"] if losses else None,
+            final_loss=losses[-1]["loss"] if losses else None,
+            seconds=round(time.time() - t0, 2),
+            loss_history=losses,
+            fake_quantized_modules=len(schemes.fake_quantizers(model)),
+            lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
+        )

@@ -1,0 +1,171 @@
+"""Kill a real `qatkit` process mid-stage, then resume: nothing half-written looks finished, and
+training continues from its last checkpoint with the same optimizer/scheduler/RNG state."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from ..conftest import ROOT, TINY_RECIPE, run_cli
+
+STEPS = ["--set", "train.max_steps=16", "--set", "train.save_steps=4", "--set", "train.lr=0.01"]
+
+
+def _start(out, model_dir, *args):
+    cmd = [
+        sys.executable,
+        "-m",
+        "qatkit",
+        "run",
+        str(TINY_RECIPE),
+        "--out",
+        str(out),
+        "--set",
+        f"model.name_or_path={model_dir}",
+        *STEPS,
+        *args,
+    ]
+    return subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _wait_for(predicate, proc, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended first ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+def _losses(out):
+    return {p["step"]: p["loss"] for p in json.loads((out / "finetune" / "loss.json").read_text())}
+
+
+def test_killed_training_resumes_to_the_same_result(tiny_model_dir, tmp_path):
+    reference = tmp_path / "reference"
+    ref = _start(reference, tiny_model_dir, "--set", "stages=[finetune]")
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+
+    out = tmp_path / "killed"
+    proc = _start(out, tiny_model_dir, "--set", "stages=[finetune]")
+    ckpts = out / ".finetune.partial" / "checkpoints"
+    _wait_for(lambda: (ckpts / "checkpoint-8" / "trainer_state.json").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "finetune").exists(), "a killed stage must not look finished"
+
+    resumed = run_cli(
+        "run",
+        str(TINY_RECIPE),
+        "--out",
+        str(out),
+        "--resume",
+        "--set",
+        f"model.name_or_path={tiny_model_dir}",
+        *STEPS,
+        "--set",
+        "stages=[finetune]",
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (out / "finetune" / "DONE").exists()
+    state = json.loads((out / "finetune" / "trainer_state.json").read_text())
+    assert state["global_step"] == 16
+    summary = json.loads((out / "finetune" / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] in (8, 12), summary  # the last checkpoint saved before the kill
+
+    ref_losses, losses = _losses(reference), _losses(out)
+    assert sorted(losses) == list(range(1, 17))
+    for step, loss in losses.items():  # same data order, optimizer and scheduler state after resume
+
+        assert abs(loss - ref_losses[step]) < 1e-4, (step, loss, ref_losses[step])
+
+
+def test_killed_convert_is_redone(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    first = run_cli(
+        "run",
+        str(TINY_RECIPE),
+        "--out",
+        str(out),
+        "--set",
+        f"model.name_or_path={tiny_model_dir}",
+        "--set",
+        "stages=[finetune]",
+        "--set",
+        "train.max_steps=2",
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "qatkit",
+            "run",
+            str(TINY_RECIPE),
+            "--out",
+            str(out),
+            "--resume",
+            "--set",
+            f"model.name_or_path={tiny_model_dir}",
+            "--set",
+            "stages=[finetune,convert]",
+            "--set",
+            "train.max_steps=2",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _wait_for(lambda: (out / ".convert.partial").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "convert" / "DONE").exists()
+    again = run_cli(
+        "run",
+        str(TINY_RECIPE),
+        "--out",
+        str(out),
+        "--resume",
+        "--set",
+        f"model.name_or_path={tiny_model_dir}",
+        "--set",
+        "stages=[finetune,convert]",
+        "--set",
+        "train.max_steps=2",
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (out / "convert" / "DONE").exists() and not (out / ".convert.partial").exists()
+    assert "finetune skipped (done)" in " ".join(again.stdout.split())
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = _start(
+        out,
+        tiny_model_dir,
+        "--set",
+        "stages=[finetune]",
+        "--set",
+        "train.max_steps=400",
+        "--set",
+        "train.save_steps=1000",
+    )
+    _wait_for(lambda: (out / ".finetune.partial" / "qat_plan.json").exists(), proc)
+    time.sleep(3.0)  # model built, trainer running
+
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "--resume" in err and "qatkit run" in err
+    assert any((out / ".finetune.partial" / "checkpoints").glob("checkpoint-*")), "no checkpoint saved on Ctrl-C"
