@@ -30,6 +30,8 @@ class ModelSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_seq_length: int = Field(2048, gt=0)
     trust_remote_code: bool = False
+    hub_id: str | None = Field(None, description="Hub id of the original model, recorded as base_model in the card.")
+    license: str | None = Field(None, description="The original model's license, recorded in the model card.")
 
 
 class QatSpec(Strict):
@@ -74,6 +76,7 @@ class DataSpec(Strict):
     eval_size: int = Field(200, ge=0, description="Held-out items for the local eval task (never trained on).")
     train_size: int | None = Field(None, gt=0, description="Cap on training items.")
     seed: int = 0
+    license: str | None = Field(None, description="The data's license, recorded in the report (provenance).")
 
 
 class TrainSpec(Strict):

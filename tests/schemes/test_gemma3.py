@@ -53,7 +53,13 @@ def gemma_recipe(model_dir, *overrides):
     # w4-intx: the cards' int4 converts only on CUDA; w4-intx is the 4-bit weight-only scheme that converts on CPU
     return load_recipe(
         TINY_RECIPE,
-        [f"model.name_or_path={model_dir}", "qat.scheme=w4-intx", "train.max_steps=2", "train.batch_size=4", *overrides],
+        [
+            f"model.name_or_path={model_dir}",
+            "qat.scheme=w4-intx",
+            "train.max_steps=2",
+            "train.batch_size=4",
+            *overrides,
+        ],
     )
 
 

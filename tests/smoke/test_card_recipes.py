@@ -143,11 +143,28 @@ def test_card_recipes_carry_the_card_settings():
     mmlu_aux = {"path": "cais/mmlu", "name": "all", "split": "auxiliary_train", "format": "mmlu"}
     for recipe, steps, r in ((q8, 300, 16), (g12, 100, 8)):
         assert recipe["train"] == recipe["train"] | shared_train | {"max_steps": steps}
-        assert recipe["lora"] == {"r": r, "alpha": r, "dropout": 0.0, "target_modules": recipe["lora"]["target_modules"]}
-        assert recipe["lora"]["target_modules"] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        assert recipe["lora"] == {
+            "r": r,
+            "alpha": r,
+            "dropout": 0.0,
+            "target_modules": recipe["lora"]["target_modules"],
+        }
+        assert recipe["lora"]["target_modules"] == [
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ]
         assert recipe["data"] == recipe["data"] | mmlu_aux | {"answer_style": "letter"}
         assert recipe["qat"] == {"scheme": "int4", "lora": "unmerged"}
-        assert recipe["model"] | {"name_or_path": None} == {"name_or_path": None, "dtype": "bfloat16", "max_seq_length": 2048}
+        assert recipe["model"] | {"name_or_path": None} == {
+            "name_or_path": None,
+            "dtype": "bfloat16",
+            "max_seq_length": 2048,
+        }
         assert recipe["backend"] == "auto" and recipe["eval"]["tasks"] == ["mmlu"]
     assert q4["stages"] == ["convert", "eval"] and q4["qat"]["scheme"] == "int8-int4" and "data" not in q4
     assert q4["eval"]["tasks"] == ["mmlu"]

@@ -87,7 +87,6 @@ def test_killed_training_resumes_to_the_same_result(tiny_model_dir, tmp_path):
     ref_losses, losses = _losses(reference), _losses(out)
     assert sorted(losses) == list(range(1, 17))
     for step, loss in losses.items():  # same data order, optimizer and scheduler state after resume
-
         assert abs(loss - ref_losses[step]) < 1e-4, (step, loss, ref_losses[step])
 
 

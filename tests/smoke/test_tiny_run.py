@@ -26,7 +26,8 @@ def test_run_dir_layout(tiny_run):
     for name in ("manifest.json", "recipe.resolved.yaml", "report.md", "report.json", "loss.png", "accuracy.png"):
         assert (out / name).exists(), name
     assert (out / "finetune" / "adapter" / "adapter_config.json").exists()
-    assert (out / "convert" / "README.md").read_text().startswith("---\nbase_model:")
+    card = (out / "convert" / "README.md").read_text()
+    assert card.startswith("---\n") and "- torchao" in card and "# Model quality" in card
 
 
 def test_training_loss_decreased(tiny_run):

@@ -90,7 +90,7 @@ def test_unsloth_entry_point_per_family():
 def test_unsloth_refuses_what_it_cannot_train_faithfully():
     check_recipe(recipe("unsloth", "int4", "unmerged"))  # the cards
     check_recipe(recipe("unsloth", "int8", "unmerged"))
-    with pytest.raises(RecipeError, match="qat.lora: unmerged") as e:
+    with pytest.raises(RecipeError, match=r"qat\.lora: unmerged") as e:
         check_recipe(recipe("unsloth", "int4", "merged"))
     assert e.value.exit_code == 2
     # int8-int4 fake-quantizes lm_head, which Unsloth's fused loss bypasses

@@ -27,7 +27,6 @@ class TrainResult:
     lora_layers: int = 0
     resumed_from_step: int | None = None
 
-
     def summary(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k != "loss_history"}
 

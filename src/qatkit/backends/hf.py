@@ -93,9 +93,8 @@ class HFBackend:
         """Train LoRA adapters into `work`; `qat=False` is the control run (same everything, no fake quant)."""
         import torch
         from datasets import Dataset
-        from trl import SFTConfig
-
         from transformers import set_seed
+        from trl import SFTConfig
 
         t0 = time.time()
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
@@ -170,5 +169,4 @@ class HFBackend:
             fake_quantized_modules=len(schemes.fake_quantizers(model)),
             lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
             resumed_from_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None,
-
         )

@@ -108,7 +108,9 @@ def unsloth_qat_config(recipe: Recipe) -> tuple[object, dict]:
     except ImportError as e:
         raise EnvError(f"this unsloth has no TorchAOConfig ({e}); pip install 'qatkit[unsloth]'") from None
     rules, hook, state = qat_rules(recipe)
-    return TorchAOConfig(qat_scheme=recipe.qat.scheme, base_config_and_filter_fns=rules, prequantization_transform=hook), state
+    return TorchAOConfig(
+        qat_scheme=recipe.qat.scheme, base_config_and_filter_fns=rules, prequantization_transform=hook
+    ), state
 
 
 def _key(fqn: str) -> str:
@@ -230,7 +232,9 @@ class UnslothBackend:
             report_to="none",
             dataloader_num_workers=0,
         )
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer)
+        trainer = SFTTrainer(
+            model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
+        )
         resume_from = _last_checkpoint(ckpt_dir) if resume else None
         if resume_from:
             log.info("resuming training from %s", resume_from)

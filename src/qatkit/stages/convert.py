@@ -79,6 +79,8 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
         plan = schemes.prepare(model, scheme, recipe.qat.group_size)
         batch = parity_batch(tokenizer, run_dir, recipe)
         as_trained = None
+    seen: set[int] = set()
+    original_params = sum(p.numel() for p in model.parameters() if not (id(p) in seen or seen.add(id(p))))
     fake_quant_merged = logits(model, batch)
     converted = schemes.convert(model, scheme, recipe.qat.group_size)
     in_memory = logits(model, batch)
@@ -114,5 +116,6 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
         "quantized_modules": len(converted),
         "skipped_modules": len(plan.skipped),
         "checkpoint_bytes": size,
+        "original_bf16_mb": round(original_params * 2 / 2**20, 2),
         "parity_sqnr_db": {k: v["sqnr_db"] for k, v in parity.items() if isinstance(v, dict)},
     }

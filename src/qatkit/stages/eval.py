@@ -7,6 +7,7 @@ The only module that imports lm_eval. The recipe's held-out split becomes a loca
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -77,10 +78,16 @@ def write_heldout_task(tokenizer, eval_file: Path, task_dir: Path, style: str = 
 
 
 def task_manager(tasks: list[str], include_paths: list[str]):
+    only_local = all(t == HELDOUT for t in tasks)
+    return _task_manager(tuple(include_paths), not only_local)
+
+
+@functools.lru_cache(maxsize=8)
+def _task_manager(include_paths: tuple[str, ...], include_defaults: bool):
+    """Indexing lm-eval's ~10k task YAMLs takes seconds: build each distinct index once per process."""
     from lm_eval.tasks import TaskManager
 
-    only_local = all(t == HELDOUT for t in tasks)
-    return TaskManager(include_path=include_paths or None, include_defaults=not only_local)
+    return TaskManager(include_path=list(include_paths) or None, include_defaults=include_defaults)
 
 
 def preflight(tasks: list[str], include_paths: list[str]) -> None:

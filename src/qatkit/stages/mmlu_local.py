@@ -18,7 +18,6 @@ Write a task dir for a recipe's `eval.include_path` with `python -m qatkit.stage
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -89,7 +88,9 @@ SUBJECTS = {
     "world_religions": "humanities",
 }
 CATEGORIES = ("stem", "other", "social_sciences", "humanities")  # lm-eval's order in the mmlu group
-DOC_TO_TEXT = "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
+DOC_TO_TEXT = (
+    "{{question.strip()}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\nD. {{choices[3]}}\nAnswer:"
+)
 ACC = [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]
 WEIGHTED_ACC = [{"metric": "acc", "weight_by_size": True}]
 
@@ -209,7 +210,13 @@ def write_mmlu_tasks(source: str, out_dir: Path | None = None) -> Path:
         },
     )
     counts = {s: len(rows) for s, rows in sorted(by_subject.items())}
-    source_info = {"source": source, "path": str(path), "sha256": digest, "items": sum(counts.values()), "subjects": counts}
+    source_info = {
+        "source": source,
+        "path": str(path),
+        "sha256": digest,
+        "items": sum(counts.values()),
+        "subjects": counts,
+    }
     (tmp / "SOURCE.json").write_text(json.dumps(source_info, indent=2))
     (tmp / "DONE").touch()
     if out_dir.exists():
@@ -247,7 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     info = json.loads((out / "SOURCE.json").read_text())
-    print(f"{out}: {info['items']} items in {len(info['subjects'])} subjects (lm-eval --include_path / eval.include_path)")
+    print(
+        f"{out}: {info['items']} items in {len(info['subjects'])} subjects (lm-eval --include_path / eval.include_path)"
+    )
     return 0
 
 

@@ -7,17 +7,23 @@ import yaml
 from qatkit.stages.report import quality_table
 
 
+def _looks_like_hub_id(name: str) -> bool:
+    return name.count("/") == 1 and not name.startswith(("pkg:", "/", ".", "~"))
+
+
 def render_model_card(report: dict, recipe: dict) -> str:
-    base = recipe["model"]["name_or_path"]
+    model = recipe["model"]
+    base = model.get("hub_id") or model["name_or_path"]
     scheme = report["scheme"]
     finetuned = report["training"] is not None
     method = f"QAT {scheme}" if finetuned else f"PTQ {scheme}"
     front = {
-        "base_model": base,
+        **({"base_model": base} if model.get("hub_id") or _looks_like_hub_id(base) else {}),
         "tags": ["transformers", "torchao", "qatkit", "quantized", scheme],
-        "license": "other",
+        "license": model.get("license") or "other",
         "library_name": "transformers",
     }
+
     t = recipe["train"]
     lora = recipe["lora"]
     lines = [

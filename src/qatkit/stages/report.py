@@ -100,7 +100,7 @@ def quality_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot_loss(losses: list[dict], path: Path) -> bool:
+def _plot_loss(losses: list[dict], control: list[dict], path: Path) -> bool:
     if not losses:
         return False
     import matplotlib
@@ -109,7 +109,12 @@ def _plot_loss(losses: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    ax.plot([p["step"] for p in losses], [p["loss"] for p in losses], lw=1.4, color="#3366aa")
+    ax.plot([p["step"] for p in losses], [p["loss"] for p in losses], lw=1.4, color="#3366aa", label="with QAT")
+    if control:
+        ax.plot(
+            [p["step"] for p in control], [p["loss"] for p in control], lw=1.2, color="#999999", label="without QAT"
+        )
+        ax.legend()
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (completion tokens)")
     ax.set_title("QAT fine-tuning loss")
@@ -173,7 +178,8 @@ def build(run_dir: RunDir) -> dict:
     plan = _read(run_dir.stage("convert") / "qat_plan.json")
     rows = quality_rows(results) if results else []
     plots = {}
-    if _plot_loss(losses, run_dir.root / "loss.png"):
+    control = _read(run_dir.stage("finetune") / "control" / "loss.json") or []
+    if _plot_loss(losses, control, run_dir.root / "loss.png"):
         plots["loss"] = "loss.png"
     if _plot_accuracy(rows, run_dir.root / "accuracy.png"):
         plots["accuracy"] = "accuracy.png"
@@ -186,6 +192,8 @@ def build(run_dir: RunDir) -> dict:
         "training": train,
         "parity": parity,
         "checkpoint_mb": _size_mb(run_dir.stage("convert")),
+        "original_bf16_mb": manifest.get("stages", {}).get("convert", {}).get("summary", {}).get("original_bf16_mb"),
+        "data": manifest.get("data") and {**manifest["data"], "license": (recipe.get("data") or {}).get("license")},
         "quantized_modules": len(plan["quantized"]) if plan else None,
         "skipped_modules": plan["skipped"] if plan else None,
         "stages": {
@@ -224,13 +232,27 @@ def _parity_lines(parity: dict | None) -> list[str]:
 
 
 def render_markdown(report: dict, results: dict) -> str:
+    size = f"converted checkpoint {report['checkpoint_mb']} MB"
+    if report.get("original_bf16_mb"):
+        size += (
+            f" vs {report['original_bf16_mb']} MB in bf16 ({report['checkpoint_mb'] / report['original_bf16_mb']:.0%})"
+        )
     lines = [
         f"# qatkit report: {report['name']}",
         "",
         f"Model `{report['model']}`, scheme `{report['scheme']}`, "
-        f"{report['quantized_modules'] or 0} modules quantized; converted checkpoint {report['checkpoint_mb']} MB.",
+        f"{report['quantized_modules'] or 0} modules quantized; {size}.",
         "",
     ]
+    if report.get("data"):
+        d = report["data"]
+        license_note = f" ({d['license']})" if d.get("license") else ""
+        lines += [
+            f"Data: `{d['source']}`{license_note}: {d['train_rows']} training "
+            f"rows, {d['eval_rows']} held-out rows never trained on (split hash {d['sha256_16']}).",
+            "",
+        ]
+
     if report["trust_remote_code"]:
         lines += ["**trust_remote_code was enabled for this run.**", ""]
     lines += ["## Quality", ""]

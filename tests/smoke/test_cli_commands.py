@@ -1,0 +1,50 @@
+"""validate / eval / convert --from through the real CLI on the tiny model."""
+
+import json
+
+from ..conftest import TINY_RECIPE, run_cli
+
+
+def test_validate_lists_the_plan_and_size(tiny_model_dir):
+    res = run_cli("validate", str(TINY_RECIPE), "--set", f"model.name_or_path={tiny_model_dir}")
+    assert res.returncode == 0, res.stderr
+    out = " ".join(res.stdout.split())
+    assert "recipe is valid" in out
+    assert "linear q_proj" in out and "fake-quantize" in out
+    assert "embedding embed_tokens" in out  # int8-int4 quantizes the input embedding too
+    assert "untied" in out
+    assert "Estimated checkpoint size" in out
+
+
+def test_validate_lists_skipped_modules_with_reason(tiny_model_dir):
+    res = run_cli("validate", str(TINY_RECIPE), "--set", f"model.name_or_path={tiny_model_dir}",
+                  "--set", "qat.scheme=w4-intx", "--set", "qat.group_size=256")
+    assert res.returncode == 0, res.stderr
+    out = " ".join(res.stdout.split())
+    assert "skip" in out and "group size" in out and "256" in out
+
+
+
+def test_eval_offline_preflight_fails_before_loading_the_model(tiny_model_dir, tmp_path):
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "ghost.yaml").write_text(
+        "task: ghost\ndataset_path: qatkit-nonexistent/ghost-dataset\ntest_split: test\noutput_type: multiple_choice\n"
+        "doc_to_text: q\ndoc_to_choice: [a, b]\ndoc_to_target: 0\n"
+    )
+    res = run_cli("eval", str(tiny_model_dir), "--tasks", "ghost", "--include-path", str(tasks))
+    assert res.returncode == 3, res.stderr
+    assert "ghost" in res.stderr and "--include-path" in " ".join(res.stderr.split())
+    assert "Loading weights" not in res.stderr  # nothing was loaded
+
+
+def test_convert_from_a_model_dir_is_ptq(tiny_model_dir, tmp_path):
+    out = tmp_path / "ptq"
+    res = run_cli("convert", "--from", str(tiny_model_dir), "--scheme", "8da4w", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    parity = json.loads((out / "convert" / "parity.json").read_text())
+    assert parity["as_trained_vs_converted"] is None  # nothing was trained
+    assert parity["fake_quant_merged_vs_converted"]["sqnr_db"] == float("inf")
+    assert parity["reloaded_vs_in_memory"]["max_abs_diff"] == 0
+    cfg = json.loads((out / "convert" / "config.json").read_text())
+    assert cfg["quantization_config"]["quant_method"] == "torchao" and cfg["tie_word_embeddings"] is False
