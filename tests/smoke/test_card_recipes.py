@@ -56,11 +56,15 @@ def env() -> dict:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "COLUMNS": "200"}
 
 
-def run_many(arg_lists: list[list[str]]) -> list[subprocess.CompletedProcess]:
+def run_many(arg_lists: list[list[str]], **extra_env: str) -> list[subprocess.CompletedProcess]:
     """Run several CLI invocations side by side (each one mostly waits on imports)."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "qatkit", *args], cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            [sys.executable, "-m", "qatkit", *args],
+            cwd=ROOT,
+            env={**env(), **extra_env},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
         for args in arg_lists
     ]
@@ -96,11 +100,13 @@ def mmlu_jsonl(tmp_path_factory) -> Path:
     return path
 
 
-def test_card_recipes_say_the_model_must_be_downloaded_first():
+def test_card_recipes_say_the_model_must_be_downloaded_first(tmp_path):
     cards = list(CARDS)
     runs = run_many(
         [["validate", str(RECIPES / f"{c}.yaml")] for c in cards]
-        + [["validate", str(RECIPES / f"{c}.yaml"), *needs_cpu_scheme(c)] for c in cards if needs_cpu_scheme(c)]
+        + [["validate", str(RECIPES / f"{c}.yaml"), *needs_cpu_scheme(c)] for c in cards if needs_cpu_scheme(c)],
+        HF_HOME=str(tmp_path / "hf"),  # not cached, whatever this machine's cache holds
+        HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
     )
     plain, cpu = runs[: len(cards)], runs[len(cards) :]
     for card, res in zip(cards, plain, strict=True):

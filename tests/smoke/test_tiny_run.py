@@ -105,3 +105,26 @@ def test_resume_skips_finished_stages(tiny_run, tiny_model_dir):
     assert res.returncode == 0, res.stderr
     assert res.stdout.count("skipped (done)") == 3
     assert (out / "convert" / "DONE").read_text() == before
+
+
+def test_control_run_baselines_and_gold_nll(tiny_model_dir, tmp_path):
+    """ft-bf16 / ft-ptq: a no-QAT control finetune with the same data/seed/steps, shared across runs."""
+    args = ["--set", f"model.name_or_path={tiny_model_dir}", "--set", "eval.baselines=[bf16,ptq,ft-bf16,ft-ptq]",
+            "--set", "train.max_steps=4"]
+    first = run_cli("run", str(TINY_RECIPE), "--out", str(tmp_path / "a"), *args)
+    assert first.returncode == 0, first.stderr[-3000:]
+    results = json.loads((tmp_path / "a" / "eval" / "results.json").read_text())
+    assert set(results["variants"]) == {"bf16", "ptq", "ft-bf16", "ft-ptq", "qat"}
+    for v in results["variants"].values():
+        assert v["tasks"]["heldout"]["gold_nll"] > 0
+    report = (tmp_path / "a" / "report.md").read_text()
+    assert "vs fine-tuned without QAT" in report and "gold NLL/token" in report
+    assert "fine-tuned without QAT, then PTQ" in report
+    control = json.loads((tmp_path / "a" / "finetune" / "train_summary.json").read_text())["control"]
+    assert control["fake_quantized_modules"] == 0 and control["steps"] == 4
+
+    second = run_cli("run", str(TINY_RECIPE), "--out", str(tmp_path / "b"), *args, "--set", "qat.scheme=w4-intx")
+    assert second.returncode == 0, second.stderr[-3000:]
+    control_b = json.loads((tmp_path / "b" / "finetune" / "train_summary.json").read_text())["control"]
+    assert control_b["cache_key"] == control["cache_key"]  # the scheme-independent control was reused
+    assert (tmp_path / "b" / "finetune" / "control" / "adapter" / "adapter_model.safetensors").exists()

@@ -120,9 +120,10 @@ def _key(fqn: str) -> str:
 def verify_fake_quant(model, plan: schemes.Plan | None) -> dict[str, str]:
     """The fake quantizers really are in the model, on exactly the planned modules; returns the signature."""
     if not schemes.fake_quantizers(model) or plan is None:
+        what = "without any fake quantizer" if not schemes.fake_quantizers(model) else "without qatkit's TorchAOConfig"
         raise EnvError(
-            "Unsloth set the model up without any fake quantizer: qat_scheme was dropped (Unsloth does that "
-            "on CPU and for some model families), so this would train plain LoRA, not QAT; use backend: hf"
+            f"Unsloth set the model up {what}: qat_scheme was dropped (Unsloth does that on CPU and for some "
+            "model families), so this would not train the planned QAT; use backend: hf"
         )
     found = schemes.signature(model)
     expected = {_key(m.fqn) for m in plan.quantized}

@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatkit.data import chat_prompt, read_items
+from qatkit.data import chat_prompt, read_items, read_jsonl
 from qatkit.errors import EnvError, RecipeError
 from qatkit.recipe import EvalSpec
 from qatkit.stages.finetune import CONTROL
@@ -113,9 +113,9 @@ def preflight(tasks: list[str], include_paths: list[str]) -> None:
 
 
 def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str, scheme: str, heldout_hash: str) -> str:
-    blob = json.dumps(
-        [variant.name, base_id, scheme, tasks, spec.limit, spec.num_fewshot, heldout_hash], sort_keys=True
-    )
+    key = ["v2", variant.name, base_id, scheme, tasks, spec.limit, spec.num_fewshot, heldout_hash]
+    blob = json.dumps(key, sort_keys=True)
+
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -144,6 +144,30 @@ def evaluate_model(
         log_samples=False,
     )
     return {task: _metrics(values) for task, values in out["results"].items()}
+
+
+def gold_nll(model, tokenizer, contexts: list[str], golds: list[str], batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per token of the gold answers given their prompts: a precise,
+    low-variance companion to accuracy (every item contributes, not just the argmax)."""
+    import torch
+
+    total, count = 0.0, 0
+    for i in range(0, len(contexts), batch_size):
+        ctx_ids = [tokenizer(c, add_special_tokens=False).input_ids for c in contexts[i : i + batch_size]]
+        gold_ids = [tokenizer(g, add_special_tokens=False).input_ids for g in golds[i : i + batch_size]]
+        seqs = [c + g for c, g in zip(ctx_ids, gold_ids, strict=True)]
+        width = max(map(len, seqs))
+        pad = tokenizer.pad_token_id or 0
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+        for row, (c, g) in enumerate(zip(ctx_ids, gold_ids, strict=True)):
+            positions = torch.arange(len(c) - 1, len(c) + len(g) - 1)
+            targets = torch.tensor(g)
+            total -= logprobs[row, positions, targets].sum().item()
+            count += len(g)
+    return total / max(count, 1)
 
 
 def _metrics(values: dict) -> dict:
@@ -230,10 +254,12 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
             continue
         t0 = time.time()
         model, tokenizer = _load_variant(recipe, variant)
-        results[variant.name] = {
-            "dtype": str(model.dtype).removeprefix("torch."),
-            "tasks": evaluate_model(model, tokenizer, tasks, spec, include, seed=recipe.train.seed),
-        }
+        scores = evaluate_model(model, tokenizer, tasks, spec, include, seed=recipe.train.seed)
+        if HELDOUT in scores:
+            docs = read_jsonl(task_dir / f"{HELDOUT}.jsonl")[: spec.limit]
+            golds = [d["choices"][d["gold"]] for d in docs]
+            scores[HELDOUT]["gold_nll"] = gold_nll(model, tokenizer, [d["context"] for d in docs], golds)
+        results[variant.name] = {"dtype": str(model.dtype).removeprefix("torch."), "tasks": scores}
         timings[variant.name] = round(time.time() - t0, 2)
         if cacheable:
             cached.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 from pathlib import Path
 
 from qatkit import schemes
@@ -19,14 +21,33 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     result = backend.finetune(recipe, examples, work, resume)
     summary = {"backend": backend.name, **result.summary()}
     if needs_control_run(recipe):
-        # the "fine-tuned without QAT" control: same data, seed, order and steps, no fake quantization
-        control_dir = work / CONTROL
-        control_dir.mkdir(exist_ok=True)
-        control = backend.finetune(recipe, examples, control_dir, resume, qat=False)
-        summary["control"] = control.summary()
-
+        summary["control"] = _control_run(recipe, backend, examples, work / CONTROL, resume)
     (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, resume: bool) -> dict:
+    """The "fine-tuned without QAT" control: same data, seed, order and steps, no fake quantization.
+
+    It does not depend on the scheme, so it is trained once per (model, LoRA, training, data) and
+    reused from the qatkit cache by every run that shares them (e.g. one run per scheme).
+    """
+    from qatkit.loading import cache_root
+
+    key_parts = [recipe.model.model_dump(), recipe.lora.model_dump(), recipe.train.model_dump(), examples, backend.name]
+    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+    cached = cache_root() / "control" / key
+    if not (cached / "DONE").exists():
+        tmp = cached.with_name(f"{key}.partial")
+        tmp.mkdir(parents=True, exist_ok=True)
+        result = backend.finetune(recipe, examples, tmp, resume, qat=False)
+        (tmp / "train_summary.json").write_text(json.dumps(result.summary(), indent=2))
+        (tmp / "DONE").touch()
+        if cached.exists():
+            shutil.rmtree(cached)
+        tmp.rename(cached)
+    shutil.copytree(cached, target, ignore=shutil.ignore_patterns("DONE"))
+    return {**json.loads((cached / "train_summary.json").read_text()), "cache_key": key}
 
 
 CONTROL = "control"

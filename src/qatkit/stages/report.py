@@ -57,6 +57,9 @@ def quality_rows(results: dict) -> list[dict]:
                     "metric": metric,
                     "value": acc,
                     "stderr": m.get(f"{metric}_stderr"),
+                    "gold_nll": m.get("gold_nll"),
+                    "nll_normalized_degradation": _nll_nd(m, ref, by_variant.get("ptq")),
+                    "nll_normalized_degradation_vs_ft": _nll_nd(m, by_variant.get("ft-bf16"), by_variant.get("ft-ptq")),
                     "normalized_degradation": nd,
                     "normalized_degradation_vs_ft": nd_ft,
                     "ptq_gap_within_noise": nd is not None and noise is not None and abs(base - ptq) < noise,
@@ -64,6 +67,12 @@ def quality_rows(results: dict) -> list[dict]:
                 }
             )
     return rows
+
+
+def _nll_nd(m: dict, ref: dict | None, ptq: dict | None) -> float | None:
+    """Normalized degradation of gold NLL (lower is better): 0 = reference quality, -1 = as bad as its PTQ."""
+    values = [d.get("gold_nll") if d else None for d in (m, ref, ptq)]
+    return None if None in values else normalized_degradation(*(-v for v in values))
 
 
 def _combined_stderr(a: float | None, b: float | None) -> float | None:
@@ -81,8 +90,11 @@ def _fmt_nd(x: float | None) -> str:
 
 def quality_table(rows: list[dict]) -> str:
     with_ft = any(r.get("normalized_degradation_vs_ft") is not None for r in rows)
+    with_nll = any(r.get("gold_nll") is not None for r in rows)
     head = "| task | variant | accuracy (%) | ± stderr | normalized degradation |"
     rule = "|---|---|---|---|---|"
+    if with_nll:
+        head, rule = head + " gold NLL/token |", rule + "---|"
     if with_ft:
         head, rule = head + " vs fine-tuned without QAT |", rule + "---|"
     lines = [head, rule]
@@ -92,8 +104,11 @@ def quality_table(rows: list[dict]) -> str:
         )
         nd = _fmt_nd(r["normalized_degradation"]) + ("*" if r.get("ptq_gap_within_noise") else "")
         cells = [f"{r['task']} ({r['metric']})", label, _fmt_pct(r["value"]), _fmt_pct(r["stderr"]), nd]
+        if with_nll:
+            cells.append("—" if r.get("gold_nll") is None else f"{r['gold_nll']:.3f}")
         if with_ft:
             cells.append(_fmt_nd(r.get("normalized_degradation_vs_ft")))
+
         lines.append("| " + " | ".join(cells) + " |")
     if any(r.get("ptq_gap_within_noise") for r in rows):
         lines.append("\n\\* the bf16 - PTQ gap is within one standard error: its normalized degradation is noise.")
