@@ -112,6 +112,10 @@ class EvalSpec(Strict):
     )
 
     include_path: str | None = None
+    text_path: str | None = Field(None, description="Held-out running text (jsonl) for a per-token NLL metric.")
+    text_field: str = "text"
+    text_docs: int = Field(100, gt=0)
+    text_max_tokens: int = Field(256, gt=1)
 
 
 class Recipe(Strict):
@@ -228,7 +232,13 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _resolve_relative(data: dict, base: Path) -> None:
     """Local paths in a recipe are relative to the recipe file; hub ids and pkg: paths stay as given."""
-    for section, key in (("model", "name_or_path"), ("data", "path"), ("data", "eval_path"), ("eval", "include_path")):
+    for section, key in (
+        ("model", "name_or_path"),
+        ("data", "path"),
+        ("data", "eval_path"),
+        ("eval", "include_path"),
+        ("eval", "text_path"),
+    ):
         node = data.get(section)
         value = node.get(key) if isinstance(node, dict) else None
         if not isinstance(value, str) or value.startswith("pkg:") or Path(value).is_absolute():

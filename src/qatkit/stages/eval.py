@@ -113,7 +113,9 @@ def preflight(tasks: list[str], include_paths: list[str]) -> None:
 
 
 def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str, scheme: str, heldout_hash: str) -> str:
-    key = ["v2", variant.name, base_id, scheme, tasks, spec.limit, spec.num_fewshot, heldout_hash]
+    text = [spec.text_path, spec.text_field, spec.text_docs, spec.text_max_tokens] if spec.text_path else None
+    key = ["v2", variant.name, base_id, scheme, tasks, spec.limit, spec.num_fewshot, heldout_hash, text]
+
     blob = json.dumps(key, sort_keys=True)
 
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
@@ -168,6 +170,29 @@ def gold_nll(model, tokenizer, contexts: list[str], golds: list[str], batch_size
             total -= logprobs[row, positions, targets].sum().item()
             count += len(g)
     return total / max(count, 1)
+
+
+def text_nll(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 8) -> float:
+    """Mean NLL per token of held-out running text (each document truncated to `max_tokens`)."""
+    ids = [tokenizer(t, add_special_tokens=True).input_ids[:max_tokens] for t in texts]
+    # the first token has no context: score tokens 2..n given their prefix
+    return gold_nll(
+        model,
+        tokenizer,
+        [tokenizer.decode(x[:1]) for x in ids],
+        [tokenizer.decode(x[1:]) for x in ids],
+        batch_size,
+    )
+
+
+def load_texts(spec: EvalSpec) -> list[str]:
+    from qatkit.loading import resolve_path
+
+    rows = read_jsonl(resolve_path(spec.text_path))
+    texts = [r[spec.text_field] for r in rows if isinstance(r.get(spec.text_field), str) and r[spec.text_field].strip()]
+    if not texts:
+        raise RecipeError(f"eval.text_path {spec.text_path}: no rows with a text field {spec.text_field!r}")
+    return texts[-spec.text_docs :]  # the tail: training data (if any) is taken from elsewhere
 
 
 def _metrics(values: dict) -> dict:
@@ -260,6 +285,9 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
             golds = [d["choices"][d["gold"]] for d in docs]
             scores[HELDOUT]["gold_nll"] = gold_nll(model, tokenizer, [d["context"] for d in docs], golds)
         results[variant.name] = {"dtype": str(model.dtype).removeprefix("torch."), "tasks": scores}
+        if spec.text_path:
+            results[variant.name]["text_nll"] = text_nll(model, tokenizer, load_texts(spec), spec.text_max_tokens)
+
         timings[variant.name] = round(time.time() - t0, 2)
         if cacheable:
             cached.parent.mkdir(parents=True, exist_ok=True)

@@ -204,6 +204,7 @@ def build(run_dir: RunDir) -> dict:
         "scheme": recipe["qat"]["scheme"],
         "qat_lora_mode": recipe["qat"]["lora"],
         "quality": rows,
+        "text_nll": {v: d["text_nll"] for v, d in results.get("variants", {}).items() if "text_nll" in d},
         "training": train,
         "parity": parity,
         "checkpoint_mb": _size_mb(run_dir.stage("convert")),
@@ -284,7 +285,12 @@ def render_markdown(report: dict, results: dict) -> str:
             lines += ["![accuracy](accuracy.png)", ""]
     else:
         lines += ["(no eval results)", ""]
+    if report.get("text_nll"):
+        lines += ["| variant | held-out text NLL/token |", "|---|---|"]
+        lines += [f"| {VARIANT_LABEL.get(v, v)} | {x:.4f} |" for v, x in report["text_nll"].items()]
+        lines += [""]
     lines += ["## Training", ""]
+
     t = report["training"]
     if t:
         lines += [
