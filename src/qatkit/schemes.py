@@ -493,12 +493,15 @@ def fake_quantizers(model: torch.nn.Module) -> dict[str, tuple[str | None, str |
 def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
     """Compute fq(W) once for frozen weights instead of every step (same values, so parity is unchanged).
 
-    With LoRA the base weights never change, so their fake-quantized copy is a constant. The cache is
-    keyed on the tensor's storage and version counter, so an in-place update (e.g. a LoRA merge)
-    invalidates it; a weight that requires grad (full finetuning, merged-LoRA input W + s·BA) is never
-    cached. Costs one extra copy of each cached weight. Returns the number of fake quantizers wrapped.
+    With LoRA the base weights never change, so their fake-quantized copy is a constant. Any change of
+    the weight's values (e.g. a LoRA merge) invalidates it; a weight that requires grad (full finetuning,
+    merged-LoRA input W + s·BA) is never cached. Costs two extra copies of each cached weight. Returns
+    the number of fake quantizers wrapped.
     """
+    import torch
+
     count = 0
+
     for mod in model.modules():
         fq = getattr(mod, "weight_fake_quantizer", None)
         if fq is None or getattr(fq, "_qatkit_cache", None) is not None:
@@ -509,11 +512,14 @@ def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
         def forward(w, _orig=original, _cache=fq._qatkit_cache):
             if w.requires_grad:
                 return _orig(w)
-            key = (w.data_ptr(), w._version, w.dtype, tuple(w.shape))
-            if _cache.get("key") != key:
-                _cache.clear()
-                _cache["key"], _cache["value"] = key, _orig(w).detach()
+            # a private copy of the source: `.data` updates (peft's merge) bypass the version counter, so
+            # only comparing values is safe; one comparison costs far less than the fake quant it replaces
+            source = _cache.get("source")
+            if source is None or source.shape != w.shape or source.dtype != w.dtype or not torch.equal(source, w):
+                _cache["source"], _cache["value"] = w.detach().clone(), _orig(w).detach()
             return _cache["value"]
+
+
 
         fq.forward = forward
         count += 1

@@ -201,3 +201,28 @@ def test_convert_matches_plain_ptq(tiny_model_dir):
     quantize_(b, scheme.embedding_config(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding))
     with torch.no_grad():
         assert torch.equal(a(x).logits, b(x).logits)
+
+
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_frozen_weight_fake_quant_cache_changes_nothing(tiny_model_dir, mode):
+    """The fq(W) cache for frozen weights: same logits and same training trajectory, and an in-place
+    weight update (LoRA merge) invalidates it."""
+    runs = []
+    for cache in (False, True):
+        torch.manual_seed(0)
+        model = load(tiny_model_dir)
+        schemes.prepare(model, schemes.get_scheme("int8-int4"))
+        model = attach_lora(recipe_for("int8-int4", mode), model)
+        if cache:
+            assert schemes.cache_frozen_weight_fake_quant(model) > 0
+        losses, _, _ = train_steps(model, steps=3)
+        with torch.no_grad():
+            logits = model(batch(3)).logits
+        merged = model.merge_and_unload()
+        with torch.no_grad():
+            after_merge = merged(batch(3)).logits
+        runs.append((losses, logits, after_merge))
+    (l0, g0, m0), (l1, g1, m1) = runs
+    assert l0 == l1
+    assert torch.equal(g0, g1)
+    assert torch.equal(m0, m1)  # a stale cache would still use the pre-merge weights
