@@ -519,8 +519,6 @@ def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
                 _cache["source"], _cache["value"] = w.detach().clone(), _orig(w).detach()
             return _cache["value"]
 
-
-
         fq.forward = forward
         count += 1
     return count

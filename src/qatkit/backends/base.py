@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from qatkit.errors import EnvError
+from qatkit.errors import EnvError, RecipeError
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 BACKENDS = {"hf": "qatkit.backends.hf:HFBackend", "unsloth": "qatkit.backends.unsloth:UnslothBackend"}
 
@@ -50,12 +53,25 @@ def unsloth_usable() -> tuple[bool, str]:
 
 
 def backend_name(recipe: Recipe) -> str:
+    """hf, or unsloth when asked for (and usable), or with `auto` when usable and able to train the recipe."""
     if recipe.backend == "hf":
         return "hf"
     ok, why = unsloth_usable()
     if recipe.backend == "unsloth" and not ok:
         raise EnvError(f"backend: unsloth requested but {why}; use backend: hf or auto")
-    return "unsloth" if ok else "hf"
+    if not ok:
+        return "hf"
+    from qatkit.backends.unsloth import check_recipe
+
+    if recipe.backend == "unsloth":
+        check_recipe(recipe)
+        return "unsloth"
+    try:
+        check_recipe(recipe)
+    except RecipeError as e:
+        log.info("backend auto: using hf (%s)", e)
+        return "hf"
+    return "unsloth"
 
 
 def select_backend(recipe: Recipe) -> Backend:

@@ -114,7 +114,18 @@ def preflight(tasks: list[str], include_paths: list[str]) -> None:
 
 def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str, scheme: str, heldout_hash: str) -> str:
     text = [spec.text_path, spec.text_field, spec.text_docs, spec.text_max_tokens] if spec.text_path else None
-    key = ["v2", variant.name, base_id, scheme, tasks, spec.limit, spec.num_fewshot, heldout_hash, text]
+    key = [
+        "v2",
+        variant.name,
+        base_id,
+        scheme,
+        tasks,
+        spec.limit,
+        spec.num_fewshot,
+        spec.include_path,
+        heldout_hash,
+        text,
+    ]
 
     blob = json.dumps(key, sort_keys=True)
 
