@@ -86,6 +86,71 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
 
 
+def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, **extra):
+    """The trainer settings both backends share, from the recipe's `train` section."""
+    import torch
+    from trl import SFTConfig
+
+    t = recipe.train
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=t.lr,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        max_length=recipe.model.max_seq_length,
+        completion_only_loss=True,  # loss on the answer only, like Unsloth's train_on_responses_only
+        packing=False,
+        bf16=not use_cpu and model.dtype == torch.bfloat16,
+        fp16=not use_cpu and model.dtype == torch.float16,
+        use_cpu=use_cpu,
+        report_to="none",
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def train_and_save(trainer, model, tokenizer, work: Path, resume: bool, t0: float) -> TrainResult:
+    """Train (resuming from the last checkpoint when asked), save adapter + state + loss history.
+
+    Ctrl-C saves a checkpoint first, so `--resume` continues from exactly there.
+    """
+    ckpt_dir = Path(trainer.args.output_dir)
+    resume_from = _last_checkpoint(ckpt_dir) if resume else None
+    if resume_from:
+        log.info("resuming training from %s", resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except KeyboardInterrupt:
+        trainer._save_checkpoint(trainer.model, trial=None)
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}") from None
+    model.save_pretrained(str(work / "adapter"))
+    tokenizer.save_pretrained(str(work / "adapter"))
+    trainer.state.save_to_json(str(work / "trainer_state.json"))
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    (work / "loss.json").write_text(json.dumps(losses))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return TrainResult(
+        steps=trainer.state.global_step,
+        first_loss=losses[0]["loss"] if losses else None,
+        final_loss=losses[-1]["loss"] if losses else None,
+        seconds=round(time.time() - t0, 2),
+        loss_history=losses,
+        fake_quantized_modules=len(schemes.fake_quantizers(model)),
+        lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
+        resumed_from_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None,
+    )
+
+
 class HFBackend:
     name = "hf"
 
@@ -94,7 +159,6 @@ class HFBackend:
         import torch
         from datasets import Dataset
         from transformers import set_seed
-        from trl import SFTConfig
 
         t0 = time.time()
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
@@ -113,60 +177,9 @@ class HFBackend:
         if recipe.train.gradient_checkpointing:
             model.enable_input_require_grads()
 
-        t = recipe.train
-        ckpt_dir = work / "checkpoints"
-        args = SFTConfig(
-            output_dir=str(ckpt_dir),
-            max_steps=t.max_steps,
-            per_device_train_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.grad_accum,
-            learning_rate=t.lr,
-            warmup_steps=t.warmup_steps,
-            weight_decay=t.weight_decay,
-            lr_scheduler_type=t.lr_scheduler,
-            optim=t.optim,
-            seed=t.seed,
-            data_seed=t.seed,
-            logging_steps=t.logging_steps,
-            save_steps=t.save_steps,
-            save_total_limit=2,
-            gradient_checkpointing=t.gradient_checkpointing,
-            max_length=recipe.model.max_seq_length,
-            completion_only_loss=True,
-            packing=False,
-            bf16=on_cuda and model.dtype == torch.bfloat16,
-            use_cpu=not on_cuda,
-            report_to="none",
-            dataloader_num_workers=0,
-            disable_tqdm=False,
-        )
+        extra = {"gradient_checkpointing": True} if recipe.train.gradient_checkpointing else {}
+        args = sft_config(recipe, work / "checkpoints", model, use_cpu=not on_cuda, **extra)
         trainer = _trainer_class(model)(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
-        resume_from = _last_checkpoint(ckpt_dir) if resume else None
-        if resume_from:
-            log.info("resuming training from %s", resume_from)
-        try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        except KeyboardInterrupt:
-            trainer._save_checkpoint(trainer.model, trial=None)
-            raise Interrupted(
-                f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}"
-            ) from None
-
-        model.save_pretrained(str(work / "adapter"))
-        tokenizer.save_pretrained(str(work / "adapter"))
-        trainer.state.save_to_json(str(work / "trainer_state.json"))
-        losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-        (work / "loss.json").write_text(json.dumps(losses))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return TrainResult(
-            steps=trainer.state.global_step,
-            first_loss=losses[0]["loss"] if losses else None,
-            final_loss=losses[-1]["loss"] if losses else None,
-            seconds=round(time.time() - t0, 2),
-            loss_history=losses,
-            fake_quantized_modules=len(schemes.fake_quantizers(model)),
-            lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
-            resumed_from_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None,
-        )
+        return train_and_save(trainer, model, tokenizer, work, resume, t0)

@@ -22,7 +22,6 @@ import importlib
 import importlib.util
 import json
 import logging
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,8 @@ from typing import TYPE_CHECKING
 
 from qatkit import schemes
 from qatkit.backends.base import TrainResult
-from qatkit.errors import EnvError, Interrupted, RecipeError
+from qatkit.backends.hf import sft_config, train_and_save
+from qatkit.errors import EnvError, RecipeError
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
@@ -145,12 +145,6 @@ def _model_path(recipe: Recipe) -> str:
     return materialize_gguf(source).path
 
 
-def _last_checkpoint(ckpt_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-
-
 class UnslothBackend:
     name = "unsloth"
 
@@ -158,10 +152,9 @@ class UnslothBackend:
         """Train LoRA adapters into `work` like the hf backend (same files, so convert works unchanged)."""
         check_recipe(recipe)
         unsloth = import_unsloth()  # before transformers/peft/trl
-        import torch
         from datasets import Dataset
         from transformers import AutoConfig
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTTrainer
 
         from qatkit.loading import torch_dtype
 
@@ -209,56 +202,8 @@ class UnslothBackend:
             if recipe.qat.cache_frozen_fake_quant:
                 schemes.cache_frozen_weight_fake_quant(model)
 
-        ckpt_dir = work / "checkpoints"
-        args = SFTConfig(
-            output_dir=str(ckpt_dir),
-            max_steps=t.max_steps,
-            per_device_train_batch_size=t.batch_size,
-            gradient_accumulation_steps=t.grad_accum,
-            learning_rate=t.lr,
-            warmup_steps=t.warmup_steps,
-            weight_decay=t.weight_decay,
-            lr_scheduler_type=t.lr_scheduler,
-            optim=t.optim,
-            seed=t.seed,
-            data_seed=t.seed,
-            logging_steps=t.logging_steps,
-            save_steps=t.save_steps,
-            save_total_limit=2,
-            max_length=recipe.model.max_seq_length,
-            completion_only_loss=True,  # loss on the assistant answer only, like train_on_responses_only
-            packing=False,
-            bf16=model.dtype == torch.bfloat16,
-            fp16=model.dtype == torch.float16,
-            report_to="none",
-            dataloader_num_workers=0,
-        )
+        args = sft_config(recipe, work / "checkpoints", model, use_cpu=False)
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
-        resume_from = _last_checkpoint(ckpt_dir) if resume else None
-        if resume_from:
-            log.info("resuming training from %s", resume_from)
-        try:
-            trainer.train(resume_from_checkpoint=resume_from)
-        except KeyboardInterrupt:
-            trainer._save_checkpoint(trainer.model, trial=None)
-            raise Interrupted(
-                f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}"
-            ) from None
-
-        model.save_pretrained(str(work / "adapter"))  # peft adapter: convert rebuilds it on the hf model
-        tokenizer.save_pretrained(str(work / "adapter"))
-        trainer.state.save_to_json(str(work / "trainer_state.json"))
-        losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-        (work / "loss.json").write_text(json.dumps(losses))
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-        return TrainResult(
-            steps=trainer.state.global_step,
-            first_loss=losses[0]["loss"] if losses else None,
-            final_loss=losses[-1]["loss"] if losses else None,
-            seconds=round(time.time() - t0, 2),
-            loss_history=losses,
-            fake_quantized_modules=len(schemes.fake_quantizers(model)),
-            lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
-        )
+        return train_and_save(trainer, model, tokenizer, work, resume, t0)
