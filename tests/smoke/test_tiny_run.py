@@ -78,6 +78,10 @@ def test_results_and_report(tiny_run):
     assert "fine-tuned with QAT, converted" in report
     manifest = json.loads((out / "manifest.json").read_text())
     assert {s["status"] for s in manifest["stages"].values()} == {"done"}
+    assert manifest["model"]["kind"] == "local" and len(manifest["model"]["config_and_weights_sha256"]) == 16
+    assert manifest["device"].startswith(("cpu", "cuda")) and manifest["versions"]["torchao"]
+    assert manifest["data"]["sha256_16"] and manifest["parity"]["reloaded_vs_in_memory"]["max_abs_diff"] == 0
+
     assert "quality" in result.stdout and "checkpoint:" in result.stdout
 
 

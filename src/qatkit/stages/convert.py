@@ -42,8 +42,9 @@ def logits(model, batch):
     import torch
 
     with torch.no_grad():
-        out = model(**batch).logits.float()
+        out = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().cpu()
     return out[batch["attention_mask"].bool()]
+
 
 
 def check_same_quantizers(run_dir: RunDir, model, recipe: Recipe) -> None:

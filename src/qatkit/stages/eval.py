@@ -174,7 +174,9 @@ def gold_nll(model, tokenizer, contexts: list[str], golds: list[str], batch_size
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         with torch.no_grad():
-            logprobs = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
+            out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
+            logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()
+
         for row, (c, g) in enumerate(zip(ctx_ids, gold_ids, strict=True)):
             positions = torch.arange(len(c) - 1, len(c) + len(g) - 1)
             targets = torch.tensor(g)

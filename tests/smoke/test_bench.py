@@ -1,0 +1,121 @@
+"""`qatkit bench --tiny --quick` end to end through the CLI: every section present, numbers positive, parity holds.
+
+No timed assertions: on a shared CI machine only the presence and sanity of the figures is checked.
+"""
+
+import json
+import math
+
+import pytest
+
+from ..conftest import run_cli
+
+SCHEMES = ("int8-int4", "int8")
+
+
+def positive(x) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "tiny"
+    proc = run_cli("bench", "--tiny", "--quick", "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.loads((out / "bench.json").read_text()), proc
+
+
+def test_every_section_has_positive_figures(bench_run):
+    _, r, _ = bench_run
+    assert r["schemes"] == list(SCHEMES)
+    st = r["step_time"]
+    expected = {"plain"} | {
+        f"{s}/{m}/{c}" for s in SCHEMES for m in ("merged", "unmerged") for c in ("cache", "nocache")
+    }
+    assert set(st["variants"]) == expected
+    for name, v in st["variants"].items():
+        assert positive(v["median_s_per_step"]) and positive(v["ratio_vs_plain"]), name
+        assert all(positive(t) for t in v["times_s"]), name
+        assert math.isfinite(v["loss_last"]), name
+        if v["scheme"]:
+            assert v["fake_quantized_modules"] > 0, name
+            assert (v["cached_fake_quantizers"] > 0) == v["fq_cache"], name
+    for key, c in st["cache_speedup"].items():
+        assert positive(c["nocache_over_cache"]), key
+
+    mem = r["train_memory"]["variants"]
+    assert "plain" in mem and {f"{s}/merged/cache" for s in SCHEMES} <= set(mem)
+    for name, v in mem.items():
+        assert positive(v["peak_rss_mb"]) and positive(v["peak_above_baseline_mb"]) and positive(v["ratio_vs_plain"])
+        assert v["peak_rss_mb"] >= v["baseline_rss_mb"], name
+
+    for s in SCHEMES:
+        c = r["checkpoint_size"][s]
+        for key in ("weights_bytes", "bf16_bytes", "floor_bytes", "ratio_vs_bf16", "ratio_vs_floor"):
+            assert positive(c[key]), (s, key)
+        assert c["floor_bytes"] < c["bf16_bytes"]  # both schemes quantize to at most 8 bits
+        assert c["breakdown"]["quantized_data"]["bytes"] > 0
+
+        d = r["decode_latency"][s]
+        for key in ("latency_ratio", "tokens_per_s_ratio", "memory_ratio"):
+            assert positive(d[key]), (s, key)
+        assert positive(d["original"]["tokens_per_s"]) and positive(d["converted"]["tokens_per_s"])
+        assert 0 <= d["greedy_tokens_matching_original"] <= d["new_tokens"]
+
+    cs = r["cli_startup"]
+    assert positive(cs["python_s"]) and positive(cs["qatkit_help_s"]) and positive(cs["ratio"])
+
+    m = r["machine"]
+    assert m["cores"] >= 1 and m["cpu_model"] and m["versions"]["torch"] and m["versions"]["torchao"] and m["date"]
+    assert len(r["load"]["before"]["loadavg"]) == 3 and len(r["load"]["after"]["loadavg"]) == 3
+    assert isinstance(r["load"]["shared_with_other_jobs"], bool)
+    assert r["threads"]["timed_sections"] >= 1
+
+
+def test_fake_quant_cache_keeps_logits_identical(bench_run):
+    _, r, _ = bench_run
+    parity = r["step_time"]["parity"]
+    assert set(parity) == {f"{s}/{m}" for s in SCHEMES for m in ("merged", "unmerged")}
+    for key, p in parity.items():
+        assert p["cached_fake_quantizers"] > 0, key
+        assert p["train_forward_identical"], f"{key}: fq cache changed the training forward: {p}"
+        assert p["eval_forward_identical"], f"{key}: fq cache changed a no_grad eval forward (stale cache): {p}"
+        assert p["identical"], key
+
+
+def test_markdown_report(bench_run):
+    out, r, proc = bench_run
+    md = (out / "bench.md").read_text()
+    assert r["command"] in md and "--tiny" in r["command"] and "--quick" in r["command"]
+    for heading in ("Training step time", "Training memory", "checkpoint size", "Decode latency", "CLI start-up"):
+        assert heading in md
+    assert "×" in md
+    assert "bench.json" in proc.stdout
+
+
+def test_bench_help_has_an_example():
+    out = run_cli("bench", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "Example" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        ((), 2, "--model"),
+        (("--tiny", "--model", "x.gguf"), 2, "--model"),
+        (("--tiny", "--schemes", "int9"), 2, "unknown scheme"),
+        (("--model", "/does/not/exist"), 2, "does not exist"),
+        (("--tiny", "--schemes", "int4"), 3, "needs a CUDA GPU"),
+    ],
+)
+def test_bad_input_exits_cleanly(args, code, message, tmp_path):
+    import torch
+
+    if code == 3 and torch.cuda.is_available():
+        pytest.skip("int4 converts on CUDA")
+    out = run_cli("bench", *args, "--out", str(tmp_path / "b"))
+    assert out.returncode == code, out.stderr
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+    assert not (tmp_path / "b").exists()
