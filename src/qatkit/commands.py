@@ -147,17 +147,18 @@ def validate_command(recipe_path: Path, overrides: list[str]) -> None:
 
 
 def schemes_command() -> None:
-    from qatkit.schemes import HARDWARE_TEXT, list_schemes
+    from qatkit.schemes import list_schemes
 
-    table = Table("scheme", "aliases", "torchao configs", "train on", "convert on", "notes", title="qatkit schemes")
+    short = {"cpu": "CPU/GPU", "cuda": "CUDA", "cuda-sm89": "CUDA sm89+", "cuda-sm100": "Blackwell"}
+    table = Table("scheme", "what it is", "trains on", "converts on", title="qatkit schemes")
     for s in list_schemes():
-        notes = "; ".join(
-            x for x in (s.summary, s.notes, f"on CPU use {s.cpu_alternatives}" if s.cpu_alternatives else "") if x
-        )
-        table.add_row(
-            s.name, ", ".join(s.aliases), s.configs, HARDWARE_TEXT[s.train_on], HARDWARE_TEXT[s.convert_on], notes
-        )
+        name = s.name + (f"\n({', '.join(s.aliases)})" if s.aliases else "")
+        table.add_row(name, s.summary, short[s.train_on], short[s.convert_on])
     console.print(table)
+    for s in list_schemes():
+        extra = "; ".join(x for x in (s.notes, f"on CPU use {s.cpu_alternatives}" if s.cpu_alternatives else "") if x)
+        console.print(f"[bold]{s.name}[/]: {s.configs}" + (f" — {extra}" if extra else ""), soft_wrap=True)
+
 
 
 def report_command(run_dir: Path) -> None:
