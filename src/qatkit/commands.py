@@ -160,7 +160,6 @@ def schemes_command() -> None:
         console.print(f"[bold]{s.name}[/]: {s.configs}" + (f" — {extra}" if extra else ""), soft_wrap=True)
 
 
-
 def report_command(run_dir: Path) -> None:
     from qatkit.pipeline import RunDir
     from qatkit.stages import report
@@ -242,8 +241,6 @@ def bench_command(
         else:
             source = resolve_model(model)
             check_model_available(source)
-            if source.gguf_file:
-                console.print(f"dequantizing {source.describe()} once into the qatkit cache (reused afterwards)")
             model_dir = materialize_gguf(source).path
             description = model if model_dir == model else f"{model} (HF copy: {model_dir})"
         console.print(f"[bold]qatkit bench[/] {description}: schemes {', '.join(names)} → {target}")

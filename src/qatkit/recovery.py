@@ -156,3 +156,32 @@ def _plot(summary: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def recovery_command(
+    recipe: Path, out: Path, schemes: list[str], lora_modes: list[str], overrides: list[str], resume: bool
+) -> None:
+    from rich.table import Table
+
+    from qatkit.log import console
+    from qatkit.validate import preflight
+
+    preflight(load_recipe(recipe, overrides))
+    summary = run_recovery(recipe, out, schemes, lora_modes, overrides, resume)
+    table = Table(
+        "run", "QAT acc", "ft-PTQ acc", "nd vs base", "nd vs ft (acc)", "NLL recovery vs ft", title="recovery"
+    )
+    for name, run in summary["runs"].items():
+        f = figures(run)
+        v = run["variants"]
+        recovery = None if f["nll_nd_vs_ft"] is None else 1 + f["nll_nd_vs_ft"]
+        table.add_row(
+            name,
+            f"{100 * v['qat']['acc']:.1f}",
+            f"{100 * v['ft-ptq']['acc']:.1f}",
+            _pct(f["acc_nd_vs_base"]),
+            _pct(f["acc_nd_vs_ft"]),
+            _pct(recovery),
+        )
+    console.print(table)
+    console.print(f"results: {out / 'recovery.md'}")

@@ -119,3 +119,37 @@ def test_bad_input_exits_cleanly(args, code, message, tmp_path):
     assert message in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "b").exists()
+
+
+def test_bench_recovery_on_the_tiny_recipe(tiny_model_dir, tmp_path):
+    """The recovery benchmark's path (a 20-item version of the real one): every variant, both LoRA modes."""
+    import json
+
+    from ..conftest import TINY_RECIPE, run_cli
+
+    out = tmp_path / "recovery"
+    res = run_cli(
+        "bench",
+        "recovery",
+        "--recipe",
+        str(TINY_RECIPE),
+        "--schemes",
+        "int8-int4",
+        "--out",
+        str(out),
+        "--set",
+        f"model.name_or_path={tiny_model_dir}",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "data.eval_size=20",
+        "--set",
+        "convert.parity_min_sqnr=0",
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads((out / "recovery.json").read_text())
+    assert set(summary["runs"]) == {"int8-int4-merged", "int8-int4-unmerged"}
+    for run in summary["runs"].values():
+        assert set(run["variants"]) == {"bf16", "ptq", "ft-bf16", "ft-ptq", "qat"}
+        assert all(v["n"] == 20 and v["gold_nll"] > 0 for v in run["variants"].values())
+    assert (out / "recovery.md").exists() and (out / "recovery.png").exists()
