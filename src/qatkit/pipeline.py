@@ -72,7 +72,12 @@ def _deep_merge(base: dict, updates: dict) -> dict:
 
 
 def peak_memory_mb() -> dict[str, float]:
-    out = {"cpu_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    """Peak resident memory of this process (VmHWM: ru_maxrss would include a parent's peak after fork)."""
+    status = Path("/proc/self/status")
+    hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.exists() else []
+    rss_kb = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"cpu_rss_mb": round(rss_kb / 1024, 1)}
+
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         out["cuda_mb"] = torch.cuda.max_memory_allocated() / 2**20
