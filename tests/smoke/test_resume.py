@@ -92,7 +92,7 @@ def test_killed_training_resumes_to_the_same_result(tiny_model_dir, tmp_path):
 
 def test_killed_convert_is_redone(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
-    first = run_cli(
+    base = [
         "run",
         str(TINY_RECIPE),
         "--out",
@@ -100,49 +100,19 @@ def test_killed_convert_is_redone(tiny_model_dir, tmp_path):
         "--set",
         f"model.name_or_path={tiny_model_dir}",
         "--set",
-        "stages=[finetune]",
-        "--set",
         "train.max_steps=2",
-    )
+    ]
+    first = run_cli(*base, "--set", "stages=[finetune]")
     assert first.returncode == 0, first.stderr[-2000:]
+    both = [*base, "--resume", "--set", "stages=[finetune,convert]"]
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "qatkit",
-            "run",
-            str(TINY_RECIPE),
-            "--out",
-            str(out),
-            "--resume",
-            "--set",
-            f"model.name_or_path={tiny_model_dir}",
-            "--set",
-            "stages=[finetune,convert]",
-            "--set",
-            "train.max_steps=2",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        [sys.executable, "-m", "qatkit", *both], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     _wait_for(lambda: (out / ".convert.partial").exists(), proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "convert" / "DONE").exists()
-    again = run_cli(
-        "run",
-        str(TINY_RECIPE),
-        "--out",
-        str(out),
-        "--resume",
-        "--set",
-        f"model.name_or_path={tiny_model_dir}",
-        "--set",
-        "stages=[finetune,convert]",
-        "--set",
-        "train.max_steps=2",
-    )
+    again = run_cli(*both)
     assert again.returncode == 0, again.stderr[-2000:]
     assert (out / "convert" / "DONE").exists() and not (out / ".convert.partial").exists()
     assert "finetune skipped (done)" in " ".join(again.stdout.split())
