@@ -131,4 +131,8 @@ def test_control_run_baselines_and_gold_nll(tiny_model_dir, tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     control_b = json.loads((tmp_path / "b" / "finetune" / "train_summary.json").read_text())["control"]
     assert control_b["cache_key"] == control["cache_key"]  # the scheme-independent control was reused
+    seconds_b = json.loads((tmp_path / "b" / "eval" / "results.json").read_text())["seconds"]
+    assert seconds_b["bf16"] == "cached" and seconds_b["ft-bf16"] == "cached"  # scheme-independent evals too
+    assert seconds_b["ft-ptq"] != "cached" and seconds_b["qat"] != "cached"
+
     assert (tmp_path / "b" / "finetune" / "control" / "adapter" / "adapter_model.safetensors").exists()

@@ -31,6 +31,7 @@ class Variant:
     path: str | None  # checkpoint dir to load, or None for the recipe's base model
     quantize: bool = False  # apply the scheme as PTQ after loading
     adapter: str | None = None  # merge this LoRA adapter first (the no-QAT control run)
+    adapter_key: str | None = None  # identity of that adapter (the control's cache key), for caching
 
 
 def heldout_choices(item, style: str) -> list[str]:
@@ -118,13 +119,15 @@ def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str,
         "v2",
         variant.name,
         base_id,
-        scheme,
+        scheme if variant.quantize else None,  # bf16 / ft-bf16 do not depend on the scheme
+
         tasks,
         spec.limit,
         spec.num_fewshot,
         spec.include_path,
         heldout_hash,
         text,
+        variant.adapter_key,
     ]
 
     blob = json.dumps(key, sort_keys=True)
@@ -228,10 +231,13 @@ def variants_for(recipe, run_dir) -> list[Variant]:
     if "ptq" in recipe.eval.baselines and finetuned:
         out.append(Variant("ptq", None, quantize=True))
     control = str(run_dir.stage("finetune") / CONTROL / "adapter")
+    summary = run_dir.stage("finetune") / "train_summary.json"
+    control_key = json.loads(summary.read_text()).get("control", {}).get("cache_key") if summary.exists() else None
     if "ft-bf16" in recipe.eval.baselines and finetuned:
-        out.append(Variant("ft-bf16", None, adapter=control))
+        out.append(Variant("ft-bf16", None, adapter=control, adapter_key=control_key))
     if "ft-ptq" in recipe.eval.baselines and finetuned:
-        out.append(Variant("ft-ptq", None, quantize=True, adapter=control))
+        out.append(Variant("ft-ptq", None, quantize=True, adapter=control, adapter_key=control_key))
+
     if "convert" in recipe.stages:
         out.append(Variant("qat" if finetuned else "ptq", str(run_dir.stage("convert"))))
     return out
@@ -284,7 +290,8 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
             variant, spec, tasks, recipe.model.name_or_path + recipe.model.dtype, recipe.qat.scheme, heldout_hash
         )
         cached = _cache_dir() / f"{key}.json"
-        cacheable = variant.path is None and variant.adapter is None
+        cacheable = variant.path is None and (variant.adapter is None or variant.adapter_key is not None)
+
         if cacheable and cached.exists():
             results[variant.name] = json.loads(cached.read_text())
             timings[variant.name] = "cached"
