@@ -187,4 +187,29 @@ def load_model_and_tokenizer(spec: ModelSpec, path: str | None = None, **kwargs)
         raise EnvError(f"could not load model {source.describe()}: {str(e).splitlines()[0]}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.chat_template:
+        tokenizer.chat_template = CHAT_TEMPLATES.get(spec.chat_template, spec.chat_template)
     return model, tokenizer
+
+
+def require_chat_template(tokenizer, spec: ModelSpec) -> None:
+    if not tokenizer.chat_template:
+        raise RecipeError(
+            f"the tokenizer of {spec.name_or_path} has no chat template: set model.chat_template to one of "
+            f"{sorted(CHAT_TEMPLATES)} or a Jinja template string"
+        )
+
+
+CHAT_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\\n{{ message['content'] }}<|im_end|>\\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}"
+    ),
+    # Gemma-3 turns (as Unsloth's get_chat_template "gemma3"): the assistant speaks as "model"
+    "gemma3": (
+        "{{ bos_token }}{% for message in messages %}"
+        "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+        "<start_of_turn>{{ role }}\\n{{ message['content'] | trim }}<end_of_turn>\\n{% endfor %}"
+        "{% if add_generation_prompt %}<start_of_turn>model\\n{% endif %}"
+    ),
+}

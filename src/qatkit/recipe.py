@@ -30,7 +30,13 @@ class ModelSpec(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     max_seq_length: int = Field(2048, gt=0)
     trust_remote_code: bool = False
+    chat_template: str | None = Field(
+        None,
+        description="Override or supply the tokenizer's chat template: a name (chatml, gemma3) or a Jinja string. "
+        "GGUF files often ship without one.",
+    )
     hub_id: str | None = Field(None, description="Hub id of the original model, recorded as base_model in the card.")
+
     license: str | None = Field(None, description="The original model's license, recorded in the model card.")
 
 

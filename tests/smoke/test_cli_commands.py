@@ -17,12 +17,19 @@ def test_validate_lists_the_plan_and_size(tiny_model_dir):
 
 
 def test_validate_lists_skipped_modules_with_reason(tiny_model_dir):
-    res = run_cli("validate", str(TINY_RECIPE), "--set", f"model.name_or_path={tiny_model_dir}",
-                  "--set", "qat.scheme=w4-intx", "--set", "qat.group_size=256")
+    res = run_cli(
+        "validate",
+        str(TINY_RECIPE),
+        "--set",
+        f"model.name_or_path={tiny_model_dir}",
+        "--set",
+        "qat.scheme=w4-intx",
+        "--set",
+        "qat.group_size=256",
+    )
     assert res.returncode == 0, res.stderr
     out = " ".join(res.stdout.split())
     assert "skip" in out and "group size" in out and "256" in out
-
 
 
 def test_eval_offline_preflight_fails_before_loading_the_model(tiny_model_dir, tmp_path):
@@ -48,3 +55,26 @@ def test_convert_from_a_model_dir_is_ptq(tiny_model_dir, tmp_path):
     assert parity["reloaded_vs_in_memory"]["max_abs_diff"] == 0
     cfg = json.loads((out / "convert" / "config.json").read_text())
     assert cfg["quantization_config"]["quant_method"] == "torchao" and cfg["tie_word_embeddings"] is False
+
+
+def test_tokenizer_without_chat_template(tiny_model_dir, tmp_path):
+    """GGUF tokenizers often have no chat template: a clear exit 2, and model.chat_template supplies one."""
+    import shutil
+
+    model = tmp_path / "no-template"
+    shutil.copytree(tiny_model_dir, model)
+    (model / "chat_template.jinja").unlink()
+    args = [
+        "run",
+        str(TINY_RECIPE),
+        "--set",
+        f"model.name_or_path={model}",
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "stages=[finetune]",
+    ]
+    res = run_cli(*args, "--out", str(tmp_path / "a"))
+    assert res.returncode == 2 and "model.chat_template" in res.stderr, res.stderr[-2000:]
+    res = run_cli(*args, "--out", str(tmp_path / "b"), "--set", "model.chat_template=chatml")
+    assert res.returncode == 0, res.stderr[-2000:]

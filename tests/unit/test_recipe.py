@@ -121,3 +121,11 @@ def test_yaml_must_be_a_mapping(tmp_path):
     recipe.write_text("- just\n- a list\n")
     with pytest.raises(RecipeError, match="mapping"):
         load_recipe(recipe)
+
+
+def test_chat_template_names_resolve():
+    from qatkit.loading import CHAT_TEMPLATES
+
+    r = validate_recipe(_with(model={"name_or_path": "x/y", "chat_template": "gemma3"}))
+    assert r.model.chat_template in CHAT_TEMPLATES
+    assert "<start_of_turn>model" in CHAT_TEMPLATES["gemma3"]

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from qatkit import schemes
 from qatkit.backends.base import TrainResult
 from qatkit.errors import Interrupted
-from qatkit.loading import load_model_and_tokenizer
+from qatkit.loading import load_model_and_tokenizer, require_chat_template
 from qatkit.lora_qat import use_merged_lora_forward
 
 if TYPE_CHECKING:
@@ -163,7 +163,8 @@ class HFBackend:
         t0 = time.time()
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
         model, tokenizer = load_model_and_tokenizer(recipe.model)
-
+        if examples and isinstance(examples[0].get("prompt"), list):
+            require_chat_template(tokenizer, recipe.model)
         if qat:
             plan = prepare_for_qat(recipe, model)
             qat_record = {**plan.to_dict(), "lora_mode": recipe.qat.lora, "signature": schemes.signature(model)}

@@ -46,7 +46,6 @@ def logits(model, batch):
     return out[batch["attention_mask"].bool()]
 
 
-
 def check_same_quantizers(run_dir: RunDir, model, recipe: Recipe) -> None:
     """The model rebuilt for convert must carry exactly the fake quantizers training used."""
     trained = json.loads((run_dir.stage("finetune") / "qat_plan.json").read_text())

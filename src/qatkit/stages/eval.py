@@ -120,7 +120,6 @@ def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str,
         variant.name,
         base_id,
         scheme if variant.quantize else None,  # bf16 / ft-bf16 do not depend on the scheme
-
         tasks,
         spec.limit,
         spec.num_fewshot,
