@@ -113,8 +113,14 @@ def test_resume_skips_finished_stages(tiny_run, tiny_model_dir):
 
 def test_control_run_baselines_and_gold_nll(tiny_model_dir, tmp_path):
     """ft-bf16 / ft-ptq: a no-QAT control finetune with the same data/seed/steps, shared across runs."""
-    args = ["--set", f"model.name_or_path={tiny_model_dir}", "--set", "eval.baselines=[bf16,ptq,ft-bf16,ft-ptq]",
-            "--set", "train.max_steps=4"]
+    args = [
+        "--set",
+        f"model.name_or_path={tiny_model_dir}",
+        "--set",
+        "eval.baselines=[bf16,ptq,ft-bf16,ft-ptq]",
+        "--set",
+        "train.max_steps=4",
+    ]
     first = run_cli("run", str(TINY_RECIPE), "--out", str(tmp_path / "a"), *args)
     assert first.returncode == 0, first.stderr[-3000:]
     results = json.loads((tmp_path / "a" / "eval" / "results.json").read_text())
