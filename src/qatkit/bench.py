@@ -35,6 +35,9 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from qatkit.metrics import unique_param_count
+from qatkit.pipeline import peak_rss_mb
+
 DEFAULT_SCHEMES = ("int8-int4", "int8")
 LORA_MODES = ("merged", "unmerged")
 RESULT_PREFIX = "@@qatkit-bench "  # marks a worker's JSON line on stdout (libraries may print too)
@@ -106,21 +109,6 @@ def _rss_mb() -> float:
     except OSError:
         pass
     return float("nan")
-
-
-def _peak_rss_mb() -> float:
-    """Peak RSS of this process, MB: VmHWM, the high-water mark of this process's own memory map.
-
-    Not ru_maxrss: a child started with vfork/posix_spawn (what subprocess does) inherits the *parent's*
-    peak RSS into ru_maxrss at exec, so a worker started from a big process would report the parent's peak.
-    """
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def _device():
@@ -545,7 +533,7 @@ def _memory_worker(args: dict) -> dict:
     for _ in range(args["steps"]):
         _train_step(v, ids)
     _sync()
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     return {
         "baseline_rss_mb": baseline,
         "after_setup_rss_mb": after_setup,
@@ -556,11 +544,6 @@ def _memory_worker(args: dict) -> dict:
 
 
 # --- checkpoint size ----------------------------------------------------------------------------
-
-
-def _unique_params(model) -> int:
-    seen: set[int] = set()
-    return sum(p.numel() for p in model.parameters() if not (id(p) in seen or seen.add(id(p))))
 
 
 def save_converted(model_dir: str | Path, scheme_name: str, out: str | Path) -> dict:
@@ -575,7 +558,7 @@ def save_converted(model_dir: str | Path, scheme_name: str, out: str | Path) -> 
     _quiet()
     scheme = schemes.get_scheme(scheme_name)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_dtype())
-    params = _unique_params(model)
+    params = unique_param_count(model)
     plan = schemes.plan_modules(model, scheme)
     tied_out = model.get_output_embeddings().weight.numel() if plan.untie_embeddings else 0
     converted = schemes.quantize_ptq(model, scheme)
@@ -766,7 +749,7 @@ def _decode_worker(args: dict) -> None:
             print(RESULT_PREFIX + json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
         elif cmd == "quit":
             break
-    peak = _peak_rss_mb()
+    peak = peak_rss_mb()
     print(
         RESULT_PREFIX
         + json.dumps(

@@ -5,6 +5,12 @@ from __future__ import annotations
 import math
 
 
+def unique_param_count(model) -> int:
+    """Parameters of `model`, counting tied (shared) tensors once."""
+    seen: set[int] = set()
+    return sum(p.numel() for p in model.parameters() if not (id(p) in seen or seen.add(id(p))))
+
+
 def sqnr_db(reference, other) -> float:
     """Signal-to-quantization-noise ratio 20*log10(|ref| / |ref - other|) in dB; inf when identical."""
     ref = reference.double()

@@ -71,12 +71,23 @@ def _deep_merge(base: dict, updates: dict) -> dict:
     return base
 
 
+def peak_rss_mb() -> float:
+    """Peak RSS of this process, MB: VmHWM, the high-water mark of this process's own memory map.
+
+    Not ru_maxrss: a child started with vfork/posix_spawn (what subprocess does) inherits the *parent's*
+    peak RSS into ru_maxrss at exec, so a worker started from a big process would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def peak_memory_mb() -> dict[str, float]:
-    """Peak resident memory of this process (VmHWM: ru_maxrss would include a parent's peak after fork)."""
-    status = Path("/proc/self/status")
-    hwm = [line for line in status.read_text().splitlines() if line.startswith("VmHWM:")] if status.exists() else []
-    rss_kb = int(hwm[0].split()[1]) if hwm else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    out = {"cpu_rss_mb": round(rss_kb / 1024, 1)}
+    out = {"cpu_rss_mb": round(peak_rss_mb(), 1)}
 
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():

@@ -10,6 +10,7 @@ from qatkit.backends.base import backend_name
 from qatkit.data import load_splits
 from qatkit.errors import EnvError
 from qatkit.loading import ModelSource, check_model_available, resolve_model
+from qatkit.metrics import unique_param_count
 from qatkit.recipe import Recipe
 
 # bits per weight of each scheme's quantized linears (before scales)
@@ -111,8 +112,7 @@ def validate(recipe: Recipe) -> Validation:
         leaf = m.fqn.rsplit(".", 1)[-1]
         key = f"{m.kind} {leaf}"
         result.by_type.setdefault(key, Counter())["quantize" if m.quantize else m.reason] += 1
-    seen: set[int] = set()
-    total = sum(p.numel() for p in model.parameters() if not (id(p) in seen or seen.add(id(p))))
+    total = unique_param_count(model)
     quantized_params = sum(m.shape[0] * m.shape[1] for m in plan.quantized)
     gs = plan.group_size
     bits = WEIGHT_BITS[scheme.name] + (16 / gs if gs else 0)

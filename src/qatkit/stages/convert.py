@@ -16,7 +16,7 @@ from qatkit import schemes
 from qatkit.data import chat_prompt, read_items
 from qatkit.errors import GateError
 from qatkit.loading import load_model_and_tokenizer
-from qatkit.metrics import compare
+from qatkit.metrics import compare, unique_param_count
 from qatkit.pipeline import RunDir
 from qatkit.recipe import Recipe
 
@@ -79,8 +79,7 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
         plan = schemes.prepare(model, scheme, recipe.qat.group_size)
         batch = parity_batch(tokenizer, run_dir, recipe)
         as_trained = None
-    seen: set[int] = set()
-    original_params = sum(p.numel() for p in model.parameters() if not (id(p) in seen or seen.add(id(p))))
+    original_params = unique_param_count(model)
     fake_quant_merged = logits(model, batch)
     converted = schemes.convert(model, scheme, recipe.qat.group_size)
     in_memory = logits(model, batch)
