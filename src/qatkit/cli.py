@@ -31,6 +31,15 @@ SetOpt = Annotated[
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue a run dir: skip finished stages, resume training.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing run dir.")]
+ProcsOpt = Annotated[
+    int,
+    typer.Option(
+        "--num-processes",
+        min=1,
+        help="Train with N processes (DDP through accelerate; CPU: gloo). Shortcut for "
+        "`accelerate launch --multi_gpu --num_processes N -m qatkit ...`.",
+    ),
+]
 
 
 @app.callback()
@@ -71,33 +80,54 @@ def _guard(fn, *args, **kwargs):
 
 
 def _run(
-    recipe_path: Path, out: Path | None, overrides: list[str] | None, resume: bool, force: bool, only: list[str] | None
+    recipe_path: Path,
+    out: Path | None,
+    overrides: list[str] | None,
+    resume: bool,
+    force: bool,
+    only: list[str] | None,
+    num_processes: int = 1,
 ) -> None:
-    from qatkit.commands import run_command
+    from qatkit.commands import launch_command, run_command
 
+    if num_processes > 1:
+        code = _guard(launch_command, recipe_path, overrides or [], sys.argv[1:], num_processes)
+        raise typer.Exit(code)
     _guard(run_command, recipe_path, out, overrides or [], resume=resume, force=force, only=only)
 
 
 @app.command()
 def run(
-    recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, force: ForceOpt = False
+    recipe: RecipeArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    num_processes: ProcsOpt = 1,
 ) -> None:
     """Run a recipe end to end: finetune -> convert -> eval -> report.
 
     Example: [bold]qatkit run recipes/smollm2-135m-8da4w-piqa.yaml --out runs/demo[/]
+             [bold]qatkit run recipes/tiny-8da4w.yaml --num-processes 2[/]  (DDP; convert and eval run once)
     """
-    _run(recipe, out, set_, resume, force, None)
+    _run(recipe, out, set_, resume, force, None, num_processes)
 
 
 @app.command()
 def finetune(
-    recipe: RecipeArg, out: OutOpt = None, set_: SetOpt = None, resume: ResumeOpt = False, force: ForceOpt = False
+    recipe: RecipeArg,
+    out: OutOpt = None,
+    set_: SetOpt = None,
+    resume: ResumeOpt = False,
+    force: ForceOpt = False,
+    num_processes: ProcsOpt = 1,
 ) -> None:
     """Only the finetune stage (LoRA + fake quantization).
 
     Example: [bold]qatkit finetune recipes/qwen3-8b-int4.yaml --set train.max_steps=10[/]
+             [bold]accelerate launch --config_file configs/accelerate/fsdp2.yaml -m qatkit finetune RECIPE[/]
     """
-    _run(recipe, out, set_, resume, force, ["finetune"])
+    _run(recipe, out, set_, resume, force, ["finetune"], num_processes)
 
 
 @app.command()

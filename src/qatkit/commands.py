@@ -51,7 +51,18 @@ def run_command(
         )
     except Interrupted as e:
         raise Interrupted(f"{e}. Resume with: {resume_cmd}") from None
-    print_summary(run.root)
+    if run is not None:  # None: a secondary training process, done after the finetune stage
+        print_summary(run.root)
+
+
+def launch_command(recipe_path: Path, overrides: list[str], argv: list[str], num_processes: int) -> int:
+    """Check the recipe once here, then start N training processes (`argv`: this command line)."""
+    from qatkit import distributed
+    from qatkit.validate import preflight
+
+    preflight(load_recipe(recipe_path, overrides))
+    console.print(f"[bold]qatkit[/] launching {num_processes} training processes (accelerate)")
+    return distributed.launch(distributed.strip_num_processes(argv), num_processes)
 
 
 def convert_command(

@@ -18,10 +18,15 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
     from rich.logging import RichHandler
 
     level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    if int(os.environ.get("RANK", "0")) > 0:  # secondary processes of a multi-process run: errors only
+        console.quiet = True
+        level = logging.ERROR
+
     logging.basicConfig(
         level=level, format="%(message)s", handlers=[RichHandler(console=err_console, show_path=debug)], force=True
     )
-    logging.getLogger("qatkit").setLevel(logging.DEBUG if debug else logging.INFO)
+    logging.getLogger("qatkit").setLevel(logging.DEBUG if debug else max(level, logging.INFO))
+
     if not debug:
         for name in NOISY:
             logging.getLogger(name).setLevel(logging.ERROR)

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
+from qatkit import distributed
 from qatkit.errors import RecipeError
 from qatkit.recipe import Recipe, dump_recipe
 
@@ -128,11 +129,17 @@ class RunDir:
         keeps it (its checkpoints), otherwise it is wiped.
         """
         work = self.partial(name)
+        if not distributed.is_main():  # the main process owns the stage's files; the others train into it
+            distributed.barrier()
+            yield work
+            distributed.barrier()
+            return
         if work.exists() and not resume:
             shutil.rmtree(work)
         work.mkdir(parents=True, exist_ok=True)
         started = time.time()
         self.update_manifest(stages={name: {"status": "running", "started": started}})
+        distributed.barrier()
         try:
             yield work
         except BaseException as e:
@@ -145,6 +152,7 @@ class RunDir:
                 }
             )
             raise
+        distributed.barrier()
         _fsync_tree(work)
         final = self.stage(name)
         if final.exists():
@@ -201,8 +209,10 @@ StageFn = Callable[[Recipe, RunDir, Path, bool], dict]
 def run_stage(run: RunDir, name: str, fn: StageFn, recipe: Recipe, *, resume: bool) -> dict:
     with run.atomic_stage(name, resume=resume) as work:
         summary = fn(recipe, run, work, resume)
-        write_json_atomic(work / "stage.json", {"stage": name, "summary": summary, "versions": package_versions()})
-    run.update_manifest(stages={name: {"summary": summary}})
+        if distributed.is_main():
+            write_json_atomic(work / "stage.json", {"stage": name, "summary": summary, "versions": package_versions()})
+    if distributed.is_main():
+        run.update_manifest(stages={name: {"summary": summary}})
     return summary
 
 
@@ -245,19 +255,32 @@ def run_recipe(
     force: bool = False,
     only: list[str] | None = None,
     on_stage: Callable[[str, str], None] | None = None,
-) -> RunDir:
-    """Run the recipe's stages (or `only` some of them) in `out`, then rebuild the report."""
+) -> RunDir | None:
+    """Run the recipe's stages (or `only` some of them) in `out`, then rebuild the report.
+
+    Under a multi-process launcher every process trains; the others then return None and the main
+    process runs the remaining stages alone.
+    """
     from qatkit.stages import report
 
+    distributed.init()
     single = only is not None
-    reuse = single and (out / "manifest.json").exists()
-    run = open_run_dir(out, recipe, resume=resume or reuse, force=force, same_recipe=not reuse)
-    prepare_data(recipe, run)
-    if "model" not in run.manifest():
-        from qatkit.loading import model_fingerprint
+    if distributed.is_main():
+        reuse = single and (out / "manifest.json").exists()
+        run = open_run_dir(out, recipe, resume=resume or reuse, force=force, same_recipe=not reuse)
+        prepare_data(recipe, run)
+        if "model" not in run.manifest():
+            from qatkit.loading import model_fingerprint
 
-        run.update_manifest(model=model_fingerprint(recipe.model.name_or_path), device=device_description())
+            run.update_manifest(model=model_fingerprint(recipe.model.name_or_path), device=device_description())
+        if "finetune" in (only or recipe.stages):
+            run.update_manifest(training_processes=distributed.world_size())
+
+    distributed.barrier()
+    run = RunDir(out.resolve())
     for name in only or recipe.stages:
+        if name != "finetune" and distributed.leave():
+            return None
         if resume and not single and run.is_done(name):
             on_stage and on_stage(name, "skipped (done)")
             continue
@@ -269,5 +292,7 @@ def run_recipe(
         on_stage and on_stage(name, "running")
         run_stage(run, name, stage_function(name), recipe, resume=resume)
         on_stage and on_stage(name, "done")
+    if distributed.leave():
+        return None
     report.build(run)
     return run

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 from ..conftest import run_cli
 
 
@@ -42,3 +44,19 @@ def test_schemes_lists_every_registered_scheme():
     assert out.returncode == 0
     for s in list_schemes():
         assert s.name in out.stdout
+
+
+def test_num_processes_is_stripped_from_the_relaunched_command_line():
+    from qatkit.distributed import strip_num_processes
+
+    argv = ["run", "r.yaml", "--num-processes", "2", "--set", "a=1", "--num-processes=3", "--resume"]
+    assert strip_num_processes(argv) == ["run", "r.yaml", "--set", "a=1", "--resume"]
+
+
+def test_num_processes_refused_inside_a_launched_process(monkeypatch):
+    from qatkit.distributed import launch
+    from qatkit.errors import RecipeError
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RecipeError, match="already running under a multi-process launcher"):
+        launch(["run", "r.yaml"], 2)

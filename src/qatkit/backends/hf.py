@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit import schemes
+from qatkit import distributed, schemes
 from qatkit.backends.base import TrainResult
 from qatkit.errors import Interrupted
 from qatkit.loading import load_model_and_tokenizer, require_chat_template
@@ -133,12 +133,17 @@ def train_and_save(trainer, model, tokenizer, work: Path, resume: bool, t0: floa
     except KeyboardInterrupt:
         trainer._save_checkpoint(trainer.model, trial=None)
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}") from None
-    model.save_pretrained(str(work / "adapter"))
-    tokenizer.save_pretrained(str(work / "adapter"))
-    trainer.state.save_to_json(str(work / "trainer_state.json"))
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-    (work / "loss.json").write_text(json.dumps(losses))
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    # Every process calls save_model (under FSDP it gathers the full state dict); the main one writes.
+    trainer.save_model(str(work / "adapter"))
+    distributed.barrier()  # every process is done with the checkpoints
+    if distributed.is_main():
+        (work / "adapter" / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(work / "adapter"))
+        trainer.state.save_to_json(str(work / "trainer_state.json"))
+
+        (work / "loss.json").write_text(json.dumps(losses))
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
     return TrainResult(
         steps=trainer.state.global_step,
         first_loss=losses[0]["loss"] if losses else None,
@@ -168,7 +173,8 @@ class HFBackend:
         if qat:
             plan = prepare_for_qat(recipe, model)
             qat_record = {**plan.to_dict(), "lora_mode": recipe.qat.lora, "signature": schemes.signature(model)}
-            (work / "qat_plan.json").write_text(json.dumps(qat_record, indent=2))
+            if distributed.is_main():
+                (work / "qat_plan.json").write_text(json.dumps(qat_record, indent=2))
         model = attach_lora(recipe, model)
 
         on_cuda = torch.cuda.is_available()

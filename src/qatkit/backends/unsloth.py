@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit import schemes
+from qatkit import distributed, schemes
 from qatkit.backends.base import TrainResult
 from qatkit.backends.hf import sft_config, train_and_save
 from qatkit.errors import EnvError, RecipeError
@@ -195,7 +195,8 @@ class UnslothBackend:
         if qat:
             signature = verify_fake_quant(model, state.get("plan"))
             record = {**state["plan"].to_dict(), "lora_mode": recipe.qat.lora, "signature": signature}
-            (work / "qat_plan.json").write_text(json.dumps(record, indent=2))
+            if distributed.is_main():
+                (work / "qat_plan.json").write_text(json.dumps(record, indent=2))
             scheme = schemes.get_scheme(recipe.qat.scheme)
             if scheme.straight_through_fp8:
                 schemes._use_straight_through_fp8(model)

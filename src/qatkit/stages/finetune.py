@@ -7,7 +7,7 @@ import json
 import shutil
 from pathlib import Path
 
-from qatkit import schemes
+from qatkit import distributed, schemes
 from qatkit.backends.base import select_backend
 from qatkit.data import read_jsonl
 from qatkit.pipeline import RunDir
@@ -22,7 +22,8 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     summary = {"backend": backend.name, **result.summary()}
     if needs_control_run(recipe):
         summary["control"] = _control_run(recipe, backend, examples, work / CONTROL, resume)
-    (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    if distributed.is_main():
+        (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
 
@@ -31,22 +32,30 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
 
     It does not depend on the scheme, so it is trained once per (model, LoRA, training, data) and
     reused from the qatkit cache by every run that shares them (e.g. one run per scheme).
+    Under a multi-process launcher every process trains it; the main process writes the cache.
     """
     from qatkit.loading import cache_root
 
     key_parts = [recipe.model.model_dump(), recipe.lora.model_dump(), recipe.train.model_dump(), examples, backend.name]
+    if distributed.world_size() > 1:  # the global batch grows with the number of processes
+        key_parts.append({"processes": distributed.world_size()})
+
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_root() / "control" / key
+    distributed.barrier()  # every process sees the same cache state
     if not (cached / "DONE").exists():
         tmp = cached.with_name(f"{key}.partial")
         tmp.mkdir(parents=True, exist_ok=True)
         result = backend.finetune(recipe, examples, tmp, resume, qat=False)
-        (tmp / "train_summary.json").write_text(json.dumps(result.summary(), indent=2))
-        (tmp / "DONE").touch()
-        if cached.exists():
-            shutil.rmtree(cached)
-        tmp.rename(cached)
-    shutil.copytree(cached, target, ignore=shutil.ignore_patterns("DONE"))
+        if distributed.is_main():
+            (tmp / "train_summary.json").write_text(json.dumps(result.summary(), indent=2))
+            (tmp / "DONE").touch()
+            if cached.exists():
+                shutil.rmtree(cached)
+            tmp.rename(cached)
+    distributed.barrier()
+    if distributed.is_main():
+        shutil.copytree(cached, target, ignore=shutil.ignore_patterns("DONE"))
     return {**json.loads((cached / "train_summary.json").read_text()), "cache_key": key}
 
 
