@@ -268,7 +268,7 @@ def bench(
     """
     scheme_list = [s for s in schemes_.split(",") if s.strip()]
     if suite == "recovery":
-        from qatkit.recovery import recovery_command
+        from qatkit.bench.recovery import recovery_command
 
         target = out or Path("benchmarks") / f"recovery-{recipe.stem}"
         modes = [m for m in lora_modes.split(",") if m.strip()]

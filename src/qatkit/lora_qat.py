@@ -15,18 +15,50 @@ import torch
 import torch.nn.functional as F
 
 
+class _MergedLoRALinear(torch.autograd.Function):
+    """y = fq(W + s·B A) x with a straight-through gradient that never forms a full-size weight gradient.
+
+    With the straight-through estimator d fq(W')/dW' = I, so dL/dB = s·dYᵀ(X Aᵀ) and dL/dA = s·(dY B)ᵀX:
+    two thin matmuls instead of the tokens × out × in weight-gradient matmul autograd would run. The
+    forward is bit-identical to fq(W + s·B A) x, so train/deploy parity is untouched.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scaling, fake_quant, bias):
+        with torch.no_grad():
+            quantized = fake_quant(weight + (lora_b @ lora_a) * scaling).to(x.dtype)
+        ctx.save_for_backward(x, quantized, lora_a, lora_b)
+        ctx.scaling = scaling
+        return F.linear(x, quantized, bias)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, quantized, lora_a, lora_b = ctx.saved_tensors
+        grad_x = grad_out @ quantized if ctx.needs_input_grad[0] else None
+        g = grad_out.reshape(-1, grad_out.shape[-1]).to(lora_a.dtype)
+        x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
+        grad_a = (g @ lora_b).T @ x2 * ctx.scaling
+        grad_b = g.T @ (x2 @ lora_a.T) * ctx.scaling
+        return grad_x, None, grad_a, grad_b, None, None, None
+
+
 def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     base = self.get_base_layer()
     if self.disable_adapters or self.merged:
         return base(x)
-    weight = base.weight
-    for name in self.active_adapters:
-        if name in self.lora_A:
-            weight = weight + self.get_delta_weight(name)
     if base.activation_fake_quantizer is not None:
         x = base.activation_fake_quantizer(x)
-    weight = base.weight_fake_quantizer(weight)
-    return F.linear(x, weight.to(x.dtype), base.bias)
+    (name,) = [n for n in self.active_adapters if n in self.lora_A]
+    bias = None if base.bias is None else base.bias.to(x.dtype)
+    return _MergedLoRALinear.apply(
+        x,
+        base.weight,
+        self.lora_A[name].weight,
+        self.lora_B[name].weight,
+        self.scaling[name],
+        base.weight_fake_quantizer,
+        bias,
+    )
 
 
 def use_merged_lora_forward(model: torch.nn.Module) -> int:
@@ -37,5 +69,7 @@ def use_merged_lora_forward(model: torch.nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, LoraLinear) and getattr(mod.get_base_layer(), "weight_fake_quantizer", None) is not None:
             mod.forward = types.MethodType(_merged_forward, mod)
+            mod.get_base_layer().weight_fake_quantizer.input_changes_every_step = True  # W + s·BA: never cache
             count += 1
+
     return count

@@ -494,9 +494,9 @@ def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
     """Compute fq(W) once for frozen weights instead of every step (same values, so parity is unchanged).
 
     With LoRA the base weights never change, so their fake-quantized copy is a constant. Any change of
-    the weight's values (e.g. a LoRA merge) invalidates it; a weight that requires grad (full finetuning,
-    merged-LoRA input W + s·BA) is never cached. Costs two extra copies of each cached weight. Returns
-    the number of fake quantizers wrapped.
+    the weight's values (e.g. a LoRA merge) invalidates it; a weight that requires grad (full finetuning)
+    or the merged-LoRA input W + s·BA is never cached. Costs two extra copies of each cached weight.
+    Returns the number of fake quantizers wrapped.
     """
     import torch
 
@@ -504,8 +504,9 @@ def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
 
     for mod in model.modules():
         fq = getattr(mod, "weight_fake_quantizer", None)
-        if fq is None or getattr(fq, "_qatkit_cache", None) is not None:
+        if fq is None or getattr(fq, "_qatkit_cache", None) is not None or getattr(fq, "input_changes_every_step", 0):
             continue
+
         fq._qatkit_cache = {}
         original = fq.forward
 

@@ -72,3 +72,40 @@ def test_parity_gate_fails_when_trained_forward_is_not_the_deployed_one(tiny_mod
     assert e.value.exit_code == 4
     assert not (out / "convert" / "DONE").exists()
     assert json.loads((out / "manifest.json").read_text())["parity"]["as_trained_vs_converted"]["sqnr_db"] < 60
+
+
+@pytest.mark.parametrize("scheme", ["int8-int4", "int8", "w4-channel"])
+def test_merged_lora_forward_is_exact_and_its_gradient_straight_through(tiny_model_dir, scheme):
+    """merged mode: y = fq(W + s·BA) x bit for bit; LoRA gradients are the straight-through ones, computed
+    without a full-size weight gradient."""
+    import torch.nn.functional as F
+
+    from qatkit.backends.hf import attach_lora, prepare_for_qat
+    from qatkit.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(tiny_model_dir, f"qat.scheme={scheme}")
+    model, _ = load_model_and_tokenizer(recipe.model)
+    prepare_for_qat(recipe, model)
+    model = attach_lora(recipe, model)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    base, a, b = layer.get_base_layer(), layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    s = layer.scaling["default"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        b.normal_(std=0.05)
+    x = torch.randn(2, 7, base.in_features)
+
+    y = layer(x)
+    y.square().sum().backward()
+    grads = a.grad.clone(), b.grad.clone()
+    a.grad = b.grad = None
+
+    xq = base.activation_fake_quantizer(x) if base.activation_fake_quantizer is not None else x
+    merged = base.weight + (b @ a) * s
+    with torch.no_grad():
+        assert torch.equal(y, F.linear(xq, base.weight_fake_quantizer(merged)))
+    ste = merged + (base.weight_fake_quantizer(merged) - merged).detach()
+    F.linear(xq, ste).square().sum().backward()
+    for got, want in zip(grads, (a.grad, b.grad), strict=True):
+        assert want.abs().max() > 0
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,6 @@
 import pytest
 
-from qatkit.recovery import figures, render
+from qatkit.bench.recovery import figures, render
 
 
 def _run():

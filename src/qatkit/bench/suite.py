@@ -1,0 +1,334 @@
+"""`qatkit bench` (perf): every section on one model, written as bench.json and bench.md."""
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+from qatkit.bench.checkpoint import checkpoint_size
+from qatkit.bench.common import (
+    DEFAULT_SCHEMES,
+    FULL,
+    LORA_MODES,
+    QUICK,
+    quiet,
+)
+from qatkit.bench.decode import decode_latency_many
+from qatkit.bench.host import auto_threads, cli_startup, load_between, machine, snapshot
+from qatkit.bench.training import step_time, train_memory
+
+# --- everything --------------------------------------------------------------------------------
+
+
+def run_all(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    quick: bool,
+    *,
+    schemes: Sequence[str] = DEFAULT_SCHEMES,
+    model_label: str | None = None,
+    command: str | None = None,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Run every section on `model_dir` and write `out_dir/bench.json` and `out_dir/bench.md`.
+
+    `threads`: torch threads of the timed sections (step time, decode); None picks `auto_threads()`.
+    """
+    quiet()
+    settings = QUICK if quick else FULL
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model_dir = str(model_dir)
+    say = progress or (lambda msg: None)
+    command = (
+        command or f"python -c 'from qatkit.bench import run_all; run_all({model_dir!r}, {str(out_dir)!r}, {quick})'"
+    )
+    result: dict = {
+        "qatkit_bench": 1,
+        "command": command,
+        "model": model_label or model_dir,
+        "model_dir": model_dir,
+        "quick": quick,
+        "schemes": list(schemes),
+        "settings": asdict(settings),
+        "machine": machine(),
+        "load": {"before": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "sections": {}},
+    }
+    if threads is None:
+        threads, why = auto_threads()
+    else:
+        why = {"policy": "given"}
+    result["threads"] = {"timed_sections": threads, **why}
+    say(f"torch threads for the timed sections: {threads} ({why['policy']})")
+    start = snapshot()
+    s = settings
+
+    def section(name: str, fn: Callable[[], dict]) -> dict:
+        say(f"▶ {name}")
+        a = snapshot()
+        value = fn()
+        result["load"]["sections"][name] = load_between(a, snapshot())
+        return value
+
+    result["cli_startup"] = section("cli_startup", lambda: cli_startup(s.startup_repeats))
+    result["step_time"] = section(
+        "step_time",
+        lambda: step_time(
+            model_dir,
+            schemes,
+            LORA_MODES,
+            s.batch_size,
+            s.seq_len,
+            s.steps,
+            s.lora_r,
+            warmup=s.warmup,
+            parity_steps=s.parity_steps,
+            parity_batch=s.parity_batch,
+            parity_seq_len=s.parity_seq_len,
+            threads=threads,
+            time_budget_s=s.step_time_budget_s,
+            max_steps=s.max_steps,
+            progress=lambda m: say(f"  step_time: {m}"),
+        ),
+    )
+    result["train_memory"] = section(
+        "train_memory",
+        lambda: train_memory(
+            model_dir,
+            schemes,
+            LORA_MODES if s.memory_all_variants else ("merged",),
+            s.batch_size,
+            s.seq_len,
+            s.memory_steps,
+            s.lora_r,
+            caches=(False, True) if s.memory_all_variants else (True,),
+            progress=lambda m: say(f"  train_memory: {m}"),
+        ),
+    )
+    ckpt_root = Path(tempfile.mkdtemp(prefix="qatkit-bench-"))
+    try:
+        result["checkpoint_size"] = section(
+            "checkpoint_size", lambda: {sc: checkpoint_size(model_dir, sc, ckpt_root / sc) for sc in schemes}
+        )
+        result["decode_latency"] = section(
+            "decode_latency",
+            lambda: decode_latency_many(
+                model_dir,
+                schemes,
+                s.prompt_len,
+                s.new_tokens,
+                repeats=s.decode_repeats,
+                converted_dirs={sc: ckpt_root / sc for sc in schemes},
+                threads=threads,
+            ),
+        )
+    finally:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    end = snapshot()
+    result["load"]["after"] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    result["load"]["whole_run"] = load_between(start, end)
+    result["load"]["shared_with_other_jobs"] = _shared(result["load"])
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(render_markdown(result))
+    return result
+
+
+def _shared(load: dict) -> bool:
+    """Other processes used a noticeable part of the CPU (> 5% overall or > 10% in a section); without
+    /proc/stat, a 1-minute load average above half the cores before the run."""
+    shares = [sec.get("cpu_share_others") for sec in (load["whole_run"], *load["sections"].values())]
+    if shares[0] is None:
+        return load["before"]["loadavg"][0] > 0.5 * (os.cpu_count() or 1)
+    return shares[0] > 0.05 or any(x is not None and x > 0.10 for x in shares[1:])
+
+
+# --- markdown --------------------------------------------------------------------------------------
+
+
+def _size(b: float) -> str:
+    if b >= 2**30:
+        return f"{b / 2**30:.2f} GB"
+    if b >= 2**20:
+        return f"{b / 2**20:.1f} MB"
+    return f"{b / 2**10:.0f} KB"
+
+
+def _x(r: float) -> str:
+    return f"{r:.2f}×"
+
+
+def render_markdown(r: dict) -> str:
+    m, load = r["machine"], r["load"]
+    whole = load["whole_run"]
+    lines = [
+        f"# qatkit bench: {r['model']}",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+        f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gb']} GB RAM"
+        + (f", {m['cuda']}" if m["cuda"] else ", no GPU")
+        + f"; torch {m['versions'].get('torch')}, torchao {m['versions'].get('torchao')}, "
+        f"transformers {m['versions'].get('transformers')}, peft {m['versions'].get('peft')}; {m['date']}.",
+        "",
+        f"Load average (1/5/15 min) before: {load['before']['loadavg']}, after: {load['after']['loadavg']}."
+        + (
+            f" Other processes used {100 * whole['cpu_share_others']:.0f}% of the machine's CPU time during the run "
+            f"(this benchmark {100 * whole['cpu_share_bench']:.0f}%)."
+            if "cpu_share_others" in whole
+            else ""
+        ),
+        "",
+    ]
+    th = r.get("threads", {})
+    if th:
+        why = (
+            f"auto: other processes kept {th['others_busy_cores']} of {th['cores']} cores busy just before the run"
+            if th.get("policy") == "auto" and th.get("others_busy_cores") is not None
+            else th.get("policy", "")
+        )
+        lines += [f"Timed sections (step time, decode) ran with {th['timed_sections']} torch thread(s) ({why}).", ""]
+    if load["shared_with_other_jobs"]:
+        lines += [
+            "**The machine was shared with other jobs during this run**, so absolute times are noisy and "
+            "inflated; the ratios below come from variants interleaved within this one run (A, B, A, B, ...; "
+            "medians), which is what to compare.",
+            "",
+        ]
+    lines += [
+        "All ratios are measured inside this run. ×plain / ×original: median over rounds of the per-round "
+        "ratio (> 1 means slower or bigger).",
+        "",
+    ]
+    st = r["step_time"]
+    ss = st["settings"]
+    lines += [
+        "## Training step time (LoRA, forward + backward + AdamW)",
+        "",
+        f"batch {ss['batch_size']} × {ss['seq_len']} tokens, LoRA r={ss['lora_r']} on all linear projections, "
+        f"{ss['dtype']} on {ss['device']}, {ss['timed_steps']} timed steps per variant after {ss['warmup_steps']} "
+        f"warm-up, {ss['torch_threads']} torch threads. fq cache: "
+        "`schemes.cache_frozen_weight_fake_quant` (fq(W) of frozen weights computed once).",
+        "",
+        "| variant | qat.lora | fq cache | s/step (median) | min–max | × plain | cache on = off (logits) |",
+        "|---|---|---|---:|---|---:|---|",
+    ]
+    for v in st["variants"].values():
+        par = st["parity"].get(f"{v['scheme']}/{v['lora_mode']}") if v["scheme"] else None
+        lines.append(
+            f"| {v['scheme'] or 'plain LoRA'} | {v['lora_mode'] or '—'} | "
+            f"{'—' if v['fq_cache'] is None else 'on' if v['fq_cache'] else 'off'} | "
+            f"{v['median_s_per_step']:.3f} | {min(v['times_s']):.3f}–{max(v['times_s']):.3f} | "
+            f"{_x(v['ratio_vs_plain'])} | "
+            f"{'—' if par is None else 'identical' if par['identical'] else '**DIFFERENT**'} |"
+        )
+    lines += ["", "| scheme / qat.lora | s/step cache off | s/step cache on | off / on |", "|---|---:|---:|---:|"]
+    for k, c in st["cache_speedup"].items():
+        lines.append(
+            f"| {k} | {c['median_s_nocache']:.3f} | {c['median_s_cache']:.3f} | {_x(c['nocache_over_cache'])} |"
+        )
+    lines += [
+        "",
+        "Parity (fq cache on vs off, same start, torch.equal on the logits of the training forward and of an "
+        "eval forward — `model.eval()` + `no_grad` — before every step and after the last):",
+        "",
+    ]
+    for k, p in st["parity"].items():
+        lines.append(
+            f"- {k}: {'identical' if p['identical'] else 'DIFFERENT'} over {p['forwards_compared']} forwards "
+            f"(training forward {'identical' if p['train_forward_identical'] else 'different'}, eval forward "
+            f"{'identical' if p['eval_forward_identical'] else 'different'}; max |Δ| {p['max_abs_diff']:.3g}; "
+            f"{p['cached_fake_quantizers']} fake quantizers wrapped)"
+        )
+    tm = r["train_memory"]
+    ms = tm["settings"]
+    measure = "CUDA max_memory_allocated" if ms["measure"] == "cuda_peak_mb" else "peak RSS above the post-import RSS"
+    lines += [
+        "",
+        "## Training memory",
+        "",
+        f"One fresh process per variant: load, set up, {ms['steps']} training step(s) at the same batch; "
+        f"measure: {measure} (peak RSS = VmHWM of the whole process).",
+        "",
+        "| variant | qat.lora | fq cache | peak RSS MB | above baseline MB | × plain |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for v in tm["variants"].values():
+        lines.append(
+            f"| {v['scheme'] or 'plain LoRA'} | {v['lora_mode'] or '—'} | "
+            f"{'—' if v['fq_cache'] is None else 'on' if v['fq_cache'] else 'off'} | {v['peak_rss_mb']:,.0f} | "
+            f"{v['peak_above_baseline_mb']:,.0f} | {_x(v['ratio_vs_plain'])} |"
+        )
+    lines += [
+        "",
+        "## Converted checkpoint size",
+        "",
+        "PTQ through the convert stage's path (`schemes.quantize_ptq` + `attach_hf_quantizer` + "
+        "`save_pretrained`). bf16 = 2 bytes/parameter of the original. Floor = quantized weights at the "
+        "scheme's bit width + one 16-bit scale per group/channel + every other parameter at 16 bits; "
+        "floor@dtype counts the unquantized parameters and scales at the saved dtype.",
+        "",
+        "| scheme | saved dtype | checkpoint | bf16 | floor | floor@dtype | × bf16 | × floor | × floor@dtype |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in r["checkpoint_size"].values():
+        lines.append(
+            f"| {c['scheme']} | {c['saved_dtype']} | {_size(c['weights_bytes'])} | {_size(c['bf16_bytes'])} | "
+            f"{_size(c['floor_bytes'])} | {_size(c['floor_at_model_dtype_bytes'])} | {_x(c['ratio_vs_bf16'])} | "
+            f"{_x(c['ratio_vs_floor'])} | {_x(c['ratio_vs_floor_at_model_dtype'])} |"
+        )
+    lines += ["", "Where the bytes go (from the safetensors headers):", ""]
+    for c in r["checkpoint_size"].values():
+        parts = ", ".join(
+            f"{role} {_size(b['bytes'])} ({', '.join(f'{d} {_size(n)}' for d, n in b['dtypes'].items())})"
+            for role, b in c["breakdown"].items()
+        )
+        lines.append(f"- {c['scheme']}: {parts}")
+    lines += [
+        "",
+        "## Decode latency (greedy generate, batch 1)",
+        "",
+        "Original and converted checkpoint each in its own worker process, taking turns; "
+        "latency ratio = converted s / original s per round (median).",
+        "",
+        "| scheme | prompt + new tokens | original tok/s | converted tok/s | latency × original | "
+        "peak RSS MB orig / conv | memory × original | greedy tokens = original |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for d in r["decode_latency"].values():
+        lines.append(
+            f"| {d['scheme']} | {d['prompt_len']} + {d['new_tokens']} | {d['original']['tokens_per_s']:.1f} | "
+            f"{d['converted']['tokens_per_s']:.1f} | {_x(d['latency_ratio'])} | "
+            f"{d['original']['peak_rss_mb']:,.0f} / {d['converted']['peak_rss_mb']:,.0f} | "
+            f"{_x(d['memory_ratio'])} | {d['greedy_tokens_matching_original']}/{d['new_tokens']} |"
+        )
+    mem_note = (
+        "CUDA max_memory_allocated"
+        if next(iter(r["decode_latency"].values()), {}).get("memory_measure") == "cuda_peak_mb"
+        else "peak RSS above the post-import RSS"
+    )
+    cs = r["cli_startup"]
+    lines += [
+        "",
+        f"Memory ratio: {mem_note}.",
+        "",
+        "## CLI start-up",
+        "",
+        f"`python -m qatkit --help` {cs['qatkit_help_s'] * 1000:.0f} ms vs `python -c pass` "
+        f"{cs['python_s'] * 1000:.0f} ms (median of {cs['repeats']}, interleaved): {_x(cs['ratio'])}, "
+        f"+{cs['overhead_s'] * 1000:.0f} ms.",
+        "",
+        "## Load during each section",
+        "",
+        "| section | seconds | CPU share of other processes | CPU share of this benchmark | load average after |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for name, sec in load["sections"].items():
+        others = f"{100 * sec['cpu_share_others']:.0f}%" if "cpu_share_others" in sec else "n/a"
+        own = f"{100 * sec['cpu_share_bench']:.0f}%" if "cpu_share_bench" in sec else "n/a"
+        lines.append(f"| {name} | {sec['seconds']:.0f} | {others} | {own} | {sec['loadavg_end']} |")
+    lines.append("")
+    return "\n".join(lines)
