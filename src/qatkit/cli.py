@@ -250,9 +250,14 @@ def bench(
     recipe: Annotated[
         Path, typer.Option("--recipe", help="recovery: the base recipe run once per scheme and LoRA mode.")
     ] = Path("configs/recovery/smollm2-piqa.yaml"),
-    lora_modes: Annotated[str, typer.Option("--lora-modes", help="recovery: qat.lora modes to compare.")] = (
-        "merged,unmerged"
-    ),
+    lora_modes: Annotated[str, typer.Option("--lora-modes", help="qat.lora modes to compare.")] = ("merged,unmerged"),
+    sections: Annotated[
+        str,
+        typer.Option(
+            "--sections",
+            help="perf: comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, decode_latency.",
+        ),
+    ] = "cli_startup,step_time,train_memory,checkpoint_size,decode_latency",
     set_: SetOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
@@ -267,18 +272,19 @@ def bench(
 
     """
     scheme_list = [s for s in schemes_.split(",") if s.strip()]
+    modes = [m for m in lora_modes.split(",") if m.strip()]
     if suite == "recovery":
         from qatkit.bench.recovery import recovery_command
 
         target = out or Path("benchmarks") / f"recovery-{recipe.stem}"
-        modes = [m for m in lora_modes.split(",") if m.strip()]
         _guard(recovery_command, recipe, target, scheme_list, modes, set_ or [], resume)
         return
     if suite != "perf":
         raise _fail(RecipeError(f"unknown bench suite {suite!r}: use perf or recovery"))
     from qatkit.commands import bench_command
 
-    _guard(bench_command, model, tiny, scheme_list, out, quick, threads)
+    section_list = [s for s in sections.split(",") if s.strip()]
+    _guard(bench_command, model, tiny, scheme_list, out, quick, threads, modes, section_list)
 
 
 def main() -> None:

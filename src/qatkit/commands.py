@@ -219,19 +219,32 @@ def print_summary(root: Path) -> None:
 
 
 def bench_command(
-    model: str | None, tiny: bool, scheme_names: list[str], out: Path | None, quick: bool, threads: int | None = None
+    model: str | None,
+    tiny: bool,
+    scheme_names: list[str],
+    out: Path | None,
+    quick: bool,
+    threads: int | None = None,
+    lora_modes: list[str] | None = None,
+    sections: list[str] | None = None,
 ) -> None:
     import shlex
     import tempfile
 
     from qatkit import schemes
     from qatkit.bench import TINY_TEXTS, run_all
+    from qatkit.bench.common import LORA_MODES, SECTIONS
     from qatkit.loading import check_model_available, materialize_gguf, resolve_model
 
     if (model is None) == (not tiny):
         raise RecipeError("give either --model MODEL (a model dir, .gguf file or pkg:<package>/<file>) or --tiny")
     if not scheme_names:
         raise RecipeError("--schemes: give at least one scheme (see `qatkit schemes`)")
+    sections = sections or list(SECTIONS)
+    lora_modes = lora_modes or list(LORA_MODES)
+    for given, known, option in ((sections, SECTIONS, "--sections"), (lora_modes, LORA_MODES, "--lora-modes")):
+        if unknown := [x for x in given if x not in known]:
+            raise RecipeError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     names = []
     for name in scheme_names:
         scheme = schemes.get_scheme(name)
@@ -242,6 +255,10 @@ def bench_command(
     target = out or Path("benchmarks") / label.lower()
     argv = ["qatkit", "bench", *(["--tiny"] if tiny else ["--model", model]), "--schemes", ",".join(names)]
     extra = [*(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
+    if sections != list(SECTIONS):
+        extra += ["--sections", ",".join(sections)]
+    if lora_modes != list(LORA_MODES):
+        extra += ["--lora-modes", ",".join(lora_modes)]
     command = shlex.join([*argv, "--out", str(target), *extra])
     with tempfile.TemporaryDirectory(prefix="qatkit-bench-") as tmp:
         if tiny:
@@ -260,6 +277,8 @@ def bench_command(
             target,
             quick,
             schemes=names,
+            lora_modes=lora_modes,
+            sections=sections,
             model_label=description,
             command=command,
             threads=threads,
@@ -270,29 +289,33 @@ def bench_command(
 
 def print_bench_summary(r: dict, target: Path) -> None:
     table = Table("figure", "value", title="qatkit bench (ratios measured within this run)")
-    plain = r["step_time"]["variants"]["plain"]["median_s_per_step"]
-    table.add_row("plain LoRA step", f"{plain:.3f} s")
-    for name, v in r["step_time"]["variants"].items():
+    if "step_time" in r:
+        plain = r["step_time"]["variants"]["plain"]["median_s_per_step"]
+        table.add_row("plain LoRA step", f"{plain:.3f} s")
+    for name, v in r.get("step_time", {}).get("variants", {}).items():
         if v["scheme"]:
             table.add_row(f"step time {name}", f"{v['ratio_vs_plain']:.2f}× plain")
-    for name, p in r["step_time"]["parity"].items():
+    for name, p in r.get("step_time", {}).get("parity", {}).items():
         table.add_row(f"fq cache parity {name}", "[green]identical[/]" if p["identical"] else "[bold red]DIFFERENT[/]")
-    for name, v in r["train_memory"]["variants"].items():
+    for name, v in r.get("train_memory", {}).get("variants", {}).items():
         if v["scheme"]:
             table.add_row(f"train memory {name}", f"{v['ratio_vs_plain']:.2f}× plain")
-    for sc, c in r["checkpoint_size"].items():
+    for sc, c in r.get("checkpoint_size", {}).items():
         table.add_row(
             f"checkpoint {sc}",
             f"{c['weights_bytes'] / 2**20:.1f} MB: {c['ratio_vs_bf16']:.2f}× bf16, {c['ratio_vs_floor']:.2f}× floor",
         )
-    for sc, d in r["decode_latency"].items():
+    for sc, d in r.get("decode_latency", {}).items():
         table.add_row(
             f"decode {sc}",
             f"{d['converted']['tokens_per_s']:.1f} vs {d['original']['tokens_per_s']:.1f} tok/s: "
             f"latency {d['latency_ratio']:.2f}× original, memory {d['memory_ratio']:.2f}×",
         )
-    cs = r["cli_startup"]
-    table.add_row("qatkit --help start-up", f"{cs['ratio']:.1f}× python -c pass (+{cs['overhead_s'] * 1000:.0f} ms)")
+    if cs := r.get("cli_startup"):
+        table.add_row(
+            "qatkit --help start-up", f"{cs['ratio']:.1f}× python -c pass (+{cs['overhead_s'] * 1000:.0f} ms)"
+        )
+
     console.print(table)
     if r["load"]["shared_with_other_jobs"]:
         console.print("[yellow]the machine was shared with other jobs during the run (recorded in bench.md)[/]")

@@ -159,3 +159,17 @@ def test_bench_recovery_on_the_tiny_recipe(tiny_model_dir, tmp_path):
         assert set(run["variants"]) == {"bf16", "ptq", "ft-bf16", "ft-ptq", "qat"}
         assert all(v["n"] == 20 and v["gold_nll"] > 0 for v in run["variants"].values())
     assert (out / "recovery.md").exists() and (out / "recovery.png").exists()
+
+
+def test_a_subset_of_sections_and_modes(tmp_path):
+    out = tmp_path / "subset"
+    args = ("--sections", "step_time,checkpoint_size", "--lora-modes", "merged", "--schemes", "int8")
+    proc = run_cli("bench", "--tiny", "--quick", *args, "--out", str(out), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "bench.json").read_text())
+    assert r["sections"] == ["step_time", "checkpoint_size"]
+    assert {"step_time", "checkpoint_size"} <= set(r) and not {"train_memory", "decode_latency", "cli_startup"} & set(r)
+    assert set(r["step_time"]["variants"]) == {"plain", "int8/merged/cache", "int8/merged/nocache"}
+    md = (out / "bench.md").read_text()
+    assert "Training step time" in md and "checkpoint size" in md and "Decode latency" not in md
+    assert "--sections step_time,checkpoint_size --lora-modes merged" in r["command"]

@@ -8,10 +8,13 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+
+from qatkit.pipeline import proc_status_mb
 
 DEFAULT_SCHEMES = ("int8-int4", "int8")
 LORA_MODES = ("merged", "unmerged")
+SECTIONS = ("cli_startup", "step_time", "train_memory", "checkpoint_size", "decode_latency")
+
 RESULT_PREFIX = "@@qatkit-bench "  # marks a worker's JSON line on stdout (libraries may print too)
 SEED = 0
 
@@ -74,13 +77,8 @@ def median(xs: Sequence[float]) -> float:
 
 def rss_mb() -> float:
     """Current resident set size of this process (Linux /proc), MB."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    rss = proc_status_mb("VmRSS")
+    return float("nan") if rss is None else rss
 
 
 def device():

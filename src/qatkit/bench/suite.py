@@ -14,6 +14,7 @@ from qatkit.bench.common import (
     FULL,
     LORA_MODES,
     QUICK,
+    SECTIONS,
     quiet,
 )
 from qatkit.bench.decode import decode_latency_many
@@ -29,12 +30,14 @@ def run_all(
     quick: bool,
     *,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
+    lora_modes: Sequence[str] = LORA_MODES,
+    sections: Sequence[str] = SECTIONS,
     model_label: str | None = None,
     command: str | None = None,
     threads: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run every section on `model_dir` and write `out_dir/bench.json` and `out_dir/bench.md`.
+    """Run the `sections` on `model_dir` and write `out_dir/bench.json` and `out_dir/bench.md`.
 
     `threads`: torch threads of the timed sections (step time, decode); None picks `auto_threads()`.
     """
@@ -54,6 +57,8 @@ def run_all(
         "model_dir": model_dir,
         "quick": quick,
         "schemes": list(schemes),
+        "lora_modes": list(lora_modes),
+        "sections": list(sections),
         "settings": asdict(settings),
         "machine": machine(),
         "load": {"before": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "sections": {}},
@@ -67,20 +72,21 @@ def run_all(
     start = snapshot()
     s = settings
 
-    def section(name: str, fn: Callable[[], dict]) -> dict:
+    def section(name: str, fn: Callable[[], dict]) -> None:
+        if name not in sections:
+            return
         say(f"▶ {name}")
         a = snapshot()
-        value = fn()
+        result[name] = fn()
         result["load"]["sections"][name] = load_between(a, snapshot())
-        return value
 
-    result["cli_startup"] = section("cli_startup", lambda: cli_startup(s.startup_repeats))
-    result["step_time"] = section(
+    section("cli_startup", lambda: cli_startup(s.startup_repeats))
+    section(
         "step_time",
         lambda: step_time(
             model_dir,
             schemes,
-            LORA_MODES,
+            lora_modes,
             s.batch_size,
             s.seq_len,
             s.steps,
@@ -95,12 +101,12 @@ def run_all(
             progress=lambda m: say(f"  step_time: {m}"),
         ),
     )
-    result["train_memory"] = section(
+    section(
         "train_memory",
         lambda: train_memory(
             model_dir,
             schemes,
-            LORA_MODES if s.memory_all_variants else ("merged",),
+            lora_modes if s.memory_all_variants else lora_modes[:1],
             s.batch_size,
             s.seq_len,
             s.memory_steps,
@@ -111,10 +117,8 @@ def run_all(
     )
     ckpt_root = Path(tempfile.mkdtemp(prefix="qatkit-bench-"))
     try:
-        result["checkpoint_size"] = section(
-            "checkpoint_size", lambda: {sc: checkpoint_size(model_dir, sc, ckpt_root / sc) for sc in schemes}
-        )
-        result["decode_latency"] = section(
+        section("checkpoint_size", lambda: {sc: checkpoint_size(model_dir, sc, ckpt_root / sc) for sc in schemes})
+        section(
             "decode_latency",
             lambda: decode_latency_many(
                 model_dir,
@@ -122,10 +126,11 @@ def run_all(
                 s.prompt_len,
                 s.new_tokens,
                 repeats=s.decode_repeats,
-                converted_dirs={sc: ckpt_root / sc for sc in schemes},
+                converted_dirs={sc: ckpt_root / sc for sc in schemes if (ckpt_root / sc).is_dir()},
                 threads=threads,
             ),
         )
+
     finally:
         shutil.rmtree(ckpt_root, ignore_errors=True)
     end = snapshot()
@@ -159,6 +164,153 @@ def _size(b: float) -> str:
 
 def _x(r: float) -> str:
     return f"{r:.2f}×"
+
+
+def _md_step_time(st: dict) -> list[str]:
+    lines: list[str] = []
+    ss = st["settings"]
+    lines += [
+        "## Training step time (LoRA, forward + backward + AdamW)",
+        "",
+        f"batch {ss['batch_size']} × {ss['seq_len']} tokens, LoRA r={ss['lora_r']} on all linear projections, "
+        f"{ss['dtype']} on {ss['device']}, {ss['timed_steps']} timed steps per variant after {ss['warmup_steps']} "
+        f"warm-up, {ss['torch_threads']} torch threads. fq cache: "
+        "`schemes.cache_frozen_weight_fake_quant` (fq(W) of frozen weights computed once).",
+        "",
+        "| variant | qat.lora | fq cache | s/step (median) | min–max | × plain | cache on = off (logits) |",
+        "|---|---|---|---:|---|---:|---|",
+    ]
+    for v in st["variants"].values():
+        par = st["parity"].get(f"{v['scheme']}/{v['lora_mode']}") if v["scheme"] else None
+        lines.append(
+            f"| {v['scheme'] or 'plain LoRA'} | {v['lora_mode'] or '—'} | "
+            f"{'—' if v['fq_cache'] is None else 'on' if v['fq_cache'] else 'off'} | "
+            f"{v['median_s_per_step']:.3f} | {min(v['times_s']):.3f}–{max(v['times_s']):.3f} | "
+            f"{_x(v['ratio_vs_plain'])} | "
+            f"{'—' if par is None else 'identical' if par['identical'] else '**DIFFERENT**'} |"
+        )
+    lines += ["", "| scheme / qat.lora | s/step cache off | s/step cache on | off / on |", "|---|---:|---:|---:|"]
+    for k, c in st["cache_speedup"].items():
+        lines.append(
+            f"| {k} | {c['median_s_nocache']:.3f} | {c['median_s_cache']:.3f} | {_x(c['nocache_over_cache'])} |"
+        )
+    lines += [
+        "",
+        "Parity (fq cache on vs off, same start, torch.equal on the logits of the training forward and of an "
+        "eval forward — `model.eval()` + `no_grad` — before every step and after the last):",
+        "",
+    ]
+    for k, p in st["parity"].items():
+        lines.append(
+            f"- {k}: {'identical' if p['identical'] else 'DIFFERENT'} over {p['forwards_compared']} forwards "
+            f"(training forward {'identical' if p['train_forward_identical'] else 'different'}, eval forward "
+            f"{'identical' if p['eval_forward_identical'] else 'different'}; max |Δ| {p['max_abs_diff']:.3g}; "
+            f"{p['cached_fake_quantizers']} fake quantizers wrapped)"
+        )
+    return lines
+
+
+def _md_train_memory(tm: dict) -> list[str]:
+    lines: list[str] = []
+    ms = tm["settings"]
+    measure = "CUDA max_memory_allocated" if ms["measure"] == "cuda_peak_mb" else "peak RSS above the post-import RSS"
+    lines += [
+        "",
+        "## Training memory",
+        "",
+        f"One fresh process per variant: load, set up, {ms['steps']} training step(s) at the same batch; "
+        f"measure: {measure} (peak RSS = VmHWM of the whole process).",
+        "",
+        "| variant | qat.lora | fq cache | peak RSS MB | above baseline MB | × plain |",
+        "|---|---|---|---:|---:|---:|",
+    ]
+    for v in tm["variants"].values():
+        lines.append(
+            f"| {v['scheme'] or 'plain LoRA'} | {v['lora_mode'] or '—'} | "
+            f"{'—' if v['fq_cache'] is None else 'on' if v['fq_cache'] else 'off'} | {v['peak_rss_mb']:,.0f} | "
+            f"{v['peak_above_baseline_mb']:,.0f} | {_x(v['ratio_vs_plain'])} |"
+        )
+    return lines
+
+
+def _md_checkpoint_size(sizes: dict) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        "",
+        "## Converted checkpoint size",
+        "",
+        "PTQ through the convert stage's path (`schemes.quantize_ptq` + `attach_hf_quantizer` + "
+        "`save_pretrained`). bf16 = 2 bytes/parameter of the original. Floor = quantized weights at the "
+        "scheme's bit width + one 16-bit scale per group/channel + every other parameter at 16 bits; "
+        "floor@dtype counts the unquantized parameters and scales at the saved dtype.",
+        "",
+        "| scheme | saved dtype | checkpoint | bf16 | floor | floor@dtype | × bf16 | × floor | × floor@dtype |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c in sizes.values():
+        lines.append(
+            f"| {c['scheme']} | {c['saved_dtype']} | {_size(c['weights_bytes'])} | {_size(c['bf16_bytes'])} | "
+            f"{_size(c['floor_bytes'])} | {_size(c['floor_at_model_dtype_bytes'])} | {_x(c['ratio_vs_bf16'])} | "
+            f"{_x(c['ratio_vs_floor'])} | {_x(c['ratio_vs_floor_at_model_dtype'])} |"
+        )
+    lines += ["", "Where the bytes go (from the safetensors headers):", ""]
+    for c in sizes.values():
+        parts = ", ".join(
+            f"{role} {_size(b['bytes'])} ({', '.join(f'{d} {_size(n)}' for d, n in b['dtypes'].items())})"
+            for role, b in c["breakdown"].items()
+        )
+        lines.append(f"- {c['scheme']}: {parts}")
+    return lines
+
+
+def _md_decode_latency(decode: dict) -> list[str]:
+    lines: list[str] = []
+    lines += [
+        "",
+        "## Decode latency (greedy generate, batch 1)",
+        "",
+        "Original and converted checkpoint each in its own worker process, taking turns; "
+        "latency ratio = converted s / original s per round (median).",
+        "",
+        "| scheme | prompt + new tokens | original tok/s | converted tok/s | latency × original | "
+        "peak RSS MB orig / conv | memory × original | greedy tokens = original |",
+        "|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for d in decode.values():
+        lines.append(
+            f"| {d['scheme']} | {d['prompt_len']} + {d['new_tokens']} | {d['original']['tokens_per_s']:.1f} | "
+            f"{d['converted']['tokens_per_s']:.1f} | {_x(d['latency_ratio'])} | "
+            f"{d['original']['peak_rss_mb']:,.0f} / {d['converted']['peak_rss_mb']:,.0f} | "
+            f"{_x(d['memory_ratio'])} | {d['greedy_tokens_matching_original']}/{d['new_tokens']} |"
+        )
+    mem_note = (
+        "CUDA max_memory_allocated"
+        if next(iter(decode.values()), {}).get("memory_measure") == "cuda_peak_mb"
+        else "peak RSS above the post-import RSS"
+    )
+    lines += ["", f"Memory ratio: {mem_note}.", ""]
+    return lines
+
+
+def _md_cli_startup(cs: dict) -> list[str]:
+    return [
+        "",
+        "## CLI start-up",
+        "",
+        f"`python -m qatkit --help` {cs['qatkit_help_s'] * 1000:.0f} ms vs `python -c pass` "
+        f"{cs['python_s'] * 1000:.0f} ms (median of {cs['repeats']}, interleaved): {_x(cs['ratio'])}, "
+        f"+{cs['overhead_s'] * 1000:.0f} ms.",
+        "",
+    ]
+
+
+MD_SECTIONS = {
+    "step_time": _md_step_time,
+    "train_memory": _md_train_memory,
+    "checkpoint_size": _md_checkpoint_size,
+    "decode_latency": _md_decode_latency,
+    "cli_startup": _md_cli_startup,
+}
 
 
 def render_markdown(r: dict) -> str:
@@ -203,124 +355,10 @@ def render_markdown(r: dict) -> str:
         "ratio (> 1 means slower or bigger).",
         "",
     ]
-    st = r["step_time"]
-    ss = st["settings"]
+    for name, render in MD_SECTIONS.items():
+        if name in r:
+            lines += render(r[name])
     lines += [
-        "## Training step time (LoRA, forward + backward + AdamW)",
-        "",
-        f"batch {ss['batch_size']} × {ss['seq_len']} tokens, LoRA r={ss['lora_r']} on all linear projections, "
-        f"{ss['dtype']} on {ss['device']}, {ss['timed_steps']} timed steps per variant after {ss['warmup_steps']} "
-        f"warm-up, {ss['torch_threads']} torch threads. fq cache: "
-        "`schemes.cache_frozen_weight_fake_quant` (fq(W) of frozen weights computed once).",
-        "",
-        "| variant | qat.lora | fq cache | s/step (median) | min–max | × plain | cache on = off (logits) |",
-        "|---|---|---|---:|---|---:|---|",
-    ]
-    for v in st["variants"].values():
-        par = st["parity"].get(f"{v['scheme']}/{v['lora_mode']}") if v["scheme"] else None
-        lines.append(
-            f"| {v['scheme'] or 'plain LoRA'} | {v['lora_mode'] or '—'} | "
-            f"{'—' if v['fq_cache'] is None else 'on' if v['fq_cache'] else 'off'} | "
-            f"{v['median_s_per_step']:.3f} | {min(v['times_s']):.3f}–{max(v['times_s']):.3f} | "
-            f"{_x(v['ratio_vs_plain'])} | "
-            f"{'—' if par is None else 'identical' if par['identical'] else '**DIFFERENT**'} |"
-        )
-    lines += ["", "| scheme / qat.lora | s/step cache off | s/step cache on | off / on |", "|---|---:|---:|---:|"]
-    for k, c in st["cache_speedup"].items():
-        lines.append(
-            f"| {k} | {c['median_s_nocache']:.3f} | {c['median_s_cache']:.3f} | {_x(c['nocache_over_cache'])} |"
-        )
-    lines += [
-        "",
-        "Parity (fq cache on vs off, same start, torch.equal on the logits of the training forward and of an "
-        "eval forward — `model.eval()` + `no_grad` — before every step and after the last):",
-        "",
-    ]
-    for k, p in st["parity"].items():
-        lines.append(
-            f"- {k}: {'identical' if p['identical'] else 'DIFFERENT'} over {p['forwards_compared']} forwards "
-            f"(training forward {'identical' if p['train_forward_identical'] else 'different'}, eval forward "
-            f"{'identical' if p['eval_forward_identical'] else 'different'}; max |Δ| {p['max_abs_diff']:.3g}; "
-            f"{p['cached_fake_quantizers']} fake quantizers wrapped)"
-        )
-    tm = r["train_memory"]
-    ms = tm["settings"]
-    measure = "CUDA max_memory_allocated" if ms["measure"] == "cuda_peak_mb" else "peak RSS above the post-import RSS"
-    lines += [
-        "",
-        "## Training memory",
-        "",
-        f"One fresh process per variant: load, set up, {ms['steps']} training step(s) at the same batch; "
-        f"measure: {measure} (peak RSS = VmHWM of the whole process).",
-        "",
-        "| variant | qat.lora | fq cache | peak RSS MB | above baseline MB | × plain |",
-        "|---|---|---|---:|---:|---:|",
-    ]
-    for v in tm["variants"].values():
-        lines.append(
-            f"| {v['scheme'] or 'plain LoRA'} | {v['lora_mode'] or '—'} | "
-            f"{'—' if v['fq_cache'] is None else 'on' if v['fq_cache'] else 'off'} | {v['peak_rss_mb']:,.0f} | "
-            f"{v['peak_above_baseline_mb']:,.0f} | {_x(v['ratio_vs_plain'])} |"
-        )
-    lines += [
-        "",
-        "## Converted checkpoint size",
-        "",
-        "PTQ through the convert stage's path (`schemes.quantize_ptq` + `attach_hf_quantizer` + "
-        "`save_pretrained`). bf16 = 2 bytes/parameter of the original. Floor = quantized weights at the "
-        "scheme's bit width + one 16-bit scale per group/channel + every other parameter at 16 bits; "
-        "floor@dtype counts the unquantized parameters and scales at the saved dtype.",
-        "",
-        "| scheme | saved dtype | checkpoint | bf16 | floor | floor@dtype | × bf16 | × floor | × floor@dtype |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for c in r["checkpoint_size"].values():
-        lines.append(
-            f"| {c['scheme']} | {c['saved_dtype']} | {_size(c['weights_bytes'])} | {_size(c['bf16_bytes'])} | "
-            f"{_size(c['floor_bytes'])} | {_size(c['floor_at_model_dtype_bytes'])} | {_x(c['ratio_vs_bf16'])} | "
-            f"{_x(c['ratio_vs_floor'])} | {_x(c['ratio_vs_floor_at_model_dtype'])} |"
-        )
-    lines += ["", "Where the bytes go (from the safetensors headers):", ""]
-    for c in r["checkpoint_size"].values():
-        parts = ", ".join(
-            f"{role} {_size(b['bytes'])} ({', '.join(f'{d} {_size(n)}' for d, n in b['dtypes'].items())})"
-            for role, b in c["breakdown"].items()
-        )
-        lines.append(f"- {c['scheme']}: {parts}")
-    lines += [
-        "",
-        "## Decode latency (greedy generate, batch 1)",
-        "",
-        "Original and converted checkpoint each in its own worker process, taking turns; "
-        "latency ratio = converted s / original s per round (median).",
-        "",
-        "| scheme | prompt + new tokens | original tok/s | converted tok/s | latency × original | "
-        "peak RSS MB orig / conv | memory × original | greedy tokens = original |",
-        "|---|---|---:|---:|---:|---|---:|---|",
-    ]
-    for d in r["decode_latency"].values():
-        lines.append(
-            f"| {d['scheme']} | {d['prompt_len']} + {d['new_tokens']} | {d['original']['tokens_per_s']:.1f} | "
-            f"{d['converted']['tokens_per_s']:.1f} | {_x(d['latency_ratio'])} | "
-            f"{d['original']['peak_rss_mb']:,.0f} / {d['converted']['peak_rss_mb']:,.0f} | "
-            f"{_x(d['memory_ratio'])} | {d['greedy_tokens_matching_original']}/{d['new_tokens']} |"
-        )
-    mem_note = (
-        "CUDA max_memory_allocated"
-        if next(iter(r["decode_latency"].values()), {}).get("memory_measure") == "cuda_peak_mb"
-        else "peak RSS above the post-import RSS"
-    )
-    cs = r["cli_startup"]
-    lines += [
-        "",
-        f"Memory ratio: {mem_note}.",
-        "",
-        "## CLI start-up",
-        "",
-        f"`python -m qatkit --help` {cs['qatkit_help_s'] * 1000:.0f} ms vs `python -c pass` "
-        f"{cs['python_s'] * 1000:.0f} ms (median of {cs['repeats']}, interleaved): {_x(cs['ratio'])}, "
-        f"+{cs['overhead_s'] * 1000:.0f} ms.",
-        "",
         "## Load during each section",
         "",
         "| section | seconds | CPU share of other processes | CPU share of this benchmark | load average after |",
