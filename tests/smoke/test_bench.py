@@ -61,7 +61,7 @@ def test_every_section_has_positive_figures(bench_run):
         assert c["breakdown"]["quantized_data"]["bytes"] > 0
 
         d = r["decode_latency"][s]
-        for key in ("latency_ratio", "tokens_per_s_ratio", "memory_ratio"):
+        for key in ("latency_ratio", "score_ratio", "tokens_per_s_ratio", "memory_ratio"):
             assert positive(d[key]), (s, key)
         assert positive(d["original"]["tokens_per_s"]) and positive(d["converted"]["tokens_per_s"])
         assert 0 <= d["greedy_tokens_matching_original"] <= d["new_tokens"]

@@ -17,6 +17,8 @@ SECTIONS = ("cli_startup", "step_time", "train_memory", "checkpoint_size", "deco
 
 RESULT_PREFIX = "@@qatkit-bench "  # marks a worker's JSON line on stdout (libraries may print too)
 SEED = 0
+SCORE_BATCH = 8  # prompts per forward when timing log-likelihood scoring (the eval stage's workload)
+
 
 # a few sentences to train the --tiny model's tokenizer on (nothing is downloaded)
 TINY_TEXTS = [

@@ -12,6 +12,7 @@ from pathlib import Path
 from qatkit.bench.checkpoint import save_converted
 from qatkit.bench.common import (
     RESULT_PREFIX,
+    SCORE_BATCH,
     SEED,
     device,
     median,
@@ -75,6 +76,7 @@ def decode_worker(args: dict) -> None:
     model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=train_dtype()).to(device()).eval()
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = random_ids(vocab, 1, args["prompt_len"], SEED + 2).to(device())
+    batch = random_ids(vocab, SCORE_BATCH, args["prompt_len"], SEED + 3).to(device())
     n = args["new_tokens"]
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
     gen = GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=pad)
@@ -87,13 +89,25 @@ def decode_worker(args: dict) -> None:
         sync()
         return time.perf_counter() - t0, out[0, ids.shape[1] :].tolist()
 
+    def score() -> float:
+        """One forward over a batch of prompts: what lm-eval's log-likelihood scoring does."""
+        sync()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(input_ids=batch)
+        sync()
+        return time.perf_counter() - t0
+
     generate()  # warm-up
+    score()
     print(RESULT_PREFIX + json.dumps({"ready": True, "after_load_rss_mb": rss_mb()}), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "run":
             seconds, tokens = generate()
-            print(RESULT_PREFIX + json.dumps({"seconds": seconds, "tokens": tokens}), flush=True)
+            result = {"seconds": seconds, "tokens": tokens, "score_seconds": score()}
+            print(RESULT_PREFIX + json.dumps(result), flush=True)
+
         elif cmd == "quit":
             break
     peak = peak_rss_mb()
@@ -192,6 +206,10 @@ def decode_latency_many(
             "converted": conv,
             "torch_threads": threads or "default",
             "latency_ratio": median([c["seconds"] / o["seconds"] for o, c in zip(runs[0], runs[i], strict=True)]),
+            "score_batch": SCORE_BATCH,
+            "score_ratio": median(
+                [c["score_seconds"] / o["score_seconds"] for o, c in zip(runs[0], runs[i], strict=True)]
+            ),
             "tokens_per_s_ratio": conv["tokens_per_s"] / orig["tokens_per_s"],
             "memory_measure": mem_key,
             "memory_ratio": conv[mem_key] / orig[mem_key],

@@ -270,16 +270,18 @@ def _md_decode_latency(decode: dict) -> list[str]:
         "## Decode latency (greedy generate, batch 1)",
         "",
         "Original and converted checkpoint each in its own worker process, taking turns; "
-        "latency ratio = converted s / original s per round (median).",
+        "latency ratio = converted s / original s per round (median). Scoring: one forward over a batch "
+        "of prompts (what the eval stage's log-likelihood scoring does), same ratio.",
         "",
         "| scheme | prompt + new tokens | original tok/s | converted tok/s | latency × original | "
-        "peak RSS MB orig / conv | memory × original | greedy tokens = original |",
-        "|---|---|---:|---:|---:|---|---:|---|",
+        "scoring × original | peak RSS MB orig / conv | memory × original | greedy tokens = original |",
+        "|---|---|---:|---:|---:|---:|---|---:|---|",
     ]
     for d in decode.values():
         lines.append(
             f"| {d['scheme']} | {d['prompt_len']} + {d['new_tokens']} | {d['original']['tokens_per_s']:.1f} | "
             f"{d['converted']['tokens_per_s']:.1f} | {_x(d['latency_ratio'])} | "
+            f"{_x(d['score_ratio'])} (batch {d['score_batch']}) | "
             f"{d['original']['peak_rss_mb']:,.0f} / {d['converted']['peak_rss_mb']:,.0f} | "
             f"{_x(d['memory_ratio'])} | {d['greedy_tokens_matching_original']}/{d['new_tokens']} |"
         )
