@@ -311,7 +311,6 @@ def print_bench_summary(r: dict, target: Path) -> None:
             f"{d['converted']['tokens_per_s']:.1f} vs {d['original']['tokens_per_s']:.1f} tok/s: "
             f"latency {d['latency_ratio']:.2f}× original, scoring {d['score_ratio']:.2f}×, "
             f"memory {d['memory_ratio']:.2f}×",
-
         )
     if cs := r.get("cli_startup"):
         table.add_row(
