@@ -150,7 +150,8 @@ def validate_command(recipe_path: Path, overrides: list[str]) -> None:
             )
     console.print(table)
     if v.plan.untie_embeddings:
-        console.print("lm_head is tied to the input embedding: it will be untied so each is quantized on its own.")
+        console.print("lm_head is tied to the input embedding: it will be untied so each can be quantized on its own.")
+
     console.print(
         f"Estimated checkpoint size: {v.size_quantized_mb} MB converted vs {v.size_bf16_mb} MB in bf16 "
         f"({v.size_quantized_mb / v.size_bf16_mb:.0%})."

@@ -50,6 +50,9 @@ class QatSpec(Strict):
         "merged",
         description="unmerged: fq(W)x + BAx (Unsloth/torchao). merged: fq(W + s*BA)x, the deployed forward.",
     )
+    quantize_lm_head: bool | None = Field(
+        None, description="Quantize lm_head too (untied first if tied); default: what the scheme does."
+    )
 
     @field_validator("scheme")
     @classmethod
@@ -150,8 +153,12 @@ class Recipe(Strict):
         return self
 
     def digest(self) -> str:
-        """Hash of what determines the results (not which stages run now, nor where)."""
-        relevant = self.model_dump(exclude={"stages", "out"})
+        """Hash of what determines the results (not which stages run now, nor where).
+
+        Unset optional fields are left out, so adding an optional setting keeps existing run dirs resumable.
+        """
+        relevant = self.model_dump(exclude={"stages", "out"}, exclude_none=True)
+
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

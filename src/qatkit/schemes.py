@@ -6,6 +6,7 @@ torchao base config, so the quantizer used in training is by construction the on
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from collections.abc import Callable
@@ -82,6 +83,21 @@ def get_scheme(name: str) -> Scheme:
         return _SCHEMES[canonical_name(name)]
     except ValueError as e:
         raise RecipeError(str(e)) from None
+
+
+def for_recipe(qat) -> Scheme:
+    """The recipe's `qat` section as a scheme: the named one with the recipe's module overrides applied."""
+    scheme = get_scheme(qat.scheme)
+    if qat.quantize_lm_head is not None:
+        scheme = dataclasses.replace(scheme, quantize_lm_head=qat.quantize_lm_head)
+    return scheme
+
+
+def quantization_id(qat) -> str:
+    """What determines the quantized weights of a recipe: the scheme name plus any overrides."""
+    overrides = [f"group_size={qat.group_size}"] * (qat.group_size is not None)
+    overrides += [f"quantize_lm_head={qat.quantize_lm_head}"] * (qat.quantize_lm_head is not None)
+    return " ".join([qat.scheme, *overrides])
 
 
 # --- torchao configs (imported lazily: `qatkit --help` must not import torch) -------------------
@@ -360,7 +376,7 @@ def plan_modules(model: torch.nn.Module, scheme: Scheme, group_size: int | None 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     in_emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     tied = out_emb is not None and in_emb is not None and out_emb.weight is in_emb.weight
-    plan = Plan(scheme.name, gs, untie_embeddings=tied and scheme.quantize_lm_head)
+    plan = Plan(scheme.name, gs)
     outside = tuple(f"{p}." for p in non_language_modules(model))
     for fqn, mod in model.named_modules():
         if _is_lora(fqn):
@@ -386,6 +402,11 @@ def plan_modules(model: torch.nn.Module, scheme: Scheme, group_size: int | None 
             elif type(mod) is not torch.nn.Embedding:
                 p.quantize, p.reason = False, f"{type(mod).__name__} has extra forward logic; kept in high precision"
             plan.modules.append(p)
+    # a tied pair can no longer share one tensor once either side is quantized
+    quantized = {m.fqn for m in plan.quantized}
+    plan.untie_embeddings = tied and any(
+        fqn in quantized for fqn, mod in model.named_modules() if mod in (out_emb, in_emb)
+    )
     return plan
 
 

@@ -41,7 +41,7 @@ def preflight(recipe: Recipe) -> ModelSource:
     """Checks shared by `validate` and `run`, before any model loads: library versions, hardware,
     backend, model reachable, data parses and splits, eval tasks known and available offline."""
     check_versions()
-    scheme = schemes.get_scheme(recipe.qat.scheme)
+    scheme = schemes.for_recipe(recipe.qat)
     if "finetune" in recipe.stages:
         schemes.require_hardware(scheme, "train")
         backend_name(recipe)
@@ -105,7 +105,7 @@ def validate(recipe: Recipe) -> Validation:
     config = _config(source, recipe.model.trust_remote_code)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-    scheme = schemes.get_scheme(recipe.qat.scheme)
+    scheme = schemes.for_recipe(recipe.qat)
     plan = schemes.plan_modules(model, scheme, recipe.qat.group_size)
     result.plan = plan
     for m in plan.modules:

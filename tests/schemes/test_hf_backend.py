@@ -109,3 +109,19 @@ def test_merged_lora_forward_is_exact_and_its_gradient_straight_through(tiny_mod
     for got, want in zip(grads, (a.grad, b.grad), strict=True):
         assert want.abs().max() > 0
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_lm_head_can_be_left_unquantized(tiny_model_dir, tmp_path):
+    """qat.quantize_lm_head: false keeps lm_head out of QAT, convert and the PTQ baseline alike."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    run_recipe(tiny_recipe(tiny_model_dir, "qat.quantize_lm_head=false"), out, only=["finetune", "convert"])
+    plan = json.loads((out / "finetune" / "qat_plan.json").read_text())
+    assert "lm_head" not in plan["signature"] and any(k.endswith("down_proj") for k in plan["signature"])
+    assert json.loads((out / "convert" / "parity.json").read_text())["as_trained_vs_converted"]["sqnr_db"] == float(
+        "inf"
+    )
+    model = AutoModelForCausalLM.from_pretrained(out / "convert")
+    assert type(model.lm_head.weight.data) is torch.Tensor
+    assert type(model.model.layers[0].mlp.down_proj.weight).__name__ != "Parameter"

@@ -129,3 +129,23 @@ def test_chat_template_names_resolve():
     r = validate_recipe(_with(model={"name_or_path": "x/y", "chat_template": "gemma3"}))
     assert r.model.chat_template in CHAT_TEMPLATES
     assert "<start_of_turn>model" in CHAT_TEMPLATES["gemma3"]
+
+
+def test_unset_optional_fields_do_not_change_the_digest():
+    explicit = _with(qat={"scheme": "int8", "quantize_lm_head": None, "group_size": None})
+    assert validate_recipe(explicit).digest() == validate_recipe(MIN).digest()
+    assert validate_recipe(_with(qat={"scheme": "int8", "quantize_lm_head": False})).digest() != (
+        validate_recipe(MIN).digest()
+    )
+
+
+def test_quantize_lm_head_override():
+    from qatkit import schemes
+
+    default = validate_recipe(_with(qat={"scheme": "int8-int4"})).qat
+    off = validate_recipe(_with(qat={"scheme": "int8-int4", "quantize_lm_head": False, "group_size": 64})).qat
+    assert schemes.for_recipe(default).quantize_lm_head and not schemes.for_recipe(off).quantize_lm_head
+    assert schemes.for_recipe(off).name == "int8-int4"
+    # cached PTQ baselines are keyed by this: an override must never reuse the plain scheme's results
+    assert schemes.quantization_id(default) == "int8-int4"
+    assert schemes.quantization_id(off) == "int8-int4 group_size=64 quantize_lm_head=False"

@@ -37,7 +37,7 @@ def lora_config(recipe: Recipe, exclude_modules: str | None = None):
 
 def prepare_for_qat(recipe: Recipe, model) -> schemes.Plan:
     """Fake quantizers go on the base linears first; LoRA modules are added after and never quantized."""
-    return schemes.prepare(model, schemes.get_scheme(recipe.qat.scheme), recipe.qat.group_size)
+    return schemes.prepare(model, schemes.for_recipe(recipe.qat), recipe.qat.group_size)
 
 
 def attach_lora(recipe: Recipe, model, adapter_dir: Path | None = None):

@@ -50,7 +50,7 @@ def entry_point(model_type: str) -> str:
 
 def check_recipe(recipe: Recipe) -> None:
     """What Unsloth cannot train faithfully; raised before anything loads."""
-    scheme = schemes.get_scheme(recipe.qat.scheme)
+    scheme = schemes.for_recipe(recipe.qat)
     if recipe.qat.lora == "merged":
         raise RecipeError(
             "backend unsloth trains LoRA unmerged (its fused LoRA kernels compute fq(W)x + s·BAx): "
@@ -87,7 +87,7 @@ def qat_rules(recipe: Recipe) -> tuple[list[tuple[object, object]], object, dict
     modules and the other linears the scheme covers, never LoRA A/B, never modules outside the
     language model. `check_recipe` has refused schemes that quantize lm_head or embeddings.
     """
-    scheme = schemes.get_scheme(recipe.qat.scheme)
+    scheme = schemes.for_recipe(recipe.qat)
     state: dict = {}
 
     def plan_on(model) -> None:
@@ -197,7 +197,7 @@ class UnslothBackend:
             record = {**state["plan"].to_dict(), "lora_mode": recipe.qat.lora, "signature": signature}
             if distributed.is_main():
                 (work / "qat_plan.json").write_text(json.dumps(record, indent=2))
-            scheme = schemes.get_scheme(recipe.qat.scheme)
+            scheme = schemes.for_recipe(recipe.qat)
             if scheme.straight_through_fp8:
                 schemes._use_straight_through_fp8(model)
             if recipe.qat.cache_frozen_fake_quant:

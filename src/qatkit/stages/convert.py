@@ -66,7 +66,7 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
 
     from qatkit.backends.hf import load_trained
 
-    scheme = schemes.get_scheme(recipe.qat.scheme)
+    scheme = schemes.for_recipe(recipe.qat)
     schemes.require_hardware(scheme, "convert")
     if "finetune" in recipe.stages:
         model, tokenizer, plan = load_trained(recipe, run_dir.stage("finetune") / "adapter")

@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from qatkit import schemes
 from qatkit.data import chat_prompt, read_items, read_jsonl
 from qatkit.errors import EnvError, RecipeError
 from qatkit.recipe import EvalSpec
@@ -243,7 +244,6 @@ def variants_for(recipe, run_dir) -> list[Variant]:
 
 
 def _load_variant(recipe, variant: Variant):
-    from qatkit import schemes
     from qatkit.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(recipe.model, path=variant.path)
@@ -252,7 +252,7 @@ def _load_variant(recipe, variant: Variant):
 
         model = PeftModel.from_pretrained(model, variant.adapter).merge_and_unload()
     if variant.quantize:
-        schemes.quantize_ptq(model, schemes.get_scheme(recipe.qat.scheme), recipe.qat.group_size)
+        schemes.quantize_ptq(model, schemes.for_recipe(recipe.qat), recipe.qat.group_size)
     return model.eval(), tokenizer
 
 
@@ -286,7 +286,12 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
     results, timings = {}, {}
     for variant in variants_for(recipe, run_dir):
         key = _cache_key(
-            variant, spec, tasks, recipe.model.name_or_path + recipe.model.dtype, recipe.qat.scheme, heldout_hash
+            variant,
+            spec,
+            tasks,
+            recipe.model.name_or_path + recipe.model.dtype,
+            schemes.quantization_id(recipe.qat),
+            heldout_hash,
         )
         cached = _cache_dir() / f"{key}.json"
         cacheable = variant.path is None and (variant.adapter is None or variant.adapter_key is not None)

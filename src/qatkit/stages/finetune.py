@@ -15,7 +15,7 @@ from qatkit.recipe import Recipe
 
 
 def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> dict:
-    schemes.require_hardware(schemes.get_scheme(recipe.qat.scheme), "train")
+    schemes.require_hardware(schemes.for_recipe(recipe.qat), "train")
     backend = select_backend(recipe)
     examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
     result = backend.finetune(recipe, examples, work, resume)
