@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 from qatkit.pipeline import run_recipe, write_json_atomic
@@ -31,14 +30,15 @@ def run_recovery(
                 base_recipe,
                 [*overrides, f"qat.scheme={scheme}", f"qat.lora={mode}", "eval.baselines=[bf16,ptq,ft-bf16,ft-ptq]"],
             )
-            t0 = time.time()
-            run_recipe(recipe, out / name, resume=resume, force=not resume)
+            run = run_recipe(recipe, out / name, resume=resume, force=not resume)
+            stages = run.manifest()["stages"].values()
             runs[name] = {
                 "scheme": scheme,
                 "lora_mode": mode,
-                "seconds": round(time.time() - t0, 1),
+                "seconds": round(sum(s.get("seconds", 0) for s in stages), 1),  # across resumes too
                 **_collect(out / name),
             }
+
     summary = {"base_recipe": str(base_recipe), "overrides": overrides, "runs": runs}
     write_json_atomic(out / "recovery.json", summary)
     (out / "recovery.md").write_text(render(summary))
