@@ -360,8 +360,11 @@ def render_markdown(r: dict) -> str:
     for name, render in MD_SECTIONS.items():
         if name in r:
             lines += render(r[name])
+    if lines[-1]:
+        lines.append("")
     lines += [
         "## Load during each section",
+
         "",
         "| section | seconds | CPU share of other processes | CPU share of this benchmark | load average after |",
         "|---|---:|---:|---:|---|",
