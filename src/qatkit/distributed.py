@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import sys
 
 from qatkit.errors import EnvError, RecipeError
 
@@ -75,6 +76,8 @@ def launch(argv: list[str], num_processes: int) -> int:
     if gpus and num_processes > gpus:
         raise EnvError(f"--num-processes {num_processes}: only {gpus} CUDA device(s) visible")
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // num_processes))
+    if not gpus and sys.platform == "linux":  # one machine: gloo over loopback, whatever the hostname resolves to
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     args = launch_command_parser().parse_args(
         [
             "--multi_gpu",  # accelerate's torchrun launcher; on a CPU-only machine it runs DDP over gloo

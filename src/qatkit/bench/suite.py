@@ -364,7 +364,6 @@ def render_markdown(r: dict) -> str:
         lines.append("")
     lines += [
         "## Load during each section",
-
         "",
         "| section | seconds | CPU share of other processes | CPU share of this benchmark | load average after |",
         "|---|---:|---:|---:|---|",
