@@ -255,9 +255,10 @@ def bench(
         str,
         typer.Option(
             "--sections",
-            help="perf: comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, decode_latency.",
+            help="perf: comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, "
+            "decode_latency (default: all).",
         ),
-    ] = "cli_startup,step_time,train_memory,checkpoint_size,decode_latency",
+    ] = "",
     set_: SetOpt = None,
     resume: ResumeOpt = False,
 ) -> None:

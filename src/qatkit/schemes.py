@@ -95,9 +95,8 @@ def for_recipe(qat) -> Scheme:
 
 def quantization_id(qat) -> str:
     """What determines the quantized weights of a recipe: the scheme name plus any overrides."""
-    overrides = [f"group_size={qat.group_size}"] * (qat.group_size is not None)
-    overrides += [f"quantize_lm_head={qat.quantize_lm_head}"] * (qat.quantize_lm_head is not None)
-    return " ".join([qat.scheme, *overrides])
+    overrides = {"group_size": qat.group_size, "quantize_lm_head": qat.quantize_lm_head}
+    return " ".join([qat.scheme, *(f"{k}={v}" for k, v in overrides.items() if v is not None)])
 
 
 # --- torchao configs (imported lazily: `qatkit --help` must not import torch) -------------------

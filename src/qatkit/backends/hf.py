@@ -141,8 +141,8 @@ def train_and_save(trainer, model, tokenizer, work: Path, resume: bool, t0: floa
         (work / "adapter" / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(work / "adapter"))
         trainer.state.save_to_json(str(work / "trainer_state.json"))
-
         (work / "loss.json").write_text(json.dumps(losses))
+
         shutil.rmtree(ckpt_dir, ignore_errors=True)
     return TrainResult(
         steps=trainer.state.global_step,
