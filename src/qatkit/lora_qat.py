@@ -50,6 +50,10 @@ def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         x = base.activation_fake_quantizer(x)
     (name,) = [n for n in self.active_adapters if n in self.lora_A]
     bias = None if base.bias is None else base.bias.to(x.dtype)
+    scale = getattr(base.weight_fake_quantizer, "scale", None)
+    if isinstance(scale, torch.nn.Parameter) and scale.requires_grad:  # learned scales need autograd through fq
+        merged = base.weight + (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
+        return F.linear(x, base.weight_fake_quantizer(merged).to(x.dtype), bias)
     return _MergedLoRALinear.apply(
         x,
         base.weight,

@@ -53,6 +53,14 @@ class QatSpec(Strict):
     quantize_lm_head: bool | None = Field(
         None, description="Quantize lm_head too (untied first if tied); default: what the scheme does."
     )
+    learn_scales: bool | None = Field(
+        None,
+        description="Train the linears' weight quantization scales with the adapters (torchao range learning, "
+        "LSQ-style); convert quantizes with the learned scales. Intx-weight schemes; default off.",
+    )
+    scale_lr: float | None = Field(
+        None, gt=0, description="Learning rate of the learned scales (default: train.lr); never weight-decayed."
+    )
 
     @field_validator("scheme")
     @classmethod
@@ -60,6 +68,17 @@ class QatSpec(Strict):
         from qatkit.schemes import canonical_name
 
         return canonical_name(v)
+
+    @model_validator(mode="after")
+    def _scales_learnable(self) -> QatSpec:
+        from qatkit.schemes import get_scheme, list_schemes
+
+        if self.learn_scales and not get_scheme(self.scheme).learnable_scales:
+            learnable = ", ".join(s.name for s in list_schemes() if s.learnable_scales)
+            raise ValueError(f"qat.learn_scales: scheme {self.scheme} has no learnable intx scales (use {learnable})")
+        if self.scale_lr is not None and not self.learn_scales:
+            raise ValueError("qat.scale_lr is set but qat.learn_scales is not: there are no scales to train")
+        return self
 
 
 class LoraSpec(Strict):

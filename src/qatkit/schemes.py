@@ -6,11 +6,13 @@ torchao base config, so the quantizer used in training is by construction the on
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from qatkit.errors import EnvError, RecipeError
@@ -44,6 +46,8 @@ class Scheme:
     cpu_alternatives: str = ""
     notes: str = ""
     straight_through_fp8: bool = False  # torchao casts fp8 fake-quant grads unscaled; use STE
+    learnable_scales: bool = False  # intx weights: torchao range learning and convert with custom scales work
+    learn_scales: bool = False  # train the linears' weight scales (the recipe's qat.learn_scales)
 
     def group_size(self, override: int | None = None) -> int | None:
         return override if override is not None else self.default_group_size
@@ -90,11 +94,13 @@ def for_recipe(qat) -> Scheme:
     scheme = get_scheme(qat.scheme)
     if qat.quantize_lm_head is not None:
         scheme = dataclasses.replace(scheme, quantize_lm_head=qat.quantize_lm_head)
+    if qat.learn_scales:
+        scheme = dataclasses.replace(scheme, learn_scales=True)
     return scheme
 
 
 def quantization_id(qat) -> str:
-    """What determines the quantized weights of a recipe: the scheme name plus any overrides."""
+    """What determines the PTQ weights of a recipe: the scheme name plus any overrides (learned scales need QAT)."""
     overrides = {"group_size": qat.group_size, "quantize_lm_head": qat.quantize_lm_head}
     return " ".join([qat.scheme, *(f"{k}={v}" for k, v in overrides.items() if v is not None)])
 
@@ -174,6 +180,7 @@ register_scheme(
         summary="int8 weight-only, per output channel (Unsloth PR #3859)",
         configs="IntxWeightOnlyConfig(int8, PerAxis(0))",
         linear_config=_intx_weight_only(8),
+        learnable_scales=True,
     )
 )
 register_scheme(
@@ -186,6 +193,7 @@ register_scheme(
         default_group_size=32,
         embedding_config=_int8_embedding,
         quantize_lm_head=True,
+        learnable_scales=True,
         notes="ExecuTorch/XNNPACK layout (the Qwen3-4B 8da4w card)",
     )
 )
@@ -196,6 +204,7 @@ register_scheme(
         configs="IntxWeightOnlyConfig(int4, PerGroup(32))",
         linear_config=_intx_weight_only(4),
         default_group_size=32,
+        learnable_scales=True,
     )
 )
 register_scheme(
@@ -205,6 +214,7 @@ register_scheme(
         configs="IntxWeightOnlyConfig(int4, PerAxis(0))",
         linear_config=_intx_weight_only(4),
         default_group_size=None,
+        learnable_scales=True,
     )
 )
 register_scheme(
@@ -442,12 +452,83 @@ def prepare(model: torch.nn.Module, scheme: Scheme, group_size: int | None = Non
     linears = {m.fqn for m in plan.quantized if m.kind == "linear"}
     embeddings = {m.fqn for m in plan.quantized if m.kind == "embedding"}
     if linears:
-        quantize_(model, QATConfig(scheme.linear_config(plan.group_size), step="prepare"), _fqn_filter(linears))
+        quantize_(model, _linear_qat_config(scheme, plan.group_size), _fqn_filter(linears))
     if embeddings:
         quantize_(model, QATConfig(scheme.embedding_config(), step="prepare"), _fqn_filter(embeddings))
     if scheme.straight_through_fp8:
         _use_straight_through_fp8(model)
+    if scheme.learn_scales:
+        _init_learned_scales(model)
     return plan
+
+
+def _linear_qat_config(scheme: Scheme, group_size: int | None):
+    """QATConfig(prepare) for the linears; with learned scales, the base config's fake-quantize configs with the
+    weight scales static (computed once from the weights) and trainable (torchao range learning)."""
+    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+    base = scheme.linear_config(group_size)
+    if not scheme.learn_scales:
+        return QATConfig(base, step="prepare")
+    activation, weight = _infer_fake_quantize_configs(base)
+    if not isinstance(weight, IntxFakeQuantizeConfig):
+        raise RecipeError(f"qat.learn_scales: scheme {scheme.name} does not fake-quantize weights with intx scales")
+    weight = copy.copy(weight)
+    weight.is_dynamic, weight.range_learning = False, True
+    return QATConfig(activation_config=activation, weight_config=weight, step="prepare")
+
+
+def _init_learned_scales(model: torch.nn.Module) -> None:
+    """Compute each learnable weight scale from its weight now (torchao's initialize_fake_quantizers does this with a
+    forward pass; the weight is all a weight scale needs)."""
+    import torch
+
+    with torch.no_grad():
+        for mod in model.modules():
+            fq = getattr(mod, "weight_fake_quantizer", None)
+            if getattr(getattr(fq, "config", None), "range_learning", False) and fq.scale is None:
+                fq._initialized = True
+                fq(mod.weight)
+
+
+def _stable_fqn(fqn: str) -> str:
+    """A module's name without peft's wrapping, so plain and LoRA-wrapped models name it alike."""
+    return fqn.removeprefix("base_model.model.").replace(".base_layer", "")
+
+
+def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Module fqn -> its trainable weight scale (empty unless the scheme learns scales)."""
+    import torch
+
+    return {
+        _stable_fqn(fqn): mod.weight_fake_quantizer.scale
+        for fqn, mod in model.named_modules()
+        if isinstance(getattr(getattr(mod, "weight_fake_quantizer", None), "scale", None), torch.nn.Parameter)
+    }
+
+
+def save_learned_scales(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({fqn: p.detach().contiguous() for fqn, p in learned_scales(model).items()}, str(path))
+
+
+def load_learned_scales(model: torch.nn.Module, path: Path) -> None:
+    """Put trained scales back into a model prepared with the same scheme (refuses a partial match)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise RecipeError(f"{path} is missing: the run was trained with qat.learn_scales, its scales are needed")
+    saved, scales = load_file(str(path)), learned_scales(model)
+    if saved.keys() != scales.keys():
+        raise RecipeError(
+            f"{path} holds scales for other modules than this model learns ({len(saved)} vs {len(scales)})"
+        )
+    with torch.no_grad():
+        for fqn, p in scales.items():
+            p.copy_(saved[fqn])
 
 
 def convert(model: torch.nn.Module, scheme: Scheme, group_size: int | None = None) -> dict[str, object]:
@@ -476,7 +557,8 @@ def convert(model: torch.nn.Module, scheme: Scheme, group_size: int | None = Non
 
 
 def quantize_ptq(model: torch.nn.Module, scheme: Scheme, group_size: int | None = None) -> dict[str, object]:
-    """Post-training quantization through the exact same path as QAT convert."""
+    """Post-training quantization through the exact same path as QAT convert (scales from the weights)."""
+    scheme = dataclasses.replace(scheme, learn_scales=False)
     prepare(model, scheme, group_size)
     return convert(model, scheme, group_size)
 
@@ -514,8 +596,9 @@ def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
     """Compute fq(W) once for frozen weights instead of every step (same values, so parity is unchanged).
 
     With LoRA the base weights never change, so their fake-quantized copy is a constant. Any change of
-    the weight's values (e.g. a LoRA merge) invalidates it; a weight that requires grad (full finetuning)
-    or the merged-LoRA input W + s·BA is never cached. Costs two extra copies of each cached weight.
+    the weight's values (e.g. a LoRA merge) invalidates it; a weight that requires grad (full finetuning),
+    the merged-LoRA input W + s·BA, or a weight with a learned scale is never cached. Costs two extra copies
+    of each cached weight.
     Returns the number of fake quantizers wrapped.
     """
     import torch
@@ -524,7 +607,12 @@ def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
 
     for mod in model.modules():
         fq = getattr(mod, "weight_fake_quantizer", None)
-        if fq is None or getattr(fq, "_qatkit_cache", None) is not None or getattr(fq, "input_changes_every_step", 0):
+        if (
+            fq is None
+            or getattr(fq, "_qatkit_cache", None) is not None
+            or getattr(fq, "input_changes_every_step", False)
+            or getattr(fq.config, "range_learning", False)
+        ):
             continue
 
         fq._qatkit_cache = {}

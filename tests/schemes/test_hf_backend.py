@@ -125,3 +125,101 @@ def test_lm_head_can_be_left_unquantized(tiny_model_dir, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(out / "convert")
     assert type(model.lm_head.weight.data) is torch.Tensor
     assert type(model.model.layers[0].mlp.down_proj.weight).__name__ != "Parameter"
+
+
+@pytest.mark.parametrize("mode", ["merged", "unmerged"])
+def test_learned_scales_train_and_are_the_ones_convert_uses(tiny_model_dir, tmp_path, mode):
+    """qat.learn_scales: the weight scales move during training, are saved beside the adapter, and the converted
+    checkpoint quantizes with them (exact parity with the trained forward in merged mode)."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from qatkit.loading import load_model_and_tokenizer
+    from qatkit.schemes import for_recipe, learned_scales, prepare
+
+    out = tmp_path / "run"
+    recipe = tiny_recipe(
+        tiny_model_dir, "qat.learn_scales=true", f"qat.lora={mode}", "train.lr=0.01", "convert.parity_min_sqnr=0"
+    )
+    run_recipe(recipe, out, only=["finetune", "convert"])
+    trained = load_file(out / "finetune" / "adapter" / "learned_scales.safetensors")
+    model, _ = load_model_and_tokenizer(recipe.model)
+    prepare(model, for_recipe(recipe.qat))
+    initial = learned_scales(model)
+    assert trained.keys() == initial.keys() and len(trained) > 0
+    moved = [k for k in trained if not torch.equal(trained[k], initial[k].detach())]
+    assert len(moved) == len(trained)
+
+    parity = json.loads((out / "convert" / "parity.json").read_text())
+    assert parity["fake_quant_merged_vs_converted"]["sqnr_db"] == float("inf")
+    if mode == "merged":
+        assert parity["as_trained_vs_converted"]["sqnr_db"] == float("inf")
+    deployed = AutoModelForCausalLM.from_pretrained(out / "convert")
+    proj = "model.layers.0.mlp.down_proj"
+    torch.testing.assert_close(deployed.get_submodule(proj).weight.scale.float(), trained[proj].float())
+
+
+def test_learned_scales_resume_from_a_checkpoint(tiny_model_dir, tmp_path):
+    """Checkpoints carry the learned scales (peft's hold only the adapter): Ctrl-C after step 2, resume, and the
+    scales end where an uninterrupted run's do."""
+    from safetensors.torch import load_file
+
+    from qatkit.errors import Interrupted
+
+    recipe = tiny_recipe(
+        tiny_model_dir, "qat.learn_scales=true", "train.lr=0.01", "train.max_steps=4", "train.save_steps=2"
+    )
+    run_recipe(recipe, tmp_path / "straight", only=["finetune"])
+
+    forwards = 0
+
+    def interrupt_third_step(mod, args):
+        nonlocal forwards
+        if type(mod).__name__ == "PeftModelForCausalLM":
+            forwards += 1
+            if forwards == 3:
+                raise KeyboardInterrupt
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(interrupt_third_step)
+    try:
+        with pytest.raises(Interrupted):
+            run_recipe(recipe, tmp_path / "resumed", only=["finetune"])
+    finally:
+        handle.remove()
+    run_recipe(recipe, tmp_path / "resumed", resume=True, only=["finetune"])
+
+    summary = json.loads((tmp_path / "resumed" / "finetune" / "train_summary.json").read_text())
+    assert summary["resumed_from_step"] == 2
+    straight, resumed = (
+        load_file(tmp_path / d / "finetune" / "adapter" / "learned_scales.safetensors") for d in ("straight", "resumed")
+    )
+    for fqn, scale in straight.items():
+        torch.testing.assert_close(resumed[fqn], scale, rtol=1e-5, atol=1e-7)
+
+
+def test_learned_scales_get_their_own_optimizer_group(tiny_model_dir, tmp_path):
+    """qat.scale_lr sets the scales' learning rate; weight decay never applies to them (it would shrink them)."""
+    from datasets import Dataset
+
+    from qatkit.backends.hf import _trainer_class, attach_lora, prepare_for_qat, sft_config
+    from qatkit.loading import load_model_and_tokenizer
+    from qatkit.schemes import learned_scales
+
+    recipe = tiny_recipe(tiny_model_dir, "qat.learn_scales=true", "qat.scale_lr=1e-5", "train.weight_decay=0.1")
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    prepare_for_qat(recipe, model)
+    model = attach_lora(recipe, model)
+    scales = {id(p) for p in learned_scales(model).values()}
+    for p in learned_scales(model).values():
+        p.requires_grad_(True)
+    args = sft_config(recipe, tmp_path, model, use_cpu=True)
+    data = Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    trainer = _trainer_class(model, recipe.qat.scale_lr)(
+        model=model, args=args, train_dataset=data, processing_class=tokenizer
+    )
+    groups = trainer.create_optimizer().param_groups
+    scale_groups = [g for g in groups if any(id(p) in scales for p in g["params"])]
+    assert len(scale_groups) == 1 and {id(p) for p in scale_groups[0]["params"]} == scales
+    assert scale_groups[0]["lr"] == 1e-5 and scale_groups[0]["weight_decay"] == 0.0
+    adapters = [p for g in groups if g is not scale_groups[0] for p in g["params"]]
+    assert adapters and all("lora" in n for n, p in model.named_parameters() if any(p is a for a in adapters))

@@ -3,6 +3,7 @@
 Schemes whose convert needs CUDA are prepared and trained here; their convert runs in tests/gpu.
 """
 
+import dataclasses
 import subprocess
 import sys
 
@@ -124,20 +125,34 @@ def test_lora_learns_under_fake_quant(name, lora_mode, tiny_model_dir):
             assert torch.equal(base_before[n], p.detach()), n
 
 
-@pytest.mark.parametrize("name", CONVERTIBLE_HERE)
-def test_prepare_train_merge_convert_save_reload(name, tiny_model_dir, tmp_path):
+LEARNABLE_HERE = [n for n in CONVERTIBLE_HERE if schemes.get_scheme(n).learnable_scales]
+
+
+@pytest.mark.parametrize(
+    ("name", "learn_scales"), [(n, False) for n in CONVERTIBLE_HERE] + [(n, True) for n in LEARNABLE_HERE]
+)
+def test_prepare_train_merge_convert_save_reload(name, learn_scales, tiny_model_dir, tmp_path):
     model = load(tiny_model_dir)
     recipe = recipe_for(name, "merged")
-    plan = schemes.prepare(model, schemes.get_scheme(name))
+    scheme = dataclasses.replace(schemes.get_scheme(name), learn_scales=learn_scales)
+    plan = schemes.prepare(model, scheme)
     peft_model = attach_lora(recipe, model)
-    train_steps(peft_model)
+    scales = schemes.learned_scales(peft_model)
+    assert bool(scales) == learn_scales
+    for p in scales.values():
+        p.requires_grad_(True)
+    _, moved, total = train_steps(peft_model)
+    assert moved == total  # adapters and, when learned, every scale
     x = batch(1)
     with torch.no_grad():
         as_trained = peft_model(x).logits
     merged = peft_model.merge_and_unload()
-    converted = schemes.convert(merged, schemes.get_scheme(name))
+    converted = schemes.convert(merged, scheme)
     assert set(converted) == {m.fqn for m in plan.quantized}
     assert all(type(merged.get_submodule(f).weight).__name__ != "Parameter" for f in converted)
+    for fqn, scale in scales.items():  # the deployed weights are quantized with the learned scales
+        assert torch.equal(merged.get_submodule(fqn).weight.scale.reshape(scale.shape), scale.detach())
+
     with torch.no_grad():
         deployed = merged(x).logits
     # merged-LoRA QAT: the trained forward is the deployed forward

@@ -19,13 +19,13 @@ from ..conftest import DATA, TINY_RECIPE, run_cli
 UNSLOTH_INSTALLED = importlib.util.find_spec("unsloth") is not None
 
 
-def recipe(backend="auto", scheme="int4", lora="unmerged"):
+def recipe(backend="auto", scheme="int4", lora="unmerged", **qat):
     return validate_recipe(
         {
             "name": "t",
             "model": {"name_or_path": "Qwen/Qwen3-8B"},
             "backend": backend,
-            "qat": {"scheme": scheme, "lora": lora},
+            "qat": {"scheme": scheme, "lora": lora, **qat},
             "data": {"path": str(DATA)},
         }
     )
@@ -96,6 +96,8 @@ def test_unsloth_refuses_what_it_cannot_train_faithfully():
     # int8-int4 fake-quantizes lm_head, which Unsloth's fused loss bypasses
     with pytest.raises(RecipeError, match="lm_head"):
         check_recipe(recipe("unsloth", "int8-int4", "unmerged"))
+    with pytest.raises(RecipeError, match="learn_scales"):
+        check_recipe(recipe("unsloth", "w4-channel", "unmerged", learn_scales=True))
 
 
 def _tiny_lora_model(r=16):

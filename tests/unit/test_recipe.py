@@ -149,3 +149,14 @@ def test_quantize_lm_head_override():
     # cached PTQ baselines are keyed by this: an override must never reuse the plain scheme's results
     assert schemes.quantization_id(default) == "int8-int4"
     assert schemes.quantization_id(off) == "int8-int4 group_size=64 quantize_lm_head=False"
+
+
+def test_learn_scales_only_for_schemes_with_intx_scales():
+    from qatkit import schemes
+
+    qat = validate_recipe(_with(qat={"scheme": "w4-channel", "learn_scales": True})).qat
+    assert schemes.for_recipe(qat).learn_scales
+    assert schemes.quantization_id(qat) == "w4-channel"  # PTQ computes scales from the weights either way
+    problems = _problems(_with(qat={"scheme": "int4", "learn_scales": True}))
+    assert "qat.learn_scales" in problems and "w4-channel" in problems
+    assert "qat.learn_scales is not" in _problems(_with(qat={"scheme": "int8", "scale_lr": 1e-4}))

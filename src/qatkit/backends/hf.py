@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LEARNED_SCALES = "learned_scales.safetensors"  # beside the adapter (and in each checkpoint) with qat.learn_scales
+
 
 def lora_config(recipe: Recipe, exclude_modules: str | None = None):
     from peft import LoraConfig
@@ -57,27 +59,62 @@ def load_trained(recipe: Recipe, adapter_dir: Path):
     """Rebuild the model exactly as it was trained: base + fake quant + LoRA (in the recipe's mode)."""
     model, tokenizer = load_model_and_tokenizer(recipe.model)
     plan = prepare_for_qat(recipe, model)
-    return attach_lora(recipe, model, adapter_dir), tokenizer, plan
+    model = attach_lora(recipe, model, adapter_dir)
+    if recipe.qat.learn_scales:
+        schemes.load_learned_scales(model, adapter_dir / LEARNED_SCALES)
+    return model, tokenizer, plan
 
 
-def _trainer_class(model):
-    """SFTTrainer, or a subclass whose loss runs the model's own lm_head when that lm_head is fake-quantized.
+def _trainer_class(model, scale_lr: float | None = None):
+    """SFTTrainer, or a subclass with what QAT needs of it:
 
-    TRL fuses lm_head into a chunked log-prob kernel that reads `lm_head.weight` directly, which would
-    silently skip the lm_head's fake quantizers (int8-int4 quantizes lm_head): train and deploy would differ.
+    - a fake-quantized lm_head: the loss runs the model's own lm_head. TRL fuses lm_head into a chunked
+      log-prob kernel that reads `lm_head.weight` directly, which would silently skip the lm_head's fake
+      quantizers (int8-int4 quantizes lm_head): train and deploy would differ.
+    - learned scales: they get their own optimizer group, at `scale_lr` (default: the adapters' lr) and
+      without weight decay (decay would shrink every scale toward zero).
     """
     from transformers import Trainer
     from trl import SFTTrainer
 
-    lm_head = model.get_output_embeddings()
-    if getattr(lm_head, "weight_fake_quantizer", None) is None:
-        return SFTTrainer
+    overrides = {}
+    if getattr(model.get_output_embeddings(), "weight_fake_quantizer", None) is not None:
 
-    class QuantizedHeadSFTTrainer(SFTTrainer):
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
-    return QuantizedHeadSFTTrainer
+        overrides["compute_loss"] = compute_loss
+    scales = list(schemes.learned_scales(model).values())
+    if scales:
+
+        def create_optimizer(self, model=None):
+            if self.optimizer is not None:
+                return self.optimizer
+            optimizer = SFTTrainer.create_optimizer(self, model)
+            ids = {id(p) for p in scales}
+            for group in optimizer.param_groups:
+                group["params"] = [p for p in group["params"] if id(p) not in ids]
+            optimizer.add_param_group(
+                {"params": scales, "lr": scale_lr or self.args.learning_rate, "weight_decay": 0.0}
+            )
+            return optimizer
+
+        overrides["create_optimizer"] = create_optimizer
+    return type("QatSFTTrainer", (SFTTrainer,), overrides) if overrides else SFTTrainer
+
+
+def _learned_scales_callback():
+    """Writes the learned scales into each trainer checkpoint (peft checkpoints hold only the adapter)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class SaveLearnedScales(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                schemes.save_learned_scales(model, ckpt / LEARNED_SCALES)
+
+    return SaveLearnedScales()
 
 
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
@@ -126,18 +163,26 @@ def train_and_save(trainer, model, tokenizer, work: Path, resume: bool, t0: floa
     """
     ckpt_dir = Path(trainer.args.output_dir)
     resume_from = _last_checkpoint(ckpt_dir) if resume else None
+    learns_scales = bool(schemes.learned_scales(model))
+    if learns_scales:
+        trainer.add_callback(_learned_scales_callback())
     if resume_from:
         log.info("resuming training from %s", resume_from)
+        if learns_scales:
+            schemes.load_learned_scales(model, Path(resume_from) / LEARNED_SCALES)
     try:
         trainer.train(resume_from_checkpoint=resume_from)
     except KeyboardInterrupt:
         trainer._save_checkpoint(trainer.model, trial=None)
+        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}") from None
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     # Every process calls save_model (under FSDP it gathers the full state dict); the main one writes.
     trainer.save_model(str(work / "adapter"))
     distributed.barrier()  # every process is done with the checkpoints
     if distributed.is_main():
+        if learns_scales:
+            schemes.save_learned_scales(model, work / "adapter" / LEARNED_SCALES)
         (work / "adapter" / "training_args.bin").unlink(missing_ok=True)
         tokenizer.save_pretrained(str(work / "adapter"))
         trainer.state.save_to_json(str(work / "trainer_state.json"))
@@ -176,8 +221,11 @@ class HFBackend:
             if distributed.is_main():
                 (work / "qat_plan.json").write_text(json.dumps(qat_record, indent=2))
         model = attach_lora(recipe, model)
+        for scale in schemes.learned_scales(model).values():  # peft froze everything but the adapters
+            scale.requires_grad_(True)
 
         on_cuda = torch.cuda.is_available()
+
         cache = recipe.qat.cache_frozen_fake_quant
         if cache or (cache is None and not on_cuda):
             schemes.cache_frozen_weight_fake_quant(model)
@@ -186,7 +234,7 @@ class HFBackend:
 
         extra = {"gradient_checkpointing": True} if recipe.train.gradient_checkpointing else {}
         args = sft_config(recipe, work / "checkpoints", model, use_cpu=not on_cuda, **extra)
-        trainer = _trainer_class(model)(
+        trainer = _trainer_class(model, recipe.qat.scale_lr)(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
         return train_and_save(trainer, model, tokenizer, work, resume, t0)

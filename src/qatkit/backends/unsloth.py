@@ -56,6 +56,11 @@ def check_recipe(recipe: Recipe) -> None:
             "backend unsloth trains LoRA unmerged (its fused LoRA kernels compute fq(W)x + s·BAx): "
             "set qat.lora: unmerged, or use backend: hf for qat.lora: merged"
         )
+    if recipe.qat.learn_scales:
+        raise RecipeError(
+            "backend unsloth applies its qat_scheme's fake quantizers itself (scales computed every step): "
+            "use backend: hf for qat.learn_scales"
+        )
     if scheme.quantize_lm_head or scheme.embedding_config is not None:
         raise RecipeError(
             f"scheme {scheme.name} fake-quantizes lm_head/embeddings, but Unsloth's fused cross-entropy reads "
