@@ -105,6 +105,14 @@ def cache_root() -> Path:
     return Path(os.environ.get("QATKIT_CACHE", Path.home() / ".cache" / "qatkit"))
 
 
+def cache_lock(entry: Path):
+    """Held while a cache entry is checked and computed: a concurrent run on this machine waits, then reuses it."""
+    from filelock import FileLock
+
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(f"{entry}.lock")
+
+
 def materialize_gguf(source: ModelSource) -> ModelSource:
     """Dequantize a GGUF once into an HF directory under the qatkit cache, keyed by the file's hash.
 
@@ -117,6 +125,13 @@ def materialize_gguf(source: ModelSource) -> ModelSource:
     target = cache_root() / "gguf" / key
     if (target / "DONE").exists():
         return ModelSource(str(target))
+    with cache_lock(target):
+        if not (target / "DONE").exists():
+            _dequantize_gguf(source, gguf, target)
+    return ModelSource(str(target))
+
+
+def _dequantize_gguf(source: ModelSource, gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,7 +153,6 @@ def materialize_gguf(source: ModelSource) -> ModelSource:
 
         shutil.rmtree(target)
     tmp.rename(target)
-    return ModelSource(str(target))
 
 
 def model_fingerprint(name_or_path: str) -> dict:

@@ -142,3 +142,31 @@ def test_control_run_baselines_and_gold_nll(tiny_model_dir, tmp_path):
     assert seconds_b["ft-ptq"] != "cached" and seconds_b["qat"] != "cached"
 
     assert (tmp_path / "b" / "finetune" / "control" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_concurrent_runs_compute_each_cache_entry_once(tiny_model_dir, tmp_path):
+    """Two runs started together on a cold cache: the shared no-QAT control and the scheme-independent
+    baselines are computed by one of them while the other waits, then reused (never computed twice or torn)."""
+    import os
+
+    env = {**os.environ, "QATKIT_CACHE": str(tmp_path / "cache")}
+    args = ["--set", f"model.name_or_path={tiny_model_dir}", "--set", "eval.baselines=[bf16,ft-bf16]"]
+    args += ["--set", "train.max_steps=4"]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "qatkit", "run", str(TINY_RECIPE), "--out", str(tmp_path / name), *args, *extra],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, extra in (("a", []), ("b", ["--set", "qat.scheme=w4-intx"]))
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+    controls = [json.loads((tmp_path / n / "finetune" / "train_summary.json").read_text())["control"] for n in "ab"]
+    assert controls[0] == controls[1]  # one training (its own seconds), read by both
+    seconds = [json.loads((tmp_path / n / "eval" / "results.json").read_text())["seconds"] for n in "ab"]
+    for variant in ("bf16", "ft-bf16"):
+        assert sorted(s[variant] == "cached" for s in seconds) == [False, True], seconds

@@ -7,10 +7,12 @@ The only module that imports lm_eval. The recipe's held-out split becomes a loca
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,6 +258,26 @@ def _load_variant(recipe, variant: Variant):
     return model.eval(), tokenizer
 
 
+def _evaluate_variant(recipe, variant: Variant, tasks, spec: EvalSpec, include, task_dir: Path | None):
+    """Scores of one variant (tasks, gold-answer NLL, held-out text NLL) and the seconds they took."""
+    import gc
+    import time
+
+    t0 = time.time()
+    model, tokenizer = _load_variant(recipe, variant)
+    scores = evaluate_model(model, tokenizer, tasks, spec, include, seed=recipe.train.seed)
+    if HELDOUT in scores:
+        docs = read_jsonl(task_dir / f"{HELDOUT}.jsonl")[: spec.limit]
+        golds = [d["choices"][d["gold"]] for d in docs]
+        scores[HELDOUT]["gold_nll"] = gold_nll(model, tokenizer, [d["context"] for d in docs], golds)
+    result = {"dtype": str(model.dtype).removeprefix("torch."), "tasks": scores}
+    if spec.text_path:
+        result["text_nll"] = text_nll(model, tokenizer, load_texts(spec), spec.text_max_tokens)
+    del model
+    gc.collect()
+    return result, round(time.time() - t0, 2)
+
+
 def _cache_dir() -> Path:
     from qatkit.loading import cache_root
 
@@ -263,8 +285,7 @@ def _cache_dir() -> Path:
 
 
 def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
-    import gc
-    import time
+    from qatkit.loading import cache_lock
 
     spec = recipe.eval
     tasks = list(spec.tasks)
@@ -272,6 +293,8 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
     preflight(tasks, include)
     heldout_hash = ""
     primary = {}
+    task_dir = None
+
     if HELDOUT in tasks:
         if not run_dir.is_done("convert"):
             raise RecipeError(f"eval of '{HELDOUT}' needs a finished convert stage in {run_dir.root}")
@@ -295,29 +318,19 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
         )
         cached = _cache_dir() / f"{key}.json"
         cacheable = variant.path is None and (variant.adapter is None or variant.adapter_key is not None)
-
-        if cacheable and cached.exists():
-            results[variant.name] = json.loads(cached.read_text())
-            timings[variant.name] = "cached"
-            log.info("eval %s: cached baseline %s", variant.name, cached)
-            continue
-        t0 = time.time()
-        model, tokenizer = _load_variant(recipe, variant)
-        scores = evaluate_model(model, tokenizer, tasks, spec, include, seed=recipe.train.seed)
-        if HELDOUT in scores:
-            docs = read_jsonl(task_dir / f"{HELDOUT}.jsonl")[: spec.limit]
-            golds = [d["choices"][d["gold"]] for d in docs]
-            scores[HELDOUT]["gold_nll"] = gold_nll(model, tokenizer, [d["context"] for d in docs], golds)
-        results[variant.name] = {"dtype": str(model.dtype).removeprefix("torch."), "tasks": scores}
-        if spec.text_path:
-            results[variant.name]["text_nll"] = text_nll(model, tokenizer, load_texts(spec), spec.text_max_tokens)
-
-        timings[variant.name] = round(time.time() - t0, 2)
-        if cacheable:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            cached.write_text(json.dumps(results[variant.name]))
-        del model
-        gc.collect()
+        with cache_lock(cached) if cacheable else contextlib.nullcontext():
+            if cacheable and cached.exists():
+                results[variant.name] = json.loads(cached.read_text())
+                timings[variant.name] = "cached"
+                log.info("eval %s: cached baseline %s", variant.name, cached)
+            else:
+                results[variant.name], timings[variant.name] = _evaluate_variant(
+                    recipe, variant, tasks, spec, include, task_dir
+                )
+                if cacheable:
+                    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(results[variant.name]))
+                    tmp.replace(cached)
     out = {
         "tasks": tasks,
         "primary_metric": primary,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -34,7 +35,7 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
     reused from the qatkit cache by every run that shares them (e.g. one run per scheme).
     Under a multi-process launcher every process trains it; the main process writes the cache.
     """
-    from qatkit.loading import cache_root
+    from qatkit.loading import cache_lock, cache_root
 
     key_parts = [recipe.model.model_dump(), recipe.lora.model_dump(), recipe.train.model_dump(), examples, backend.name]
     if distributed.world_size() > 1:  # the global batch grows with the number of processes
@@ -42,18 +43,21 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
 
     key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
     cached = cache_root() / "control" / key
-    distributed.barrier()  # every process sees the same cache state
-    if not (cached / "DONE").exists():
-        tmp = cached.with_name(f"{key}.partial")
-        tmp.mkdir(parents=True, exist_ok=True)
-        result = backend.finetune(recipe, examples, tmp, resume, qat=False)
-        if distributed.is_main():
-            (tmp / "train_summary.json").write_text(json.dumps(result.summary(), indent=2))
-            (tmp / "DONE").touch()
-            if cached.exists():
-                shutil.rmtree(cached)
-            tmp.rename(cached)
-    distributed.barrier()
+    # another run on this machine training the same control holds the lock: wait for it, then reuse its result
+    with cache_lock(cached) if distributed.is_main() else contextlib.nullcontext():
+        distributed.barrier()  # every process sees the same cache state
+        if not (cached / "DONE").exists():
+            tmp = cached.with_name(f"{key}.partial")
+            tmp.mkdir(parents=True, exist_ok=True)
+            result = backend.finetune(recipe, examples, tmp, resume, qat=False)
+            if distributed.is_main():
+                (tmp / "train_summary.json").write_text(json.dumps(result.summary(), indent=2))
+                (tmp / "DONE").touch()
+                if cached.exists():
+                    shutil.rmtree(cached)
+                tmp.rename(cached)
+        distributed.barrier()
+
     if distributed.is_main():
         shutil.copytree(cached, target, ignore=shutil.ignore_patterns("DONE"))
     return {**json.loads((cached / "train_summary.json").read_text()), "cache_key": key}
