@@ -162,10 +162,11 @@ def schemes_command() -> None:
     from qatkit.schemes import list_schemes
 
     short = {"cpu": "CPU/GPU", "cuda": "CUDA", "cuda-sm89": "CUDA sm89+", "cuda-sm100": "Blackwell"}
-    table = Table("scheme", "what it is", "trains on", "converts on", title="qatkit schemes")
+    table = Table("scheme", "what it is", "trains on", "converts on", "learn_scales", title="qatkit schemes")
     for s in list_schemes():
         name = s.name + (f"\n({', '.join(s.aliases)})" if s.aliases else "")
-        table.add_row(name, s.summary, short[s.train_on], short[s.convert_on])
+        table.add_row(name, s.summary, short[s.train_on], short[s.convert_on], "yes" if s.learnable_scales else "")
+
     console.print(table)
     for s in list_schemes():
         extra = "; ".join(x for x in (s.notes, f"on CPU use {s.cpu_alternatives}" if s.cpu_alternatives else "") if x)

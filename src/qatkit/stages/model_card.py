@@ -39,12 +39,14 @@ def render_model_card(report: dict, recipe: dict) -> str:
         "",
     ]
     if finetuned:
+        scales = "; weight scales learned with the adapters" if recipe["qat"].get("learn_scales") else ""
         lines += [
             f"{base} fine-tuned with LoRA under quantization-aware training (fake quantization of the `{scheme}` "
-            f"scheme in the forward pass, LoRA mode `{recipe['qat']['lora']}`), then converted to real low-bit "
-            "torchao tensors with the same quantizer.",
+            f"scheme in the forward pass, LoRA mode `{recipe['qat']['lora']}`{scales}), then converted to real "
+            "low-bit torchao tensors with the same quantizer.",
             "",
         ]
+
     lines += [
         "# Inference with Transformers",
         "",
