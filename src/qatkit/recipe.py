@@ -120,6 +120,11 @@ class TrainSpec(Strict):
     logging_steps: int = Field(1, gt=0)
     save_steps: int = Field(50, gt=0)
     gradient_checkpointing: bool = False
+    full_finetuning: bool = Field(
+        False,
+        description="Train every weight of the language model under fake quantization instead of LoRA adapters "
+        "(torchtune's QAT recipes, Unsloth's full_finetuning); the `lora` section and qat.lora are unused.",
+    )
 
 
 class ConvertSpec(Strict):
@@ -171,12 +176,17 @@ class Recipe(Strict):
             raise ValueError(f"stages must keep the order {list(STAGES)}")
         return self
 
+    @property
+    def training_mode(self) -> str:
+        """How QAT trains: "full" (every weight) or the LoRA mode ("merged" / "unmerged")."""
+        return "full" if self.train.full_finetuning else self.qat.lora
+
     def digest(self) -> str:
         """Hash of what determines the results (not which stages run now, nor where).
 
-        Unset optional fields are left out, so adding an optional setting keeps existing run dirs resumable.
+        Fields left at their defaults are left out, so adding a setting keeps existing run dirs resumable.
         """
-        relevant = self.model_dump(exclude={"stages", "out"}, exclude_none=True)
+        relevant = self.model_dump(exclude={"stages", "out"}, exclude_defaults=True)
 
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -223,3 +223,30 @@ def test_learned_scales_get_their_own_optimizer_group(tiny_model_dir, tmp_path):
     assert scale_groups[0]["lr"] == 1e-5 and scale_groups[0]["weight_decay"] == 0.0
     adapters = [p for g in groups if g is not scale_groups[0] for p in g["params"]]
     assert adapters and all("lora" in n for n, p in model.named_parameters() if any(p is a for a in adapters))
+
+
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_full_finetuning_trains_every_weight_and_deploys_exactly(tiny_model_dir, tmp_path, learn_scales):
+    """train.full_finetuning: no adapters; every language-model weight moves under fake quantization, the
+    full weights are saved, convert deploys exactly the trained forward, and the no-QAT control is full too."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    overrides = ["train.full_finetuning=true", "train.lr=1e-3", "eval.baselines=[ft-bf16,ft-ptq]"]
+    recipe = tiny_recipe(tiny_model_dir, *overrides, f"qat.learn_scales={learn_scales}")
+    run_recipe(recipe, out)
+    trained = out / "finetune" / "model"
+    assert not (out / "finetune" / "adapter").exists() and not (trained / "adapter_config.json").exists()
+    assert (trained / "learned_scales.safetensors").is_file() == learn_scales
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(trained / "model.safetensors")
+    proj = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.equal(before[proj], after[proj])
+    assert (out / "finetune" / "control" / "model" / "model.safetensors").is_file()
+
+    parity = json.loads((out / "convert" / "parity.json").read_text())
+    assert parity["as_trained_vs_converted"]["sqnr_db"] == float("inf") and parity["qat_lora_mode"] == "full"
+    assert parity["reloaded_vs_in_memory"]["max_abs_diff"] == 0
+    variants = json.loads((out / "eval" / "results.json").read_text())["variants"]
+    assert set(variants) == {"ft-bf16", "ft-ptq", "qat"}
+    assert variants["ft-bf16"]["tasks"]["heldout"]["gold_nll"] != variants["ft-ptq"]["tasks"]["heldout"]["gold_nll"]
+    assert "fully fine-tuned" in (out / "convert" / "README.md").read_text()

@@ -71,8 +71,11 @@ def test_results_and_report(tiny_run):
     results = json.loads((out / "eval" / "results.json").read_text())
     assert set(results["variants"]) == {"bf16", "ptq", "qat"}
     for variant in results["variants"].values():
-        acc = variant["tasks"]["heldout"]["acc"]
-        assert 0.0 <= acc <= 1.0
+        held = variant["tasks"]["heldout"]
+        assert 0.0 <= held["acc"] <= 1.0
+        per_item = held["per_item"]["acc"]  # in item order, for paired comparisons
+        assert len(per_item) == held["sample_len"] and sum(per_item) / len(per_item) == pytest.approx(held["acc"])
+
     report = (out / "report.md").read_text()
     assert "| task | variant | accuracy (%) | ± stderr | normalized degradation |" in report
     assert "fine-tuned with QAT, converted" in report

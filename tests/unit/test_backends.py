@@ -12,7 +12,7 @@ import pytest
 from qatkit.backends.base import backend_name
 from qatkit.backends.unsloth import check_recipe, entry_point
 from qatkit.errors import EnvError, RecipeError
-from qatkit.recipe import validate_recipe
+from qatkit.recipe import TrainSpec, validate_recipe
 
 from ..conftest import DATA, TINY_RECIPE, run_cli
 
@@ -98,6 +98,9 @@ def test_unsloth_refuses_what_it_cannot_train_faithfully():
         check_recipe(recipe("unsloth", "int8-int4", "unmerged"))
     with pytest.raises(RecipeError, match="learn_scales"):
         check_recipe(recipe("unsloth", "w4-channel", "unmerged", learn_scales=True))
+    full = recipe("unsloth", "int8", "unmerged").model_copy(update={"train": TrainSpec(full_finetuning=True)})
+    with pytest.raises(RecipeError, match="full_finetuning"):
+        check_recipe(full)
 
 
 def _tiny_lora_model(r=16):

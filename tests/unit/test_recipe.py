@@ -160,3 +160,10 @@ def test_learn_scales_only_for_schemes_with_intx_scales():
     problems = _problems(_with(qat={"scheme": "int4", "learn_scales": True}))
     assert "qat.learn_scales" in problems and "w4-channel" in problems
     assert "qat.learn_scales is not" in _problems(_with(qat={"scheme": "int8", "scale_lr": 1e-4}))
+
+
+def test_training_mode_and_default_valued_fields_keep_the_digest():
+    assert validate_recipe(MIN).training_mode == "merged"
+    full = validate_recipe(_with(train={"full_finetuning": True}))
+    assert full.training_mode == "full" and full.digest() != validate_recipe(MIN).digest()
+    assert validate_recipe(_with(train={"full_finetuning": False})).digest() == validate_recipe(MIN).digest()

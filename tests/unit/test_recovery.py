@@ -37,3 +37,19 @@ def test_render_has_every_variant():
     for v in ("bf16", "ptq", "ft-bf16", "ft-ptq", "qat"):
         assert f"| {v} |" in md
     assert "recovery +63.8%" in md
+
+
+def test_paired_difference_uses_the_per_item_differences():
+    from qatkit.bench.recovery import paired_difference_in_stderr
+
+    # differences 1, 0, 0, 1: mean 0.5, sample stdev sqrt(1/3), stderr sqrt(1/3)/2
+    assert paired_difference_in_stderr([1, 1, 0, 1], [0, 1, 0, 0]) == pytest.approx(0.5 / (3**-0.5 / 2))
+    assert paired_difference_in_stderr([1, 0, 1], [1, 0, 1]) is None  # no difference anywhere
+    assert paired_difference_in_stderr([1, 0], None) is None
+    # the same items, one answer apart: the paired test sees it, unpaired stderrs drown it
+    a, b = [1.0] * 50 + [0.0] * 50, [1.0] * 45 + [0.0] * 55
+    run = _run()
+    for name, items in (("qat", a), ("ft-ptq", b)):
+        run["variants"][name].update(acc=sum(items) / 100, stderr=0.05, per_item=items)
+    f = figures(run)
+    assert f["qat_minus_ft_ptq_in_stderr"] < 1 < f["qat_minus_ft_ptq_paired_in_stderr"]

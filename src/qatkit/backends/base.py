@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 BACKENDS = {"hf": "qatkit.backends.hf:HFBackend", "unsloth": "qatkit.backends.unsloth:UnslothBackend"}
 
 
+def trained_dir(recipe: Recipe, work: Path) -> Path:
+    """Where a finetune writes what it trained: the LoRA adapter, or the full weights."""
+    return work / ("model" if recipe.train.full_finetuning else "adapter")
+
+
 @dataclass
 class TrainResult:
     steps: int

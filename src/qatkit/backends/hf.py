@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatkit import distributed, schemes
-from qatkit.backends.base import TrainResult
+from qatkit.backends.base import TrainResult, trained_dir
 from qatkit.errors import Interrupted
 from qatkit.loading import load_model_and_tokenizer, require_chat_template
 from qatkit.lora_qat import use_merged_lora_forward
@@ -55,13 +55,18 @@ def attach_lora(recipe: Recipe, model, adapter_dir: Path | None = None):
     return model
 
 
-def load_trained(recipe: Recipe, adapter_dir: Path):
-    """Rebuild the model exactly as it was trained: base + fake quant + LoRA (in the recipe's mode)."""
-    model, tokenizer = load_model_and_tokenizer(recipe.model)
-    plan = prepare_for_qat(recipe, model)
-    model = attach_lora(recipe, model, adapter_dir)
+def load_trained(recipe: Recipe, trained: Path):
+    """Rebuild the model exactly as it was trained: base + fake quant + LoRA (in the recipe's mode), or the
+    fully fine-tuned weights + fake quant."""
+    if recipe.train.full_finetuning:
+        model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(trained))
+        plan = prepare_for_qat(recipe, model)
+    else:
+        model, tokenizer = load_model_and_tokenizer(recipe.model)
+        plan = prepare_for_qat(recipe, model)
+        model = attach_lora(recipe, model, trained)
     if recipe.qat.learn_scales:
-        schemes.load_learned_scales(model, adapter_dir / LEARNED_SCALES)
+        schemes.load_learned_scales(model, trained / LEARNED_SCALES)
     return model, tokenizer, plan
 
 
@@ -156,8 +161,9 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, **extra):
     )
 
 
-def train_and_save(trainer, model, tokenizer, work: Path, resume: bool, t0: float) -> TrainResult:
-    """Train (resuming from the last checkpoint when asked), save adapter + state + loss history.
+def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: bool, t0: float) -> TrainResult:
+    """Train (resuming from the last checkpoint when asked), save what was trained (adapter or full weights)
+    into `out`, and the trainer state + loss history into `work`.
 
     Ctrl-C saves a checkpoint first, so `--resume` continues from exactly there.
     """
@@ -178,13 +184,13 @@ def train_and_save(trainer, model, tokenizer, work: Path, resume: bool, t0: floa
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}") from None
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     # Every process calls save_model (under FSDP it gathers the full state dict); the main one writes.
-    trainer.save_model(str(work / "adapter"))
+    trainer.save_model(str(out))
     distributed.barrier()  # every process is done with the checkpoints
     if distributed.is_main():
         if learns_scales:
-            schemes.save_learned_scales(model, work / "adapter" / LEARNED_SCALES)
-        (work / "adapter" / "training_args.bin").unlink(missing_ok=True)
-        tokenizer.save_pretrained(str(work / "adapter"))
+            schemes.save_learned_scales(model, out / LEARNED_SCALES)
+        (out / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(out))
         trainer.state.save_to_json(str(work / "trainer_state.json"))
         (work / "loss.json").write_text(json.dumps(losses))
 
@@ -215,19 +221,24 @@ class HFBackend:
         model, tokenizer = load_model_and_tokenizer(recipe.model)
         if examples and isinstance(examples[0].get("prompt"), list):
             require_chat_template(tokenizer, recipe.model)
+        full = recipe.train.full_finetuning
         if qat:
             plan = prepare_for_qat(recipe, model)
-            qat_record = {**plan.to_dict(), "lora_mode": recipe.qat.lora, "signature": schemes.signature(model)}
+            qat_record = {**plan.to_dict(), "lora_mode": recipe.training_mode, "signature": schemes.signature(model)}
+
             if distributed.is_main():
                 (work / "qat_plan.json").write_text(json.dumps(qat_record, indent=2))
-        model = attach_lora(recipe, model)
-        for scale in schemes.learned_scales(model).values():  # peft froze everything but the adapters
-            scale.requires_grad_(True)
+        if full:  # text-only training: vision/audio towers stay frozen
+            for fqn in schemes.non_language_modules(model):
+                model.get_submodule(fqn).requires_grad_(False)
+        else:
+            model = attach_lora(recipe, model)
+            for scale in schemes.learned_scales(model).values():  # peft froze everything but the adapters
+                scale.requires_grad_(True)
 
         on_cuda = torch.cuda.is_available()
-
         cache = recipe.qat.cache_frozen_fake_quant
-        if cache or (cache is None and not on_cuda):
+        if not full and (cache or (cache is None and not on_cuda)):  # full finetuning has no frozen weights
             schemes.cache_frozen_weight_fake_quant(model)
         if recipe.train.gradient_checkpointing:
             model.enable_input_require_grads()
@@ -237,4 +248,4 @@ class HFBackend:
         trainer = _trainer_class(model, recipe.qat.scale_lr)(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
-        return train_and_save(trainer, model, tokenizer, work, resume, t0)
+        return train_and_save(trainer, model, tokenizer, work, trained_dir(recipe, work), resume, t0)

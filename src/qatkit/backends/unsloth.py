@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatkit import distributed, schemes
-from qatkit.backends.base import TrainResult
+from qatkit.backends.base import TrainResult, trained_dir
 from qatkit.backends.hf import sft_config, train_and_save
 from qatkit.errors import EnvError, RecipeError
 
@@ -55,6 +55,10 @@ def check_recipe(recipe: Recipe) -> None:
         raise RecipeError(
             "backend unsloth trains LoRA unmerged (its fused LoRA kernels compute fq(W)x + s·BAx): "
             "set qat.lora: unmerged, or use backend: hf for qat.lora: merged"
+        )
+    if recipe.train.full_finetuning:
+        raise RecipeError(
+            "qatkit's Unsloth backend trains LoRA adapters only: use backend: hf for train.full_finetuning"
         )
     if recipe.qat.learn_scales:
         raise RecipeError(
@@ -212,4 +216,4 @@ class UnslothBackend:
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
-        return train_and_save(trainer, model, tokenizer, work, resume, t0)
+        return train_and_save(trainer, model, tokenizer, work, trained_dir(recipe, work), resume, t0)

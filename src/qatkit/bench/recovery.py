@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 from pathlib import Path
 
 from qatkit.pipeline import run_recipe, write_json_atomic
@@ -25,11 +26,14 @@ def run_recovery(
     runs = {}
     for scheme in schemes:
         for mode in lora_modes:
-            name = f"{scheme}-{mode}"
             recipe = load_recipe(
                 base_recipe,
                 [*overrides, f"qat.scheme={scheme}", f"qat.lora={mode}", "eval.baselines=[bf16,ptq,ft-bf16,ft-ptq]"],
             )
+            mode = recipe.training_mode  # "full" for every LoRA mode when the overrides ask for full finetuning
+            name = f"{scheme}-{mode}"
+            if name in runs:
+                continue
             run = run_recipe(recipe, out / name, resume=resume, force=not resume)
             stages = run.manifest()["stages"].values()
             runs[name] = {
@@ -58,6 +62,7 @@ def _collect(run_dir: Path) -> dict:
             "gold_nll": held.get("gold_nll"),
             "text_nll": v.get("text_nll"),
             "n": held.get("sample_len"),
+            "per_item": held.get("per_item", {}).get(metric),
         }
     parity = json.loads((run_dir / "convert" / "parity.json").read_text())
     return {
@@ -73,6 +78,16 @@ def _nd(x: float, ref: float, bad: float, lower_is_better: bool = False) -> floa
     return None if ref == bad else (x - ref) / (ref - bad)
 
 
+def paired_difference_in_stderr(a: list[float] | None, b: list[float] | None) -> float | None:
+    """Mean per-item difference a - b over its standard error. Both models scored the same items, so the
+    items' shared difficulty cancels: a paired test, tighter than combining the two accuracies' stderrs."""
+    if not a or not b or len(a) != len(b) or len(a) < 2:
+        return None
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    spread = statistics.stdev(diffs)
+    return None if spread == 0 else statistics.fmean(diffs) / (spread / math.sqrt(len(diffs)))
+
+
 def figures(run: dict) -> dict:
     v = run["variants"]
     qat, ft, ftq, base, ptq = (v[k] for k in ("qat", "ft-bf16", "ft-ptq", "bf16", "ptq"))
@@ -83,11 +98,16 @@ def figures(run: dict) -> dict:
         "nll_nd_vs_base": _nd(qat["gold_nll"], base["gold_nll"], ptq["gold_nll"], lower_is_better=True),
         "nll_nd_vs_ft": _nd(qat["gold_nll"], ft["gold_nll"], ftq["gold_nll"], lower_is_better=True),
         "qat_minus_ft_ptq_in_stderr": (qat["acc"] - ftq["acc"]) / se if se else None,
+        "qat_minus_ft_ptq_paired_in_stderr": paired_difference_in_stderr(qat.get("per_item"), ftq.get("per_item")),
     }
 
 
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.1f}%"
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:+.2f}"
 
 
 def render(summary: dict) -> str:
@@ -102,7 +122,8 @@ def render(summary: dict) -> str:
         f = figures(run)
 
         lines += [
-            f"## {run['scheme']}, qat.lora = {run['lora_mode']}",
+            f"## {run['scheme']}, "
+            + ("full fine-tuning" if run["lora_mode"] == "full" else f"qat.lora = {run['lora_mode']}"),
             "",
             f"| variant | {run['metric']} | ± stderr | gold NLL/token | held-out text NLL/token |",
             "|---|---|---|---|---|",
@@ -120,7 +141,7 @@ def render(summary: dict) -> str:
             f"- vs fine-tuned without QAT (what QAT adds): accuracy {_pct(f['acc_nd_vs_ft'])}, "
             f"gold NLL {_pct(f['nll_nd_vs_ft'])} (recovery {_pct(None if f['nll_nd_vs_ft'] is None else 1 + f['nll_nd_vs_ft'])})",
             f"- QAT minus fine-tuned-then-PTQ accuracy: {f['qat_minus_ft_ptq_in_stderr']:.2f} standard errors "
-            f"({run['variants']['qat']['n']} items)",
+            f"({run['variants']['qat']['n']} items; paired over the same items: {_num(f['qat_minus_ft_ptq_paired_in_stderr'])})",
             f"- train/deploy parity, converted vs as-trained: {run['parity_as_trained_sqnr_db']:.1f} dB; run took {run['seconds']:.0f} s",
             "",
         ]

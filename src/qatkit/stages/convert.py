@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 
 from qatkit import schemes
+from qatkit.backends.base import trained_dir
 from qatkit.data import chat_prompt, read_items
 from qatkit.errors import GateError
 from qatkit.loading import load_model_and_tokenizer
@@ -50,8 +51,11 @@ def check_same_quantizers(run_dir: RunDir, model, recipe: Recipe) -> None:
     """The model rebuilt for convert must carry exactly the fake quantizers training used."""
     trained = json.loads((run_dir.stage("finetune") / "qat_plan.json").read_text())
     now = schemes.signature(model)
-    if trained.get("lora_mode", recipe.qat.lora) != recipe.qat.lora:
-        raise GateError(f"qat.lora is {recipe.qat.lora!r} but training used {trained['lora_mode']!r}")
+    if trained.get("lora_mode", recipe.training_mode) != recipe.training_mode:
+        raise GateError(
+            f"the recipe trains {recipe.training_mode!r} (qat.lora / train.full_finetuning) but training used "
+            f"{trained['lora_mode']!r}"
+        )
     for fqn in sorted(set(trained["signature"]) | set(now)):
         a, b = trained["signature"].get(fqn), now.get(fqn)
         if a != b:
@@ -69,11 +73,12 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     scheme = schemes.for_recipe(recipe.qat)
     schemes.require_hardware(scheme, "convert")
     if "finetune" in recipe.stages:
-        model, tokenizer, plan = load_trained(recipe, run_dir.stage("finetune") / "adapter")
+        model, tokenizer, plan = load_trained(recipe, trained_dir(recipe, run_dir.stage("finetune")))
         check_same_quantizers(run_dir, model, recipe)
         batch = parity_batch(tokenizer, run_dir, recipe)
         as_trained = logits(model, batch)
-        model = model.merge_and_unload()
+        if not recipe.train.full_finetuning:
+            model = model.merge_and_unload()
     else:  # PTQ recipe: quantize the original model directly through the same scheme
         model, tokenizer = load_model_and_tokenizer(recipe.model)
         plan = schemes.prepare(model, scheme, recipe.qat.group_size)
@@ -92,7 +97,7 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
         "as_trained_vs_converted": compare(as_trained, in_memory) if as_trained is not None else None,
         "fake_quant_merged_vs_converted": compare(fake_quant_merged, in_memory),
         "reloaded_vs_in_memory": compare(logits(reloaded, batch), in_memory),
-        "qat_lora_mode": recipe.qat.lora,
+        "qat_lora_mode": recipe.training_mode,
         "threshold_db": recipe.convert.parity_min_sqnr,
         "tokens": int(batch["attention_mask"].sum()),
     }

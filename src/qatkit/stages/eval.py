@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qatkit import schemes
+from qatkit.backends.base import trained_dir
 from qatkit.data import chat_prompt, read_items, read_jsonl
 from qatkit.errors import EnvError, RecipeError
 from qatkit.recipe import EvalSpec
@@ -33,8 +34,8 @@ class Variant:
     name: str  # "qat", "bf16", "ptq", ...
     path: str | None  # checkpoint dir to load, or None for the recipe's base model
     quantize: bool = False  # apply the scheme as PTQ after loading
-    adapter: str | None = None  # merge this LoRA adapter first (the no-QAT control run)
-    adapter_key: str | None = None  # identity of that adapter (the control's cache key), for caching
+    control: str | None = None  # what the no-QAT control run trained: a LoRA adapter to merge, or full weights
+    control_key: str | None = None  # identity of that run (its cache key), for caching
 
 
 def heldout_choices(item, style: str) -> list[str]:
@@ -119,7 +120,7 @@ def preflight(tasks: list[str], include_paths: list[str]) -> None:
 def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str, scheme: str, heldout_hash: str) -> str:
     text = [spec.text_path, spec.text_field, spec.text_docs, spec.text_max_tokens] if spec.text_path else None
     key = [
-        "v2",
+        "v3",  # v3: per-item scores
         variant.name,
         base_id,
         scheme if variant.quantize else None,  # bf16 / ft-bf16 do not depend on the scheme
@@ -129,7 +130,7 @@ def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str,
         spec.include_path,
         heldout_hash,
         text,
-        variant.adapter_key,
+        variant.control_key,
     ]
 
     blob = json.dumps(key, sort_keys=True)
@@ -159,9 +160,15 @@ def evaluate_model(
         numpy_random_seed=seed,
         torch_random_seed=seed,
         fewshot_random_seed=seed,
-        log_samples=False,
+        log_samples=True,
     )
-    return {task: _metrics(values) for task, values in out["results"].items()}
+    scores = {task: _metrics(values) for task, values in out["results"].items()}
+    for task, samples in out.get("samples", {}).items():  # per-item scores, for paired comparisons of variants
+        ordered = sorted(samples, key=lambda s: s["doc_id"])
+        per_item = {m: [float(s[m]) for s in ordered] for m in METRICS if ordered and m in ordered[0]}
+        if per_item and task in scores:
+            scores[task]["per_item"] = per_item
+    return scores
 
 
 def gold_nll(model, tokenizer, contexts: list[str], golds: list[str], batch_size: int = 8) -> float:
@@ -232,13 +239,13 @@ def variants_for(recipe, run_dir) -> list[Variant]:
         out.append(Variant("bf16", None))
     if "ptq" in recipe.eval.baselines and finetuned:
         out.append(Variant("ptq", None, quantize=True))
-    control = str(run_dir.stage("finetune") / CONTROL / "adapter")
+    control = str(trained_dir(recipe, run_dir.stage("finetune") / CONTROL))
     summary = run_dir.stage("finetune") / "train_summary.json"
     control_key = json.loads(summary.read_text()).get("control", {}).get("cache_key") if summary.exists() else None
     if "ft-bf16" in recipe.eval.baselines and finetuned:
-        out.append(Variant("ft-bf16", None, adapter=control, adapter_key=control_key))
+        out.append(Variant("ft-bf16", None, control=control, control_key=control_key))
     if "ft-ptq" in recipe.eval.baselines and finetuned:
-        out.append(Variant("ft-ptq", None, quantize=True, adapter=control, adapter_key=control_key))
+        out.append(Variant("ft-ptq", None, quantize=True, control=control, control_key=control_key))
 
     if "convert" in recipe.stages:
         out.append(Variant("qat" if finetuned else "ptq", str(run_dir.stage("convert"))))
@@ -248,11 +255,12 @@ def variants_for(recipe, run_dir) -> list[Variant]:
 def _load_variant(recipe, variant: Variant):
     from qatkit.loading import load_model_and_tokenizer
 
-    model, tokenizer = load_model_and_tokenizer(recipe.model, path=variant.path)
-    if variant.adapter:
+    full_control = variant.control is not None and recipe.train.full_finetuning
+    model, tokenizer = load_model_and_tokenizer(recipe.model, path=variant.control if full_control else variant.path)
+    if variant.control and not full_control:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, variant.adapter).merge_and_unload()
+        model = PeftModel.from_pretrained(model, variant.control).merge_and_unload()
     if variant.quantize:
         schemes.quantize_ptq(model, schemes.for_recipe(recipe.qat), recipe.qat.group_size)
     return model.eval(), tokenizer
@@ -317,7 +325,8 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
             heldout_hash,
         )
         cached = _cache_dir() / f"{key}.json"
-        cacheable = variant.path is None and (variant.adapter is None or variant.adapter_key is not None)
+        cacheable = variant.path is None and (variant.control is None or variant.control_key is not None)
+
         with cache_lock(cached) if cacheable else contextlib.nullcontext():
             if cacheable and cached.exists():
                 results[variant.name] = json.loads(cached.read_text())

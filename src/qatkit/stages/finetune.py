@@ -37,7 +37,10 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
     """
     from qatkit.loading import cache_lock, cache_root
 
-    key_parts = [recipe.model.model_dump(), recipe.lora.model_dump(), recipe.train.model_dump(), examples, backend.name]
+    # settings left at their defaults are left out, so adding a setting does not retrain every cached control
+    sections = [recipe.model, recipe.lora, recipe.train]
+    key_parts = [*(s.model_dump(exclude_defaults=True) for s in sections), examples, backend.name]
+
     if distributed.world_size() > 1:  # the global batch grows with the number of processes
         key_parts.append({"processes": distributed.world_size()})
 

@@ -38,12 +38,21 @@ def render_model_card(report: dict, recipe: dict) -> str:
         f"- **Made with:** qatkit recipe `{recipe['name']}`",
         "",
     ]
+    full = bool(t.get("full_finetuning"))
+    trained = (
+        "Full fine-tuning"
+        if full
+        else f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, "
+        f"targets {', '.join(lora['target_modules'])}"
+    )
     if finetuned:
-        scales = "; weight scales learned with the adapters" if recipe["qat"].get("learn_scales") else ""
+        how = "fully fine-tuned" if full else "fine-tuned with LoRA"
+        mode = "" if full else f", LoRA mode `{recipe['qat']['lora']}`"
+        scales = "; weight scales learned too" if recipe["qat"].get("learn_scales") else ""
         lines += [
-            f"{base} fine-tuned with LoRA under quantization-aware training (fake quantization of the `{scheme}` "
-            f"scheme in the forward pass, LoRA mode `{recipe['qat']['lora']}`{scales}), then converted to real "
-            "low-bit torchao tensors with the same quantizer.",
+            f"{base} {how} under quantization-aware training (fake quantization of the `{scheme}` "
+            f"scheme in the forward pass{mode}{scales}), then converted to real low-bit torchao tensors with the "
+            "same quantizer.",
             "",
         ]
 
@@ -73,8 +82,7 @@ def render_model_card(report: dict, recipe: dict) -> str:
         lines += [
             "# Fine-tuning recipe",
             "",
-            f"LoRA r={lora['r']}, alpha={lora['alpha']}, dropout={lora['dropout']}, targets {', '.join(lora['target_modules'])}; "
-            f"{t['max_steps']} steps, batch {t['batch_size']} x {t['grad_accum']}, lr {t['lr']}, {t['lr_scheduler']} schedule, "
+            f"{trained}; {t['max_steps']} steps, batch {t['batch_size']} x {t['grad_accum']}, lr {t['lr']}, {t['lr_scheduler']} schedule, "
             f"warmup {t['warmup_steps']}, optimizer {t['optim']}, seed {t['seed']}; data `{(recipe.get('data') or {}).get('path')}`.",
             "",
             "```yaml",

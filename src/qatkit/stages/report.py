@@ -202,7 +202,7 @@ def build(run_dir: RunDir) -> dict:
         "name": recipe["name"],
         "model": recipe["model"]["name_or_path"],
         "scheme": recipe["qat"]["scheme"],
-        "qat_lora_mode": recipe["qat"]["lora"],
+        "qat_lora_mode": "full" if recipe["train"].get("full_finetuning") else recipe["qat"]["lora"],
         "quality": rows,
         "text_nll": {v: d["text_nll"] for v, d in results.get("variants", {}).items() if "text_nll" in d},
         "training": train,
@@ -242,7 +242,8 @@ def _parity_lines(parity: dict | None) -> list[str]:
         if v:
             out.append(f"| {label} | {v['sqnr_db']:.1f} | {v['max_abs_diff']:.3g} |")
     out.append(
-        f"\nLoRA mode during QAT: `{parity.get('qat_lora_mode')}`; gate threshold {parity.get('threshold_db')} dB."
+        f"\nQAT training mode (LoRA mode, or full): `{parity.get('qat_lora_mode')}`; "
+        f"gate threshold {parity.get('threshold_db')} dB."
     )
     return out
 
