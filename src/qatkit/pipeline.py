@@ -193,7 +193,7 @@ def open_run_dir(out: Path, recipe: Recipe, *, resume: bool, force: bool, same_r
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
     previous = run.manifest()
-    if resume and same_recipe and previous.get("recipe_hash") not in (None, recipe.digest()):
+    if resume and same_recipe and not _started_with(previous, recipe):
         raise RecipeError(f"--resume: the recipe changed since {out} was started; use --force to start over")
     (out / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
     run.update_manifest(
@@ -207,6 +207,17 @@ def open_run_dir(out: Path, recipe: Recipe, *, resume: bool, force: bool, same_r
         stages=previous.get("stages", {}),
     )
     return run
+
+
+def _started_with(manifest: dict, recipe: Recipe) -> bool:
+    """Whether a run dir was started with this recipe. The stored recipe is read with today's schema and hashed
+    again, so a qatkit upgrade (a new setting at its default, another hash formula) does not count as a change."""
+    if "recipe" not in manifest:
+        return manifest.get("recipe_hash") in (None, recipe.digest())
+    try:
+        return Recipe.model_validate(manifest["recipe"]).digest() == recipe.digest()
+    except ValueError:  # a setting this qatkit no longer knows
+        return False
 
 
 StageFn = Callable[[Recipe, RunDir, Path, bool], dict]

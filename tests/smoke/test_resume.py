@@ -138,3 +138,34 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir,
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err and "qatkit run" in err
     assert any((out / ".finetune.partial" / "checkpoints").glob("checkpoint-*")), "no checkpoint saved on Ctrl-C"
+
+
+def test_killed_control_run_does_not_train_qat_again(tiny_model_dir, tmp_path):
+    """Killed while training the no-QAT control: --resume keeps the finished QAT run and trains only the control."""
+    from pathlib import Path
+
+    out = tmp_path / "run"
+    args = ["--set", "stages=[finetune]", "--set", "eval.baselines=[ft-bf16]", "--set", "train.seed=7"]
+    proc = _start(out, tiny_model_dir, *args)
+    finished = out / ".finetune.partial" / "qat_result.json"
+    control_ckpts = Path(os.environ["QATKIT_CACHE"]) / "control"
+    _wait_for(lambda: finished.exists() and any(control_ckpts.glob("*.partial/checkpoints/checkpoint-4")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    qat = json.loads(finished.read_text())
+
+    resumed = run_cli(
+        "run",
+        str(TINY_RECIPE),
+        "--out",
+        str(out),
+        "--resume",
+        "--set",
+        f"model.name_or_path={tiny_model_dir}",
+        *STEPS,
+        *args,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "finetune" / "train_summary.json").read_text())
+    assert summary["seconds"] == qat["seconds"] and summary["final_loss"] == qat["final_loss"]  # not trained again
+    assert summary["control"]["steps"] == 16

@@ -71,3 +71,17 @@ def test_resume_refuses_a_changed_recipe(tmp_path):
     changed = RECIPE.model_copy(update={"name": "other"})
     with pytest.raises(RecipeError, match="recipe changed"):
         open_run_dir(out, changed, resume=True, force=False)
+
+
+def test_resume_survives_a_qatkit_upgrade(tmp_path):
+    """A run dir from an older qatkit (another hash formula, no entry for a newer setting) resumes."""
+    out = tmp_path / "run"
+    run = open_run_dir(out, RECIPE, resume=False, force=False)
+    manifest = json.loads(run.manifest_path.read_text())
+    del manifest["recipe"]["train"]["full_finetuning"]
+    run.manifest_path.write_text(json.dumps({**manifest, "recipe_hash": "0123456789abcdef"}))
+    open_run_dir(out, RECIPE, resume=True, force=False)
+    manifest["recipe"]["name"] = "other"
+    run.manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(RecipeError, match="recipe changed"):
+        open_run_dir(out, RECIPE, resume=True, force=False)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from qatkit import distributed, schemes
-from qatkit.backends.base import select_backend
+from qatkit.backends.base import TrainResult, select_backend
 from qatkit.data import read_jsonl
 from qatkit.pipeline import RunDir
 from qatkit.recipe import Recipe
@@ -19,7 +19,13 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     schemes.require_hardware(schemes.for_recipe(recipe.qat), "train")
     backend = select_backend(recipe)
     examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
-    result = backend.finetune(recipe, examples, work, resume)
+    finished = work / QAT_RESULT  # the QAT run finished before the control was interrupted: not trained again
+    if resume and finished.exists():
+        result = TrainResult(**json.loads(finished.read_text()))
+    else:
+        result = backend.finetune(recipe, examples, work, resume)
+        if distributed.is_main():
+            finished.write_text(json.dumps(result.__dict__))
     summary = {"backend": backend.name, **result.summary()}
     if needs_control_run(recipe):
         summary["control"] = _control_run(recipe, backend, examples, work / CONTROL, resume)
@@ -67,6 +73,7 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
 
 
 CONTROL = "control"
+QAT_RESULT = "qat_result.json"
 
 
 def needs_control_run(recipe: Recipe) -> bool:
