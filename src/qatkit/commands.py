@@ -120,7 +120,8 @@ def eval_command(
     table = Table("task", "metric", "value", "stderr", title=f"lm-eval: {model_dir}")
     for task, metrics in results.items():
         for name, value in metrics.items():
-            if not name.endswith("_stderr") and value is not None:
+            if not name.endswith("_stderr") and isinstance(value, int | float):  # not per_item lists
+
                 err = metrics.get(f"{name}_stderr")
                 table.add_row(task, name, f"{value:.4f}", f"{err:.4f}" if isinstance(err, float) else "—")
     console.print(table)
