@@ -121,7 +121,6 @@ def eval_command(
     for task, metrics in results.items():
         for name, value in metrics.items():
             if not name.endswith("_stderr") and isinstance(value, int | float):  # not per_item lists
-
                 err = metrics.get(f"{name}_stderr")
                 table.add_row(task, name, f"{value:.4f}", f"{err:.4f}" if isinstance(err, float) else "—")
     console.print(table)

@@ -85,3 +85,16 @@ def test_resume_survives_a_qatkit_upgrade(tmp_path):
     run.manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(RecipeError, match="recipe changed"):
         open_run_dir(out, RECIPE, resume=True, force=False)
+
+
+def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
+    from qatkit.backends.hf import _last_checkpoint
+
+    assert _last_checkpoint(tmp_path / "none") is None
+    for step, files in ((4, ["trainer_state.json", "extra.bin"]), (8, ["trainer_state.json"]), (12, ["model.bin"])):
+        ckpt = tmp_path / f"checkpoint-{step}"
+        ckpt.mkdir()
+        for name in files:
+            (ckpt / name).write_text("x")
+    assert _last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")  # 12 lacks the trainer state
+    assert _last_checkpoint(tmp_path, ("extra.bin",)) == str(tmp_path / "checkpoint-4")

@@ -122,10 +122,18 @@ def _learned_scales_callback():
     return SaveLearnedScales()
 
 
-def _last_checkpoint(ckpt_dir: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> str | None:
+    """The newest complete checkpoint. A process killed while writing one leaves it without trainer_state.json
+    (the Trainer writes it last) or without the files `needs` names (written after it, by callbacks)."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    steps = {}
+    for ckpt in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = ckpt.name.rsplit("-", 1)[1]
+        if step.isdigit() and all((ckpt / name).exists() for name in (TRAINER_STATE_NAME, *needs)):
+            steps[int(step)] = str(ckpt)
+    return steps[max(steps)] if steps else None
 
 
 def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, **extra):
@@ -168,8 +176,9 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
     Ctrl-C saves a checkpoint first, so `--resume` continues from exactly there.
     """
     ckpt_dir = Path(trainer.args.output_dir)
-    resume_from = _last_checkpoint(ckpt_dir) if resume else None
     learns_scales = bool(schemes.learned_scales(model))
+    resume_from = _last_checkpoint(ckpt_dir, (LEARNED_SCALES,) if learns_scales else ()) if resume else None
+
     if learns_scales:
         trainer.add_callback(_learned_scales_callback())
     if resume_from:
