@@ -37,6 +37,20 @@ def _start(out, model_dir, *args):
     )
 
 
+def _resume(out, model_dir, *args):
+    return run_cli(
+        "run",
+        str(TINY_RECIPE),
+        "--out",
+        str(out),
+        "--resume",
+        "--set",
+        f"model.name_or_path={model_dir}",
+        *STEPS,
+        *args,
+    )
+
+
 def _wait_for(predicate, proc, timeout=240):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -65,18 +79,7 @@ def test_killed_training_resumes_to_the_same_result(tiny_model_dir, tmp_path):
     proc.wait()
     assert not (out / "finetune").exists(), "a killed stage must not look finished"
 
-    resumed = run_cli(
-        "run",
-        str(TINY_RECIPE),
-        "--out",
-        str(out),
-        "--resume",
-        "--set",
-        f"model.name_or_path={tiny_model_dir}",
-        *STEPS,
-        "--set",
-        "stages=[finetune]",
-    )
+    resumed = _resume(out, tiny_model_dir, "--set", "stages=[finetune]")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (out / "finetune" / "DONE").exists()
     state = json.loads((out / "finetune" / "trainer_state.json").read_text())
@@ -154,17 +157,7 @@ def test_killed_control_run_does_not_train_qat_again(tiny_model_dir, tmp_path):
     proc.wait()
     qat = json.loads(finished.read_text())
 
-    resumed = run_cli(
-        "run",
-        str(TINY_RECIPE),
-        "--out",
-        str(out),
-        "--resume",
-        "--set",
-        f"model.name_or_path={tiny_model_dir}",
-        *STEPS,
-        *args,
-    )
+    resumed = _resume(out, tiny_model_dir, *args)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     summary = json.loads((out / "finetune" / "train_summary.json").read_text())
     assert summary["seconds"] == qat["seconds"] and summary["final_loss"] == qat["final_loss"]  # not trained again
