@@ -492,9 +492,9 @@ def _init_learned_scales(model: torch.nn.Module) -> None:
                 fq(mod.weight)
 
 
-def _stable_fqn(fqn: str) -> str:
+def stable_fqn(fqn: str) -> str:
     """A module's name without peft's wrapping, so plain and LoRA-wrapped models name it alike."""
-    return fqn.removeprefix("base_model.model.").replace(".base_layer", "")
+    return fqn.removeprefix("base_model.model.").removesuffix(".base_layer")
 
 
 def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
@@ -502,7 +502,7 @@ def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     import torch
 
     return {
-        _stable_fqn(fqn): mod.weight_fake_quantizer.scale
+        stable_fqn(fqn): mod.weight_fake_quantizer.scale
         for fqn, mod in model.named_modules()
         if isinstance(getattr(getattr(mod, "weight_fake_quantizer", None), "scale", None), torch.nn.Parameter)
     }
@@ -641,9 +641,7 @@ def signature(model: torch.nn.Module) -> dict[str, str]:
         if wfq is not None:
             afq = getattr(mod, "activation_fake_quantizer", None)
             act = repr(getattr(afq, "config", None)) if afq is not None else "None"
-            out[fqn.removeprefix("base_model.model.").removesuffix(".base_layer")] = (
-                f"act={act} weight={getattr(wfq, 'config', None)!r}"
-            )
+            out[stable_fqn(fqn)] = f"act={act} weight={getattr(wfq, 'config', None)!r}"
     return out
 
 

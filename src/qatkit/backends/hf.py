@@ -58,13 +58,12 @@ def attach_lora(recipe: Recipe, model, adapter_dir: Path | None = None):
 def load_trained(recipe: Recipe, trained: Path):
     """Rebuild the model exactly as it was trained: base + fake quant + LoRA (in the recipe's mode), or the
     fully fine-tuned weights + fake quant."""
-    if recipe.train.full_finetuning:
-        model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(trained))
-        plan = prepare_for_qat(recipe, model)
-    else:
-        model, tokenizer = load_model_and_tokenizer(recipe.model)
-        plan = prepare_for_qat(recipe, model)
+    full = recipe.train.full_finetuning
+    model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(trained) if full else None)
+    plan = prepare_for_qat(recipe, model)
+    if not full:
         model = attach_lora(recipe, model, trained)
+
     if recipe.qat.learn_scales:
         schemes.load_learned_scales(model, trained / LEARNED_SCALES)
     return model, tokenizer, plan

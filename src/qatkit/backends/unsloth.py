@@ -122,10 +122,6 @@ def unsloth_qat_config(recipe: Recipe) -> tuple[object, dict]:
     ), state
 
 
-def _key(fqn: str) -> str:
-    return fqn.removeprefix("base_model.model.").removesuffix(".base_layer")
-
-
 def verify_fake_quant(model, plan: schemes.Plan | None) -> dict[str, str]:
     """The fake quantizers really are in the model, on exactly the planned modules; returns the signature."""
     if not schemes.fake_quantizers(model) or plan is None:
@@ -135,7 +131,7 @@ def verify_fake_quant(model, plan: schemes.Plan | None) -> dict[str, str]:
             "model families), so this would not train the planned QAT; use backend: hf"
         )
     found = schemes.signature(model)
-    expected = {_key(m.fqn) for m in plan.quantized}
+    expected = {schemes.stable_fqn(m.fqn) for m in plan.quantized}
     if set(found) != expected:
         extra, missing = sorted(set(found) - expected), sorted(expected - set(found))
         raise EnvError(
