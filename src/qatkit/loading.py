@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING
 from qatkit.errors import EnvError, RecipeError
 
 if TYPE_CHECKING:
-    from qatkit.recipe import ModelSpec
+    from qatkit.recipe import ModelSpec, Recipe
+
 
 log = logging.getLogger(__name__)
 
@@ -204,6 +205,17 @@ def load_model_and_tokenizer(spec: ModelSpec, path: str | None = None, **kwargs)
     if spec.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATES.get(spec.chat_template, spec.chat_template)
     return model, tokenizer
+
+
+def load_finetuned(recipe: Recipe, trained: str | Path):
+    """A fine-tune without fake quantization (the no-QAT control): its full weights, or the recipe's model with the
+    LoRA adapter in `trained` merged in."""
+    if recipe.train.full_finetuning:
+        return load_model_and_tokenizer(recipe.model, path=str(trained))
+    from peft import PeftModel
+
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    return PeftModel.from_pretrained(model, str(trained)).merge_and_unload(), tokenizer
 
 
 def require_chat_template(tokenizer, spec: ModelSpec) -> None:

@@ -61,6 +61,11 @@ class QatSpec(Strict):
     scale_lr: float | None = Field(
         None, gt=0, description="Learning rate of the learned scales (default: train.lr); never weight-decayed."
     )
+    scale_init: Literal["absmax", "mse"] | None = Field(
+        None,
+        description="Where learned scales start: absmax (torchao's), or mse: per group, the clipped scale with the "
+        "least weight quantization error. Default absmax.",
+    )
 
     @field_validator("scheme")
     @classmethod
@@ -76,8 +81,10 @@ class QatSpec(Strict):
         if self.learn_scales and not get_scheme(self.scheme).learnable_scales:
             learnable = ", ".join(s.name for s in list_schemes() if s.learnable_scales)
             raise ValueError(f"qat.learn_scales: scheme {self.scheme} has no learnable intx scales (use {learnable})")
-        if self.scale_lr is not None and not self.learn_scales:
-            raise ValueError("qat.scale_lr is set but qat.learn_scales is not: there are no scales to train")
+        for name in ("scale_lr", "scale_init"):
+            if getattr(self, name) is not None and not self.learn_scales:
+                raise ValueError(f"qat.{name} is set but qat.learn_scales is not: there are no scales to train")
+
         return self
 
 
@@ -127,6 +134,19 @@ class TrainSpec(Strict):
     )
 
 
+class DistillSpec(Strict):
+    """Knowledge distillation into the fake-quantized student (Gemma 3's QAT, LLM-QAT, torchtune's KD recipes)."""
+
+    teacher: Literal["control", "base"] = Field(
+        description="control: the recipe's fine-tune without QAT (same data, seed and steps; trained first, or "
+        "reused from the qatkit cache); base: the unquantized model being fine-tuned.",
+    )
+    weight: float = Field(
+        1.0, ge=0.0, le=1.0, description="Share of the loss that is KL(teacher || student); the rest is cross-entropy."
+    )
+    temperature: float = Field(1.0, gt=0.0)
+
+
 class ConvertSpec(Strict):
     parity_min_sqnr: float = Field(
         20.0, description="Gate: SQNR (dB) of converted vs as-trained logits must reach this, else exit 4."
@@ -159,7 +179,9 @@ class Recipe(Strict):
     lora: LoraSpec = LoraSpec()
     data: DataSpec | None = None
     train: TrainSpec = TrainSpec()
+    distill: DistillSpec | None = None
     convert: ConvertSpec = ConvertSpec()
+
     eval: EvalSpec = EvalSpec()
     stages: list[Literal["finetune", "convert", "eval"]] = Field(default_factory=lambda: list(STAGES))
     out: str | None = None

@@ -48,6 +48,7 @@ class Scheme:
     straight_through_fp8: bool = False  # torchao casts fp8 fake-quant grads unscaled; use STE
     learnable_scales: bool = False  # intx weights: torchao range learning and convert with custom scales work
     learn_scales: bool = False  # train the linears' weight scales (the recipe's qat.learn_scales)
+    scale_init: Literal["absmax", "mse"] = "absmax"  # where learned scales start (the recipe's qat.scale_init)
 
     def group_size(self, override: int | None = None) -> int | None:
         return override if override is not None else self.default_group_size
@@ -95,7 +96,7 @@ def for_recipe(qat) -> Scheme:
     if qat.quantize_lm_head is not None:
         scheme = dataclasses.replace(scheme, quantize_lm_head=qat.quantize_lm_head)
     if qat.learn_scales:
-        scheme = dataclasses.replace(scheme, learn_scales=True)
+        scheme = dataclasses.replace(scheme, learn_scales=True, scale_init=qat.scale_init or "absmax")
     return scheme
 
 
@@ -458,7 +459,7 @@ def prepare(model: torch.nn.Module, scheme: Scheme, group_size: int | None = Non
     if scheme.straight_through_fp8:
         _use_straight_through_fp8(model)
     if scheme.learn_scales:
-        _init_learned_scales(model)
+        _init_learned_scales(model, mse=scheme.scale_init == "mse")
     return plan
 
 
@@ -479,9 +480,13 @@ def _linear_qat_config(scheme: Scheme, group_size: int | None):
     return QATConfig(activation_config=activation, weight_config=weight, step="prepare")
 
 
-def _init_learned_scales(model: torch.nn.Module) -> None:
+MSE_CLIP_RATIOS = tuple(round(0.5 + 0.02 * i, 2) for i in range(26))  # scale / absmax scale, 0.5 .. 1.0
+
+
+def _init_learned_scales(model: torch.nn.Module, mse: bool = False) -> None:
     """Compute each learnable weight scale from its weight now (torchao's initialize_fake_quantizers does this with a
-    forward pass; the weight is all a weight scale needs)."""
+    forward pass; the weight is all a weight scale needs): absmax, or with `mse` the clipped scale that minimises
+    each group's squared rounding + clipping error (searched over MSE_CLIP_RATIOS, like GPTQ/AWQ clip search)."""
     import torch
 
     with torch.no_grad():
@@ -490,6 +495,28 @@ def _init_learned_scales(model: torch.nn.Module) -> None:
             if getattr(getattr(fq, "config", None), "range_learning", False) and fq.scale is None:
                 fq._initialized = True
                 fq(mod.weight)
+                if mse:
+                    _clip_search(fq, mod.weight)
+
+
+def _clip_search(fq, weight: torch.Tensor) -> None:
+    """Per group, keep the scale (a ratio of the absmax one) whose fake-quantized weight is closest to `weight`."""
+    import torch
+
+    absmax_scale = fq.scale.detach().clone()
+    groups = absmax_scale.shape  # (out features, groups per row)
+
+    def group_error() -> torch.Tensor:
+        return (fq(weight) - weight).pow(2).reshape(*groups, -1).sum(-1)
+
+    best_scale, best_err = absmax_scale.clone(), group_error()
+    for ratio in MSE_CLIP_RATIOS[:-1]:
+        fq.scale.copy_(absmax_scale * ratio)
+        err = group_error()
+        better = err < best_err
+        best_scale = torch.where(better, fq.scale, best_scale)
+        best_err = torch.where(better, err, best_err)
+    fq.scale.copy_(best_scale)
 
 
 def stable_fqn(fqn: str) -> str:

@@ -250,3 +250,88 @@ def test_full_finetuning_trains_every_weight_and_deploys_exactly(tiny_model_dir,
     assert set(variants) == {"ft-bf16", "ft-ptq", "qat"}
     assert variants["ft-bf16"]["tasks"]["heldout"]["gold_nll"] != variants["ft-ptq"]["tasks"]["heldout"]["gold_nll"]
     assert "fully fine-tuned" in (out / "convert" / "README.md").read_text()
+
+
+def test_distill_loss_is_the_kl_on_the_scored_tokens():
+    from qatkit.backends.hf import distill_loss
+
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 4]])
+    want, n = 0.0, 0
+    for b in range(2):
+        for t in range(4):  # position t predicts labels[:, t + 1]
+            if labels[b, t + 1] != -100:
+                p = torch.softmax(teacher[b, t] / 2.0, -1)
+                want += (p * (p.log() - torch.log_softmax(student[b, t] / 2.0, -1))).sum() * 4.0
+                n += 1
+    torch.testing.assert_close(distill_loss(student, teacher, labels, temperature=2.0), want / n)
+    torch.testing.assert_close(distill_loss(student, teacher, labels, 2.0, num_items=10), want / 10)
+    assert distill_loss(student, student, labels) == 0
+
+
+def _distill_trainer(recipe, tmp_path, teacher):
+    """A QAT trainer distilling from `teacher(student)`, its student and its first batch."""
+    from datasets import Dataset
+
+    from qatkit.backends.hf import _trainer_class, attach_lora, prepare_for_qat, sft_config
+    from qatkit.data import load_splits, training_examples
+    from qatkit.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    prepare_for_qat(recipe, model)
+    model = attach_lora(recipe, model)
+    rows = training_examples(load_splits(recipe.data), recipe.data.answer_style)
+    args = sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True)
+    trainer = _trainer_class(model, None, teacher(model), recipe.distill)(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    inputs = next(iter(trainer.get_train_dataloader()))
+    return trainer, model, inputs
+
+
+def test_distillation_mixes_cross_entropy_and_kl_to_the_teacher(tiny_model_dir, tmp_path):
+    """weight 0: the plain cross-entropy; weight 1 with the student as its own teacher: zero; with the unquantized
+    model as teacher: the KL that fake quantization opens, positive; in between: the mix of the two."""
+    import copy
+
+    from transformers import Trainer
+
+    from qatkit.backends.hf import load_teacher
+
+    losses = {}
+    for weight, teacher in [(0.0, "base"), (1.0, "self"), (1.0, "base"), (0.25, "base")]:
+        r = tiny_recipe(tiny_model_dir, "distill.teacher=base", f"distill.weight={weight}")
+        make_teacher = copy.deepcopy if teacher == "self" else (lambda _, r=r: load_teacher(r, None))
+        trainer, model, inputs = _distill_trainer(r, tmp_path, make_teacher)
+        with torch.no_grad():
+            losses[weight, teacher] = trainer.compute_loss(model, inputs).item()
+            if weight == 0.0:
+                ce = Trainer.compute_loss(trainer, model, inputs).item()
+    assert losses[0.0, "base"] == pytest.approx(ce)
+    assert losses[1.0, "self"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 < losses[1.0, "base"] < 0.1 * ce
+    assert losses[0.25, "base"] == pytest.approx(0.75 * ce + 0.25 * losses[1.0, "base"], rel=1e-5)
+
+
+def test_distill_from_the_control_trains_it_first_and_learns_from_it(tiny_model_dir, tmp_path):
+    """distill.teacher=control: the no-QAT control is trained (or reused) before the QAT run, which then fits its
+    predictions (weight 1: a KL far below the cross-entropy the control started from); the model card says so."""
+    out = tmp_path / "run"
+    overrides = ["distill.teacher=control", "eval.baselines=[ft-bf16]", "train.lr=1e-3"]
+    run_recipe(tiny_recipe(tiny_model_dir, *overrides), out, only=["finetune", "convert"])
+    summary = json.loads((out / "finetune" / "train_summary.json").read_text())
+    assert "distilling from the same fine-tune without fake quantization" in (out / "convert" / "README.md").read_text()
+
+    assert (out / "finetune" / "control" / "adapter" / "adapter_config.json").is_file()
+    assert summary["control"]["steps"] == summary["steps"] == 2
+    assert 0 < summary["first_loss"] < 0.5 * summary["control"]["first_loss"]
+    control_mtime = (out / "finetune" / "control" / "train_summary.json").stat().st_mtime
+    assert control_mtime <= (out / "finetune" / "adapter" / "adapter_config.json").stat().st_mtime
+
+
+def test_distill_from_the_control_needs_it(tiny_model_dir, tmp_path):
+    from qatkit.backends.hf import load_teacher
+
+    with pytest.raises(RuntimeError, match="control run's output"):
+        load_teacher(tiny_recipe(tiny_model_dir, "distill.teacher=control"), tmp_path / "missing")

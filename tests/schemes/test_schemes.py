@@ -172,6 +172,37 @@ def test_prepare_train_merge_convert_save_reload(name, learn_scales, tiny_model_
     assert wtype != "Parameter"
 
 
+@pytest.mark.parametrize("name", LEARNABLE_HERE)
+def test_mse_scale_init_lowers_every_groups_weight_error(name, tiny_model_dir):
+    """qat.scale_init=mse: each learned scale starts at the clip ratio with the least error for its group, so no
+    group quantizes worse than with absmax scales, and clipping an outlier-heavy row does better overall."""
+    errors, scales = {}, {}
+    for init in ("absmax", "mse"):
+        model = load(tiny_model_dir)
+        torch.manual_seed(0)
+        with torch.no_grad():  # trained weights have outliers; the tiny model's init has none
+            for mod in model.modules():
+                if isinstance(mod, torch.nn.Linear):
+                    mod.weight.copy_(torch.distributions.StudentT(3.0).sample(mod.weight.shape) * 0.02)
+        schemes.prepare(model, dataclasses.replace(schemes.get_scheme(name), learn_scales=True, scale_init=init))
+        learned = schemes.learned_scales(model)
+        assert learned
+        with torch.no_grad():
+            errors[init] = {
+                fqn: (model.get_submodule(fqn).weight_fake_quantizer(w) - w).pow(2).reshape(*s.shape, -1).sum(-1)
+                for fqn, s in learned.items()
+                for w in [model.get_submodule(fqn).weight]
+            }
+        scales[init] = {fqn: s.detach().clone() for fqn, s in learned.items()}
+    for fqn, err in errors["mse"].items():
+        assert (err <= errors["absmax"][fqn]).all(), fqn
+        ratio = scales["mse"][fqn] / scales["absmax"][fqn]
+        assert ratio.min() >= min(schemes.MSE_CLIP_RATIOS) - 1e-6 and ratio.max() <= 1 + 1e-6
+    total = {init: sum(e.sum().item() for e in errs.values()) for init, errs in errors.items()}
+    # 8-bit rounding error is small next to what clipping an outlier costs: absmax is close to the best there
+    assert total["mse"] < (1.0 if name == "int8" else 0.95) * total["absmax"], total
+
+
 @pytest.mark.parametrize("name", [n for n in CUDA_CONVERT if n not in CONVERTIBLE_HERE])
 def test_cuda_only_convert_fails_cleanly_on_cpu(name, tiny_model_dir):
     model = load(tiny_model_dir)

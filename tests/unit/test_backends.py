@@ -12,7 +12,7 @@ import pytest
 from qatkit.backends.base import backend_name
 from qatkit.backends.unsloth import check_recipe, entry_point
 from qatkit.errors import EnvError, RecipeError
-from qatkit.recipe import TrainSpec, validate_recipe
+from qatkit.recipe import DistillSpec, TrainSpec, validate_recipe
 
 from ..conftest import DATA, TINY_RECIPE, run_cli
 
@@ -101,6 +101,9 @@ def test_unsloth_refuses_what_it_cannot_train_faithfully():
     full = recipe("unsloth", "int8", "unmerged").model_copy(update={"train": TrainSpec(full_finetuning=True)})
     with pytest.raises(RecipeError, match="full_finetuning"):
         check_recipe(full)
+    distilled = recipe("unsloth", "int8", "unmerged").model_copy(update={"distill": DistillSpec(teacher="base")})
+    with pytest.raises(RecipeError, match="distill"):
+        check_recipe(distilled)
 
 
 def _tiny_lora_model(r=16):

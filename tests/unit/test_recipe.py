@@ -160,6 +160,10 @@ def test_learn_scales_only_for_schemes_with_intx_scales():
     problems = _problems(_with(qat={"scheme": "int4", "learn_scales": True}))
     assert "qat.learn_scales" in problems and "w4-channel" in problems
     assert "qat.learn_scales is not" in _problems(_with(qat={"scheme": "int8", "scale_lr": 1e-4}))
+    assert "qat.scale_init is set" in _problems(_with(qat={"scheme": "int8", "scale_init": "mse"}))
+    mse = validate_recipe(_with(qat={"scheme": "int8", "learn_scales": True, "scale_init": "mse"})).qat
+    assert schemes.for_recipe(mse).scale_init == "mse"
+    assert schemes.for_recipe(qat).scale_init == "absmax"
 
 
 def test_training_mode_and_default_valued_fields_keep_the_digest():

@@ -43,7 +43,13 @@ class Backend(Protocol):
     name: str
 
     def finetune(
-        self, recipe: Recipe, examples: list[dict], work: Path, resume: bool, qat: bool = True
+        self,
+        recipe: Recipe,
+        examples: list[dict],
+        work: Path,
+        resume: bool,
+        qat: bool = True,
+        control: Path | None = None,
     ) -> TrainResult: ...
 
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from qatkit import distributed, schemes
 from qatkit.backends.base import TrainResult, trained_dir
 from qatkit.errors import Interrupted
-from qatkit.loading import load_model_and_tokenizer, require_chat_template
+from qatkit.loading import load_finetuned, load_model_and_tokenizer, require_chat_template
 from qatkit.lora_qat import use_merged_lora_forward
 
 if TYPE_CHECKING:
@@ -69,7 +69,20 @@ def load_trained(recipe: Recipe, trained: Path):
     return model, tokenizer, plan
 
 
-def _trainer_class(model, scale_lr: float | None = None):
+def distill_loss(student_logits, teacher_logits, labels, temperature: float = 1.0, num_items=None):
+    """KL(teacher || student) summed over the tokens the cross-entropy scores (labels != -100, shifted like it),
+    times temperature² (Hinton et al.), divided like the cross-entropy: by `num_items` (the tokens of the whole
+    accumulated batch) when given, else by this batch's tokens."""
+    import torch.nn.functional as F
+
+    scored = labels[:, 1:] != -100
+    student = F.log_softmax(student_logits[:, :-1][scored].float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1][scored].float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum") * temperature**2
+    return kl / (num_items if num_items is not None else scored.sum().clamp(min=1))
+
+
+def _trainer_class(model, scale_lr: float | None = None, teacher=None, distill=None):
     """SFTTrainer, or a subclass with what QAT needs of it:
 
     - a fake-quantized lm_head: the loss runs the model's own lm_head. TRL fuses lm_head into a chunked
@@ -77,12 +90,29 @@ def _trainer_class(model, scale_lr: float | None = None):
       quantizers (int8-int4 quantizes lm_head): train and deploy would differ.
     - learned scales: they get their own optimizer group, at `scale_lr` (default: the adapters' lr) and
       without weight decay (decay would shrink every scale toward zero).
+    - distillation (`teacher` model, the recipe's `distill` section): the loss mixes cross-entropy with
+      KL(teacher || student) on the same tokens.
     """
+    import torch
     from transformers import Trainer
     from trl import SFTTrainer
 
     overrides = {}
-    if getattr(model.get_output_embeddings(), "weight_fake_quantizer", None) is not None:
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ce, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+            with torch.no_grad():
+                teacher_logits = teacher.to(outputs.logits.device)(
+                    **{k: v for k, v in inputs.items() if k != "labels"}
+                ).logits
+            kd = distill_loss(outputs.logits, teacher_logits, inputs["labels"], distill.temperature, num_items_in_batch)
+            loss = (1 - distill.weight) * ce + distill.weight * kd
+            return (loss, outputs) if return_outputs else loss
+
+        overrides["compute_loss"] = compute_loss
+    elif getattr(model.get_output_embeddings(), "weight_fake_quantizer", None) is not None:
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
@@ -105,6 +135,14 @@ def _trainer_class(model, scale_lr: float | None = None):
 
         overrides["create_optimizer"] = create_optimizer
     return type("QatSFTTrainer", (SFTTrainer,), overrides) if overrides else SFTTrainer
+
+
+def load_teacher(recipe: Recipe, control: Path | None):
+    if recipe.distill.teacher == "base":
+        return load_model_and_tokenizer(recipe.model)[0]
+    if control is None or not control.exists():
+        raise RuntimeError(f"distill.teacher: control, but the control run's output {control} is missing")
+    return load_finetuned(recipe, control)[0]
 
 
 def _learned_scales_callback():
@@ -218,8 +256,18 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
 class HFBackend:
     name = "hf"
 
-    def finetune(self, recipe: Recipe, examples: list[dict], work: Path, resume: bool, qat: bool = True) -> TrainResult:
-        """Train LoRA adapters into `work`; `qat=False` is the control run (same everything, no fake quant)."""
+    def finetune(
+        self,
+        recipe: Recipe,
+        examples: list[dict],
+        work: Path,
+        resume: bool,
+        qat: bool = True,
+        control: Path | None = None,
+    ) -> TrainResult:
+        """Train LoRA adapters (or every weight) into `work`; `qat=False` is the control run (same everything, no
+        fake quant). With the recipe's `distill` section the QAT run learns from a teacher: the model as loaded, or
+        the control run trained into `control`."""
         import torch
         from datasets import Dataset
         from transformers import set_seed
@@ -253,7 +301,8 @@ class HFBackend:
 
         extra = {"gradient_checkpointing": True} if recipe.train.gradient_checkpointing else {}
         args = sft_config(recipe, work / "checkpoints", model, use_cpu=not on_cuda, **extra)
-        trainer = _trainer_class(model, recipe.qat.scale_lr)(
+        teacher = load_teacher(recipe, control) if qat and recipe.distill else None
+        trainer = _trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill)(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
         return train_and_save(trainer, model, tokenizer, work, trained_dir(recipe, work), resume, t0)

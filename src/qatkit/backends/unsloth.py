@@ -65,6 +65,8 @@ def check_recipe(recipe: Recipe) -> None:
             "backend unsloth applies its qat_scheme's fake quantizers itself (scales computed every step): "
             "use backend: hf for qat.learn_scales"
         )
+    if recipe.distill is not None:
+        raise RecipeError("qatkit's Unsloth backend trains with cross-entropy only: use backend: hf for distill")
     if scheme.quantize_lm_head or scheme.embedding_config is not None:
         raise RecipeError(
             f"scheme {scheme.name} fake-quantizes lm_head/embeddings, but Unsloth's fused cross-entropy reads "
@@ -153,8 +155,18 @@ def _model_path(recipe: Recipe) -> str:
 class UnslothBackend:
     name = "unsloth"
 
-    def finetune(self, recipe: Recipe, examples: list[dict], work: Path, resume: bool, qat: bool = True) -> TrainResult:
-        """Train LoRA adapters into `work` like the hf backend (same files, so convert works unchanged)."""
+    def finetune(
+        self,
+        recipe: Recipe,
+        examples: list[dict],
+        work: Path,
+        resume: bool,
+        qat: bool = True,
+        control: Path | None = None,
+    ) -> TrainResult:
+        """Train LoRA adapters into `work` like the hf backend (same files, so convert works unchanged); no
+        distillation (check_recipe refuses it), so `control` is unused."""
+
         check_recipe(recipe)
         unsloth = import_unsloth()  # before transformers/peft/trl
         from datasets import Dataset

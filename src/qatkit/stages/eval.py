@@ -253,14 +253,12 @@ def variants_for(recipe, run_dir) -> list[Variant]:
 
 
 def _load_variant(recipe, variant: Variant):
-    from qatkit.loading import load_model_and_tokenizer
+    from qatkit.loading import load_finetuned, load_model_and_tokenizer
 
-    full_control = variant.control is not None and recipe.train.full_finetuning
-    model, tokenizer = load_model_and_tokenizer(recipe.model, path=variant.control if full_control else variant.path)
-    if variant.control and not full_control:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, variant.control).merge_and_unload()
+    if variant.control:
+        model, tokenizer = load_finetuned(recipe, variant.control)
+    else:
+        model, tokenizer = load_model_and_tokenizer(recipe.model, path=variant.path)
     if variant.quantize:
         schemes.quantize_ptq(model, schemes.for_recipe(recipe.qat), recipe.qat.group_size)
     return model.eval(), tokenizer

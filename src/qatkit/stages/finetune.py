@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from qatkit import distributed, schemes
-from qatkit.backends.base import TrainResult, select_backend
+from qatkit.backends.base import TrainResult, select_backend, trained_dir
 from qatkit.data import read_jsonl
 from qatkit.pipeline import RunDir
 from qatkit.recipe import Recipe
@@ -19,16 +19,21 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     schemes.require_hardware(schemes.for_recipe(recipe.qat), "train")
     backend = select_backend(recipe)
     examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
+    control = None
+    if recipe.distill and recipe.distill.teacher == "control":  # the teacher is trained first
+        control = _control_run(recipe, backend, examples, work / CONTROL, resume)
     finished = work / QAT_RESULT  # the QAT run finished before the control was interrupted: not trained again
     if resume and finished.exists():
         result = TrainResult(**json.loads(finished.read_text()))
     else:
-        result = backend.finetune(recipe, examples, work, resume)
+        result = backend.finetune(recipe, examples, work, resume, control=trained_dir(recipe, work / CONTROL))
         if distributed.is_main():
             finished.write_text(json.dumps(result.__dict__))
     summary = {"backend": backend.name, **result.summary()}
-    if needs_control_run(recipe):
-        summary["control"] = _control_run(recipe, backend, examples, work / CONTROL, resume)
+    if control is None and needs_control_run(recipe):
+        control = _control_run(recipe, backend, examples, work / CONTROL, resume)
+    if control is not None:
+        summary["control"] = control
     if distributed.is_main():
         (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -68,7 +73,7 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
         distributed.barrier()
 
     if distributed.is_main():
-        shutil.copytree(cached, target, ignore=shutil.ignore_patterns("DONE"))
+        shutil.copytree(cached, target, ignore=shutil.ignore_patterns("DONE"), dirs_exist_ok=True)
     return {**json.loads((cached / "train_summary.json").read_text()), "cache_key": key}
 
 

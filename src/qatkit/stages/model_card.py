@@ -49,10 +49,13 @@ def render_model_card(report: dict, recipe: dict) -> str:
         how = "fully fine-tuned" if full else "fine-tuned with LoRA"
         mode = "" if full else f", LoRA mode `{recipe['qat']['lora']}`"
         scales = "; weight scales learned too" if recipe["qat"].get("learn_scales") else ""
+        distill = recipe.get("distill")
+        teachers = {"control": "the same fine-tune without fake quantization", "base": "the unquantized base model"}
+        taught = f", distilling from {teachers[distill['teacher']]}" if distill else ""
         lines += [
             f"{base} {how} under quantization-aware training (fake quantization of the `{scheme}` "
-            f"scheme in the forward pass{mode}{scales}), then converted to real low-bit torchao tensors with the "
-            "same quantizer.",
+            f"scheme in the forward pass{mode}{scales}{taught}), then converted to real low-bit torchao tensors "
+            "with the same quantizer.",
             "",
         ]
 
