@@ -335,3 +335,22 @@ def test_distill_from_the_control_needs_it(tiny_model_dir, tmp_path):
 
     with pytest.raises(RuntimeError, match="control run's output"):
         load_teacher(tiny_recipe(tiny_model_dir, "distill.teacher=control"), tmp_path / "missing")
+
+
+def test_distillation_is_normalized_like_the_cross_entropy_under_gradient_accumulation(tiny_model_dir, tmp_path):
+    """One step on 2 items as one batch or as 2 accumulated micro-batches moves the adapters alike: the KL is
+    divided by the tokens of the whole accumulated batch, like the cross-entropy."""
+    from safetensors.torch import load_file
+
+    adapters = []
+    for batch, accum in [(2, 1), (1, 2)]:
+        out = tmp_path / f"b{batch}"
+        overrides = ["distill.teacher=base", "distill.weight=0.5", "train.max_steps=1", "train.warmup_steps=0"]
+        overrides += ["train.optim=sgd", "train.lr=1.0"]  # SGD: the update is the gradient (Adam's is scale-free)
+        recipe = tiny_recipe(tiny_model_dir, *overrides, f"train.batch_size={batch}", f"train.grad_accum={accum}")
+        run_recipe(recipe, out, only=["finetune"])
+        adapters.append(load_file(out / "finetune" / "adapter" / "adapter_model.safetensors"))
+    for name, tensor in adapters[0].items():  # LoRA B starts at zero: after one step it holds the update
+        if "lora_B" in name:
+            assert tensor.abs().max() > 0, name
+            torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-3, atol=1e-5)

@@ -104,11 +104,22 @@ def _trainer_class(model, scale_lr: float | None = None, teacher=None, distill=N
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             ce, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
             with torch.no_grad():
-                teacher_logits = teacher.to(outputs.logits.device)(
-                    **{k: v for k, v in inputs.items() if k != "labels"}
-                ).logits
-            kd = distill_loss(outputs.logits, teacher_logits, inputs["labels"], distill.temperature, num_items_in_batch)
+                teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+                teacher_logits = teacher.to(outputs.logits.device)(**teacher_inputs, use_cache=False).logits
+            # normalized like Trainer normalizes the cross-entropy (per token of the accumulated batch when the
+            # model takes num_items_in_batch, else per token of this batch; Trainer then divides by the steps)
+            per_accumulated_batch = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            kd = distill_loss(
+                outputs.logits,
+                teacher_logits,
+                inputs["labels"],
+                distill.temperature,
+                num_items_in_batch if per_accumulated_batch else None,
+            )
+            if per_accumulated_batch and self.args.average_tokens_across_devices:
+                kd = kd * self.accelerator.num_processes  # num_items counts every process's tokens
             loss = (1 - distill.weight) * ce + distill.weight * kd
+
             return (loss, outputs) if return_outputs else loss
 
         overrides["compute_loss"] = compute_loss
