@@ -21,3 +21,18 @@ def test_extremes():
     assert normalized_degradation(0.7, 0.7, 0.6) == 0
     assert normalized_degradation(0.6, 0.7, 0.6) == pytest.approx(-1)
     assert normalized_degradation(0.6, 0.7, 0.7) is None
+
+
+def _results(accs: dict[str, float]) -> dict:
+    return {"tasks": ["heldout"], "variants": {v: {"tasks": {"heldout": {"acc": a}}} for v, a in accs.items()}}
+
+
+def test_the_table_has_the_control_column_whenever_the_control_ran():
+    from qatkit.stages.report import quality_rows, quality_table
+
+    tie = quality_table(quality_rows(_results({"bf16": 0.6, "ptq": 0.5, "ft-bf16": 0.7, "ft-ptq": 0.7, "qat": 0.7})))
+    assert "vs fine-tuned without QAT" in tie.splitlines()[0]
+    assert tie.splitlines()[-1].endswith("| — |")  # QAT row: no PTQ gap to normalize by
+    gap = quality_table(quality_rows(_results({"bf16": 0.6, "ptq": 0.5, "ft-bf16": 0.7, "ft-ptq": 0.6, "qat": 0.65})))
+    assert gap.splitlines()[-1].endswith("| -50.0% |")
+    assert "vs fine-tuned" not in quality_table(quality_rows(_results({"bf16": 0.6, "ptq": 0.5, "qat": 0.55})))
