@@ -36,3 +36,13 @@ def test_the_table_has_the_control_column_whenever_the_control_ran():
     gap = quality_table(quality_rows(_results({"bf16": 0.6, "ptq": 0.5, "ft-bf16": 0.7, "ft-ptq": 0.6, "qat": 0.65})))
     assert gap.splitlines()[-1].endswith("| -50.0% |")
     assert "vs fine-tuned" not in quality_table(quality_rows(_results({"bf16": 0.6, "ptq": 0.5, "qat": 0.55})))
+
+
+def test_the_loss_plot_says_what_a_distilled_run_minimized():
+    from qatkit.stages.report import _qat_loss_label
+
+    assert _qat_loss_label(None) == "with QAT"
+    assert _qat_loss_label({"teacher": "control", "weight": 1.0, "temperature": 1.0}) == "with QAT: KL to the teacher"
+    assert _qat_loss_label({"teacher": "base", "weight": 0.25, "temperature": 2.0}).startswith(
+        "with QAT: 0.75·CE + 0.25"
+    )

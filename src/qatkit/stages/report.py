@@ -116,7 +116,14 @@ def quality_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _plot_loss(losses: list[dict], control: list[dict], path: Path) -> bool:
+def _qat_loss_label(distill: dict | None) -> str:
+    if not distill:
+        return "with QAT"
+    w = distill["weight"]
+    return "with QAT: KL to the teacher" if w == 1 else f"with QAT: {1 - w:g}·CE + {w:g}·KL to the teacher"
+
+
+def _plot_loss(losses: list[dict], control: list[dict], path: Path, qat_label: str) -> bool:
     if not losses:
         return False
     import matplotlib
@@ -125,13 +132,14 @@ def _plot_loss(losses: list[dict], control: list[dict], path: Path) -> bool:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
-    ax.plot([p["step"] for p in losses], [p["loss"] for p in losses], lw=1.4, color="#3366aa", label="with QAT")
+    ax.plot([p["step"] for p in losses], [p["loss"] for p in losses], lw=1.4, color="#3366aa", label=qat_label)
     if control:
         ax.plot(
             [p["step"] for p in control], [p["loss"] for p in control], lw=1.2, color="#999999", label="without QAT"
         )
-        ax.legend()
+    ax.legend()
     ax.set_xlabel("step")
+
     ax.set_ylabel("training loss (completion tokens)")
     ax.set_title("QAT fine-tuning loss")
     ax.grid(alpha=0.3)
@@ -195,7 +203,7 @@ def build(run_dir: RunDir) -> dict:
     rows = quality_rows(results) if results else []
     plots = {}
     control = _read(run_dir.stage("finetune") / "control" / "loss.json") or []
-    if _plot_loss(losses, control, run_dir.root / "loss.png"):
+    if _plot_loss(losses, control, run_dir.root / "loss.png", _qat_loss_label(recipe.get("distill"))):
         plots["loss"] = "loss.png"
     if _plot_accuracy(rows, run_dir.root / "accuracy.png"):
         plots["accuracy"] = "accuracy.png"
