@@ -106,6 +106,26 @@ def cache_root() -> Path:
     return Path(os.environ.get("QATKIT_CACHE", Path.home() / ".cache" / "qatkit"))
 
 
+def source_digest(root: Path) -> str:
+    """Hash of the Python sources under `root` (their paths and contents)."""
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def code_fingerprint() -> dict:
+    """What cached results depend on beyond their settings: qatkit's own code and the libraries' versions.
+
+    Part of every cache key, so a result computed by other code (an edit, an upgrade) is computed again
+    instead of reused: a stale baseline would silently shift every figure compared against it.
+    """
+    import qatkit
+    from qatkit.pipeline import package_versions
+
+    return {"qatkit_source": source_digest(Path(qatkit.__file__).parent), **package_versions()}
+
+
 def cache_lock(entry: Path):
     """Held while a cache entry is checked and computed: a concurrent run on this machine waits, then reuses it."""
     from filelock import FileLock

@@ -98,3 +98,20 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
             (ckpt / name).write_text("x")
     assert _last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")  # 12 lacks the trainer state
     assert _last_checkpoint(tmp_path, ("extra.bin",)) == str(tmp_path / "checkpoint-4")
+
+
+def test_cache_keys_change_with_the_code_that_computes_them(tmp_path):
+    from qatkit.loading import code_fingerprint, source_digest
+
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "schemes.py").write_text("GROUP = 32\n")
+    (tmp_path / "notes.md").write_text("not code")
+    before = source_digest(tmp_path)
+    (tmp_path / "notes.md").write_text("edited, still not code")
+    assert source_digest(tmp_path) == before
+    (tmp_path / "pkg" / "schemes.py").write_text("GROUP = 64\n")
+    assert source_digest(tmp_path) != before
+    (tmp_path / "pkg" / "schemes.py").write_text("GROUP = 32\n")
+    assert source_digest(tmp_path) == before
+    fingerprint = code_fingerprint()
+    assert len(fingerprint["qatkit_source"]) == 20 and fingerprint["torchao"]

@@ -118,6 +118,8 @@ def preflight(tasks: list[str], include_paths: list[str]) -> None:
 
 
 def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str, scheme: str, heldout_hash: str) -> str:
+    from qatkit.loading import code_fingerprint
+
     text = [spec.text_path, spec.text_field, spec.text_docs, spec.text_max_tokens] if spec.text_path else None
     key = [
         "v3",  # v3: per-item scores
@@ -131,10 +133,9 @@ def _cache_key(variant: Variant, spec: EvalSpec, tasks: list[str], base_id: str,
         heldout_hash,
         text,
         variant.control_key,
+        code_fingerprint(),
     ]
-
     blob = json.dumps(key, sort_keys=True)
-
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 

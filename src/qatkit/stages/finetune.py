@@ -46,11 +46,11 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
     reused from the qatkit cache by every run that shares them (e.g. one run per scheme).
     Under a multi-process launcher every process trains it; the main process writes the cache.
     """
-    from qatkit.loading import cache_lock, cache_root
+    from qatkit.loading import cache_lock, cache_root, code_fingerprint
 
     # settings left at their defaults are left out, so adding a setting does not retrain every cached control
     sections = [recipe.model, recipe.lora, recipe.train]
-    key_parts = [*(s.model_dump(exclude_defaults=True) for s in sections), examples, backend.name]
+    key_parts = [*(s.model_dump(exclude_defaults=True) for s in sections), examples, backend.name, code_fingerprint()]
 
     if distributed.world_size() > 1:  # the global batch grows with the number of processes
         key_parts.append({"processes": distributed.world_size()})
