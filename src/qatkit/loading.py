@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -114,11 +115,13 @@ def source_digest(root: Path) -> str:
     return h.hexdigest()[:20]
 
 
+@functools.cache
 def code_fingerprint() -> dict:
     """What cached results depend on beyond their settings: qatkit's own code and the libraries' versions.
 
     Part of every cache key, so a result computed by other code (an edit, an upgrade) is computed again
-    instead of reused: a stale baseline would silently shift every figure compared against it.
+    instead of reused: a stale baseline would silently shift every figure compared against it. Computed once
+    per process (every cache key of a run uses it).
     """
     import qatkit
     from qatkit.pipeline import package_versions

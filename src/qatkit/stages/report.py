@@ -90,7 +90,6 @@ def _fmt_nd(x: float | None) -> str:
 
 def quality_table(rows: list[dict]) -> str:
     with_ft = any(r["variant"] == "ft-ptq" for r in rows)  # the control baselines ran (the cell is "—" on a tie)
-
     with_nll = any(r.get("gold_nll") is not None for r in rows)
     head = "| task | variant | accuracy (%) | ± stderr | normalized degradation |"
     rule = "|---|---|---|---|---|"
@@ -139,7 +138,6 @@ def _plot_loss(losses: list[dict], control: list[dict], path: Path, qat_label: s
         )
     ax.legend()
     ax.set_xlabel("step")
-
     ax.set_ylabel("training loss (completion tokens)")
     ax.set_title("QAT fine-tuning loss")
     ax.grid(alpha=0.3)
