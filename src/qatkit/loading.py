@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -138,21 +139,28 @@ def cache_lock(entry: Path):
 
 
 def materialize_gguf(source: ModelSource) -> ModelSource:
-    """Dequantize a GGUF once into an HF directory under the qatkit cache, keyed by the file's hash.
+    """Dequantize a GGUF once into an HF directory under the qatkit cache (see `gguf_cache_key`).
 
     transformers re-dequantizes a GGUF on every load (slow); the cached copy loads like any HF model.
     """
     if source.gguf_file is None:
         return source
     gguf = Path(source.path) / source.gguf_file
-    key = f"{gguf.stem}-{file_digest(gguf)[:16]}"
-    target = cache_root() / "gguf" / key
+    target = cache_root() / "gguf" / gguf_cache_key(gguf)
     if (target / "DONE").exists():
         return ModelSource(str(target))
     with cache_lock(target):
         if not (target / "DONE").exists():
             _dequantize_gguf(source, gguf, target)
     return ModelSource(str(target))
+
+
+def gguf_cache_key(gguf: Path) -> str:
+    """The file's hash and the versions of what dequantizes it (gguf's reader, transformers' converters)."""
+    from qatkit.pipeline import package_versions
+
+    parts = [file_digest(gguf), package_versions(("gguf", "transformers", "torch"))]
+    return f"{gguf.stem}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
 
 
 def _dequantize_gguf(source: ModelSource, gguf: Path, target: Path) -> None:

@@ -29,9 +29,9 @@ from qatkit.recipe import Recipe, dump_recipe
 PACKAGES = ("qatkit", "torch", "torchao", "transformers", "peft", "trl", "lm_eval", "accelerate", "datasets", "unsloth")
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(names: tuple[str, ...] = PACKAGES) -> dict[str, str | None]:
     out = {}
-    for name in PACKAGES:
+    for name in names:
         try:
             out[name] = metadata.version(name.replace("_", "-"))
         except metadata.PackageNotFoundError:

@@ -115,3 +115,20 @@ def test_cache_keys_change_with_the_code_that_computes_them(tmp_path):
     assert source_digest(tmp_path) == before
     fingerprint = code_fingerprint()
     assert len(fingerprint["qatkit_source"]) == 20 and fingerprint["torchao"]
+
+
+def test_gguf_cache_key_changes_with_the_file_and_the_dequantizer_versions(tmp_path, monkeypatch):
+    from importlib import metadata
+
+    from qatkit.loading import gguf_cache_key
+
+    gguf = tmp_path / "m.Q4_1.gguf"
+    gguf.write_bytes(b"GGUF" + b"\1" * 64)
+    key = gguf_cache_key(gguf)
+    assert key.startswith("m.Q4_1-") and gguf_cache_key(gguf) == key
+    gguf.write_bytes(b"GGUF" + b"\2" * 64)
+    assert gguf_cache_key(gguf) != key
+    gguf.write_bytes(b"GGUF" + b"\1" * 64)
+    real_version = metadata.version
+    monkeypatch.setattr(metadata, "version", lambda name: "0.0.1" if name == "gguf" else real_version(name))
+    assert gguf_cache_key(gguf) != key
