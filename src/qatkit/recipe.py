@@ -66,6 +66,13 @@ class QatSpec(Strict):
         description="Where learned scales start: absmax (torchao's), or mse: per group, the clipped scale with the "
         "least weight quantization error. Default absmax.",
     )
+    init_from: Literal["base", "control"] = Field(
+        "base",
+        description="control: QAT starts from the recipe's fine-tune without QAT (its adapters, or its weights with "
+        "train.full_finetuning; trained first or reused from the cache) and trains max_steps more: QAT as a recovery "
+        "phase after ordinary fine-tuning (Gemma 3's QAT). Pair it with distill.teacher: control to learn only what "
+        "quantization lost.",
+    )
 
     @field_validator("scheme")
     @classmethod

@@ -330,6 +330,26 @@ def test_distill_from_the_control_trains_it_first_and_learns_from_it(tiny_model_
     assert control_mtime <= (out / "finetune" / "adapter" / "adapter_config.json").stat().st_mtime
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_qat_starting_from_the_control_starts_where_it_ended(tiny_model_dir, tmp_path, full):
+    """qat.init_from=control: the QAT run continues from the control's adapters (or weights), so distilling from
+    the control starts at the small KL fake quantization opens, not at the gap between the base and the control."""
+    first_kl = {}
+    for start in ["base", "control"]:
+        out = tmp_path / f"{full}-{start}"
+        overrides = ["distill.teacher=control", "train.lr=0.05", "train.warmup_steps=0", f"qat.init_from={start}"]
+        overrides += ["train.full_finetuning=true", "train.lr=0.002"] if full else []
+        run_recipe(tiny_recipe(tiny_model_dir, *overrides), out, only=["finetune", "convert"])
+        summary = json.loads((out / "finetune" / "train_summary.json").read_text())
+        assert summary["steps"] == summary["control"]["steps"] == 2
+        first_kl[start] = summary["first_loss"]
+    assert 0 < first_kl["control"] < 0.1 * first_kl["base"]
+    assert (
+        "without fake quantization, then trained further under quantization-aware"
+        in (out / "convert" / "README.md").read_text()
+    )
+
+
 def test_distill_from_the_control_needs_it(tiny_model_dir, tmp_path):
     from qatkit.backends.hf import load_teacher
 

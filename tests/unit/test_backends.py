@@ -104,6 +104,8 @@ def test_unsloth_refuses_what_it_cannot_train_faithfully():
     distilled = recipe("unsloth", "int8", "unmerged").model_copy(update={"distill": DistillSpec(teacher="base")})
     with pytest.raises(RecipeError, match="distill"):
         check_recipe(distilled)
+    with pytest.raises(RecipeError, match="init_from"):
+        check_recipe(recipe("unsloth", "int8", "unmerged", init_from="control"))
 
 
 def _tiny_lora_model(r=16):

@@ -42,14 +42,14 @@ def prepare_for_qat(recipe: Recipe, model) -> schemes.Plan:
     return schemes.prepare(model, schemes.for_recipe(recipe.qat), recipe.qat.group_size)
 
 
-def attach_lora(recipe: Recipe, model, adapter_dir: Path | None = None):
+def attach_lora(recipe: Recipe, model, adapter_dir: Path | None = None, trainable: bool = False):
     """Wrap a QAT-prepared model with LoRA: new adapters, or trained ones from `adapter_dir`."""
     from peft import PeftModel, get_peft_model
 
     if adapter_dir is None:  # text-only training: no adapters on vision/audio towers
         model = get_peft_model(model, lora_config(recipe, schemes.lora_exclude_pattern(model)))
     else:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
     if recipe.qat.lora == "merged":
         use_merged_lora_forward(model)
     return model
@@ -151,9 +151,18 @@ def _trainer_class(model, scale_lr: float | None = None, teacher=None, distill=N
 def load_teacher(recipe: Recipe, control: Path | None):
     if recipe.distill.teacher == "base":
         return load_model_and_tokenizer(recipe.model)[0]
+    return load_finetuned(recipe, _control_output(control, "distill.teacher"))[0]
+
+
+def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
+    """What the QAT run starts from besides the base model: the control's adapters or weights (qat.init_from)."""
+    return _control_output(control, "qat.init_from") if recipe.qat.init_from == "control" else None
+
+
+def _control_output(control: Path | None, setting: str) -> Path:
     if control is None or not control.exists():
-        raise RuntimeError(f"distill.teacher: control, but the control run's output {control} is missing")
-    return load_finetuned(recipe, control)[0]
+        raise RuntimeError(f"{setting}: control, but the control run's output {control} is missing")
+    return control
 
 
 def _learned_scales_callback():
@@ -278,17 +287,18 @@ class HFBackend:
     ) -> TrainResult:
         """Train LoRA adapters (or every weight) into `work`; `qat=False` is the control run (same everything, no
         fake quant). With the recipe's `distill` section the QAT run learns from a teacher: the model as loaded, or
-        the control run trained into `control`."""
+        the control run trained into `control`; with qat.init_from: control it starts from that run's output."""
         import torch
         from datasets import Dataset
         from transformers import set_seed
 
         t0 = time.time()
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
-        model, tokenizer = load_model_and_tokenizer(recipe.model)
+        full = recipe.train.full_finetuning
+        start = _starting_point(recipe, control) if qat else None
+        model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(start) if start and full else None)
         if examples and isinstance(examples[0].get("prompt"), list):
             require_chat_template(tokenizer, recipe.model)
-        full = recipe.train.full_finetuning
         if qat:
             plan = prepare_for_qat(recipe, model)
             qat_record = {**plan.to_dict(), "lora_mode": recipe.training_mode, "signature": schemes.signature(model)}
@@ -299,7 +309,7 @@ class HFBackend:
             for fqn in schemes.non_language_modules(model):
                 model.get_submodule(fqn).requires_grad_(False)
         else:
-            model = attach_lora(recipe, model)
+            model = attach_lora(recipe, model, start, trainable=True)
             for scale in schemes.learned_scales(model).values():  # peft froze everything but the adapters
                 scale.requires_grad_(True)
 

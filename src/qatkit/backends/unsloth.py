@@ -67,6 +67,8 @@ def check_recipe(recipe: Recipe) -> None:
         )
     if recipe.distill is not None:
         raise RecipeError("qatkit's Unsloth backend trains with cross-entropy only: use backend: hf for distill")
+    if recipe.qat.init_from != "base":
+        raise RecipeError("qatkit's Unsloth backend starts QAT from the base model: use backend: hf for qat.init_from")
     if scheme.quantize_lm_head or scheme.embedding_config is not None:
         raise RecipeError(
             f"scheme {scheme.name} fake-quantizes lm_head/embeddings, but Unsloth's fused cross-entropy reads "

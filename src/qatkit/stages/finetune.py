@@ -20,7 +20,7 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     backend = select_backend(recipe)
     examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
     control = None
-    if recipe.distill and recipe.distill.teacher == "control":  # the teacher is trained first
+    if needs_control_first(recipe):
         control = _control_run(recipe, backend, examples, work / CONTROL, resume)
     finished = work / QAT_RESULT  # the QAT run finished before the control was interrupted: not trained again
     if resume and finished.exists():
@@ -79,6 +79,11 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
 
 CONTROL = "control"
 QAT_RESULT = "qat_result.json"
+
+
+def needs_control_first(recipe: Recipe) -> bool:
+    """The QAT run learns from the control (its teacher) or starts from it."""
+    return bool(recipe.distill and recipe.distill.teacher == "control") or recipe.qat.init_from == "control"
 
 
 def needs_control_run(recipe: Recipe) -> bool:

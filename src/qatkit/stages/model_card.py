@@ -52,8 +52,11 @@ def render_model_card(report: dict, recipe: dict) -> str:
         distill = recipe.get("distill")
         teachers = {"control": "the same fine-tune without fake quantization", "base": "the unquantized base model"}
         taught = f", distilling from {teachers[distill['teacher']]}" if distill else ""
+        first = f"{base} {how}"
+        if recipe["qat"].get("init_from") == "control":
+            first += " without fake quantization, then trained further"
         lines += [
-            f"{base} {how} under quantization-aware training (fake quantization of the `{scheme}` "
+            f"{first} under quantization-aware training (fake quantization of the `{scheme}` "
             f"scheme in the forward pass{mode}{scales}{taught}), then converted to real low-bit torchao tensors "
             "with the same quantizer.",
             "",
