@@ -337,8 +337,9 @@ def test_qat_starting_from_the_control_starts_where_it_ended(tiny_model_dir, tmp
     first_kl = {}
     for start in ["base", "control"]:
         out = tmp_path / f"{full}-{start}"
-        overrides = ["distill.teacher=control", "train.lr=0.05", "train.warmup_steps=0", f"qat.init_from={start}"]
-        overrides += ["train.full_finetuning=true", "train.lr=0.002"] if full else []
+        lr = 0.002 if full else 0.05  # moves the control far from the base in 2 steps, in either mode
+        overrides = ["distill.teacher=control", f"train.lr={lr}", "train.warmup_steps=0", f"qat.init_from={start}"]
+        overrides += ["train.full_finetuning=true"] if full else []
         run_recipe(tiny_recipe(tiny_model_dir, *overrides), out, only=["finetune", "convert"])
         summary = json.loads((out / "finetune" / "train_summary.json").read_text())
         assert summary["steps"] == summary["control"]["steps"] == 2
