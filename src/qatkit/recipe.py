@@ -152,6 +152,11 @@ class DistillSpec(Strict):
         1.0, ge=0.0, le=1.0, description="Share of the loss that is KL(teacher || student); the rest is cross-entropy."
     )
     temperature: float = Field(1.0, gt=0.0)
+    tokens: Literal["completion", "all"] = Field(
+        "completion",
+        description="Where the KL is taken: the tokens the cross-entropy scores (the answers), or every token of "
+        "the sequence, prompt included (LLM-QAT; more signal per step about what quantization changes).",
+    )
 
 
 class ConvertSpec(Strict):

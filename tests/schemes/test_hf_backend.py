@@ -258,6 +258,7 @@ def test_distill_loss_is_the_kl_on_the_scored_tokens():
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, 3, 4]])
+    scored = labels[:, 1:] != -100
     want, n = 0.0, 0
     for b in range(2):
         for t in range(4):  # position t predicts labels[:, t + 1]
@@ -265,9 +266,9 @@ def test_distill_loss_is_the_kl_on_the_scored_tokens():
                 p = torch.softmax(teacher[b, t] / 2.0, -1)
                 want += (p * (p.log() - torch.log_softmax(student[b, t] / 2.0, -1))).sum() * 4.0
                 n += 1
-    torch.testing.assert_close(distill_loss(student, teacher, labels, temperature=2.0), want / n)
-    torch.testing.assert_close(distill_loss(student, teacher, labels, 2.0, num_items=10), want / 10)
-    assert distill_loss(student, student, labels) == 0
+    torch.testing.assert_close(distill_loss(student, teacher, scored, temperature=2.0), want / n)
+    torch.testing.assert_close(distill_loss(student, teacher, scored, 2.0, num_items=10), want / 10)
+    assert distill_loss(student, student, scored) == 0
 
 
 def _distill_trainer(recipe, tmp_path, teacher):
@@ -314,14 +315,37 @@ def test_distillation_mixes_cross_entropy_and_kl_to_the_teacher(tiny_model_dir, 
     assert losses[0.25, "base"] == pytest.approx(0.75 * ce + 0.25 * losses[1.0, "base"], rel=1e-5)
 
 
+def test_distilling_on_every_token_scores_the_prompt_too(tiny_model_dir, tmp_path):
+    """distill.tokens=all: the KL covers every real token (prompt and answer, not padding), averaged over the
+    batch; under gradient accumulation each micro-batch's average is divided by the accumulation steps, as Trainer
+    does for a loss it does not normalize itself."""
+    from qatkit.backends.hf import distill_loss, load_teacher
+
+    recipe = tiny_recipe(tiny_model_dir, "distill.teacher=base", "distill.tokens=all")
+    teacher = load_teacher(recipe, None)
+    trainer, model, inputs = _distill_trainer(recipe, tmp_path, lambda _: teacher)
+    forward = {k: v for k, v in inputs.items() if k != "labels"}
+    real = inputs["attention_mask"][:, 1:].bool()
+    answers = inputs["labels"][:, 1:] != -100
+    assert real.sum() > answers.sum() and trainer.model_accepts_loss_kwargs
+    with torch.no_grad():
+        want = distill_loss(model(**forward).logits, teacher(**forward).logits, real)
+        assert want > 0
+        assert trainer.compute_loss(model, inputs).item() == pytest.approx(want.item(), rel=1e-5)
+        trainer.current_gradient_accumulation_steps = 2
+        accumulated = trainer.compute_loss(model, inputs, num_items_in_batch=answers.sum())
+    assert accumulated.item() == pytest.approx(want.item() / 2, rel=1e-5)
+
+
 def test_distill_from_the_control_trains_it_first_and_learns_from_it(tiny_model_dir, tmp_path):
     """distill.teacher=control: the no-QAT control is trained (or reused) before the QAT run, which then fits its
     predictions (weight 1: a KL far below the cross-entropy the control started from); the model card says so."""
     out = tmp_path / "run"
-    overrides = ["distill.teacher=control", "eval.baselines=[ft-bf16]", "train.lr=1e-3"]
+    overrides = ["distill.teacher=control", "distill.tokens=all", "eval.baselines=[ft-bf16]", "train.lr=1e-3"]
     run_recipe(tiny_recipe(tiny_model_dir, *overrides), out, only=["finetune", "convert"])
     summary = json.loads((out / "finetune" / "train_summary.json").read_text())
-    assert "distilling from the same fine-tune without fake quantization" in (out / "convert" / "README.md").read_text()
+    card = (out / "convert" / "README.md").read_text()
+    assert "distilling from the same fine-tune without fake quantization on every token, prompt included" in card
 
     assert (out / "finetune" / "control" / "adapter" / "adapter_config.json").is_file()
     assert summary["control"]["steps"] == summary["steps"] == 2

@@ -69,13 +69,12 @@ def load_trained(recipe: Recipe, trained: Path):
     return model, tokenizer, plan
 
 
-def distill_loss(student_logits, teacher_logits, labels, temperature: float = 1.0, num_items=None):
-    """KL(teacher || student) summed over the tokens the cross-entropy scores (labels != -100, shifted like it),
-    times temperature² (Hinton et al.), divided like the cross-entropy: by `num_items` (the tokens of the whole
-    accumulated batch) when given, else by this batch's tokens."""
+def distill_loss(student_logits, teacher_logits, scored, temperature: float = 1.0, num_items=None):
+    """KL(teacher || student) summed over the positions `scored` marks (bool, one fewer than the logits along the
+    sequence: position t predicts token t + 1, like the shifted cross-entropy), times temperature² (Hinton et al.),
+    divided by `num_items` when given, else by the scored positions."""
     import torch.nn.functional as F
 
-    scored = labels[:, 1:] != -100
     student = F.log_softmax(student_logits[:, :-1][scored].float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits[:, :-1][scored].float() / temperature, dim=-1)
     kl = F.kl_div(student, teacher, log_target=True, reduction="sum") * temperature**2
@@ -106,18 +105,26 @@ def _trainer_class(model, scale_lr: float | None = None, teacher=None, distill=N
             with torch.no_grad():
                 teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
                 teacher_logits = teacher.to(outputs.logits.device)(**teacher_inputs, use_cache=False).logits
-            # normalized like Trainer normalizes the cross-entropy (per token of the accumulated batch when the
-            # model takes num_items_in_batch, else per token of this batch; Trainer then divides by the steps)
+            # normalized like Trainer normalizes the cross-entropy: per token of the accumulated batch when the model
+            # takes num_items_in_batch (Trainer then leaves the loss as is), else per token of this batch (Trainer
+            # divides it by the accumulation steps)
             per_accumulated_batch = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            kd = distill_loss(
-                outputs.logits,
-                teacher_logits,
-                inputs["labels"],
-                distill.temperature,
-                num_items_in_batch if per_accumulated_batch else None,
-            )
-            if per_accumulated_batch and self.args.average_tokens_across_devices:
-                kd = kd * self.accelerator.num_processes  # num_items counts every process's tokens
+            if distill.tokens == "completion":
+                scored = inputs["labels"][:, 1:] != -100
+                kd = distill_loss(
+                    outputs.logits,
+                    teacher_logits,
+                    scored,
+                    distill.temperature,
+                    num_items_in_batch if per_accumulated_batch else None,
+                )
+                if per_accumulated_batch and self.args.average_tokens_across_devices:
+                    kd = kd * self.accelerator.num_processes  # num_items counts every process's tokens
+            else:  # every real token: num_items_in_batch counts only the answers', so average over this batch
+                scored = inputs["attention_mask"][:, 1:].bool()
+                kd = distill_loss(outputs.logits, teacher_logits, scored, distill.temperature)
+                if per_accumulated_batch:
+                    kd = kd / self.current_gradient_accumulation_steps
             loss = (1 - distill.weight) * ce + distill.weight * kd
 
             return (loss, outputs) if return_outputs else loss

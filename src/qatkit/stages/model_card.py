@@ -52,6 +52,8 @@ def render_model_card(report: dict, recipe: dict) -> str:
         distill = recipe.get("distill")
         teachers = {"control": "the same fine-tune without fake quantization", "base": "the unquantized base model"}
         taught = f", distilling from {teachers[distill['teacher']]}" if distill else ""
+        if distill and distill.get("tokens") == "all":
+            taught += " on every token, prompt included"
         first = f"{base} {how}"
         if recipe["qat"].get("init_from") == "control":
             first += " without fake quantization, then trained further"
