@@ -58,8 +58,14 @@ class QatSpec(Strict):
         description="Train the linears' weight quantization scales with the adapters (torchao range learning, "
         "LSQ-style); convert quantizes with the learned scales. Intx-weight schemes; default off.",
     )
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the QAT run (default: train.lr, which the no-QAT control always uses): "
+        "e.g. a lower one for QAT as a second phase (init_from: control).",
+    )
     scale_lr: float | None = Field(
-        None, gt=0, description="Learning rate of the learned scales (default: train.lr); never weight-decayed."
+        None, gt=0, description="Learning rate of the learned scales (default: the QAT run's); never weight-decayed."
     )
     scale_init: Literal["absmax", "mse"] | None = Field(
         None,

@@ -212,7 +212,7 @@ def test_learned_scales_get_their_own_optimizer_group(tiny_model_dir, tmp_path):
     scales = {id(p) for p in learned_scales(model).values()}
     for p in learned_scales(model).values():
         p.requires_grad_(True)
-    args = sft_config(recipe, tmp_path, model, use_cpu=True)
+    args = sft_config(recipe, tmp_path, model, use_cpu=True, qat=True)
     data = Dataset.from_list([{"prompt": "a", "completion": "b"}])
     trainer = _trainer_class(model, recipe.qat.scale_lr)(
         model=model, args=args, train_dataset=data, processing_class=tokenizer
@@ -283,7 +283,7 @@ def _distill_trainer(recipe, tmp_path, teacher):
     prepare_for_qat(recipe, model)
     model = attach_lora(recipe, model)
     rows = training_examples(load_splits(recipe.data), recipe.data.answer_style)
-    args = sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True)
+    args = sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True, qat=True)
     trainer = _trainer_class(model, None, teacher(model), recipe.distill)(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
@@ -373,6 +373,21 @@ def test_qat_starting_from_the_control_starts_where_it_ended(tiny_model_dir, tmp
         "without fake quantization, then trained further under quantization-aware"
         in (out / "convert" / "README.md").read_text()
     )
+
+
+def test_qat_lr_sets_the_qat_runs_learning_rate_only(tiny_model_dir, tmp_path):
+    """qat.lr: the QAT run (here a second phase from the control) trains at it; the control keeps train.lr."""
+    out = tmp_path / "run"
+    overrides = ["qat.init_from=control", "qat.lr=0.01", "train.lr=0.001", "train.warmup_steps=0"]
+    run_recipe(tiny_recipe(tiny_model_dir, *overrides), out, only=["finetune", "convert"])
+
+    def first_lr(work):
+        state = json.loads((work / "trainer_state.json").read_text())
+        return next(h["learning_rate"] for h in state["log_history"] if "learning_rate" in h)
+
+    assert first_lr(out / "finetune") == pytest.approx(0.01)
+    assert first_lr(out / "finetune" / "control") == pytest.approx(0.001)
+    assert "lr 0.001 (under quantization-aware training: 0.01)" in (out / "convert" / "README.md").read_text()
 
 
 def test_distill_from_the_control_needs_it(tiny_model_dir, tmp_path):

@@ -200,8 +200,8 @@ def _last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> str | None:
     return steps[max(steps)] if steps else None
 
 
-def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, **extra):
-    """The trainer settings both backends share, from the recipe's `train` section."""
+def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool, **extra):
+    """The trainer settings both backends share, from the recipe's `train` section (and qat.lr for a QAT run)."""
     import torch
     from trl import SFTConfig
 
@@ -211,7 +211,7 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, **extra):
         max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
-        learning_rate=t.lr,
+        learning_rate=(recipe.qat.lr or t.lr) if qat else t.lr,
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         lr_scheduler_type=t.lr_scheduler,
@@ -328,7 +328,7 @@ class HFBackend:
             model.enable_input_require_grads()
 
         extra = {"gradient_checkpointing": True} if recipe.train.gradient_checkpointing else {}
-        args = sft_config(recipe, work / "checkpoints", model, use_cpu=not on_cuda, **extra)
+        args = sft_config(recipe, work / "checkpoints", model, use_cpu=not on_cuda, qat=qat, **extra)
         teacher = load_teacher(recipe, control) if qat and recipe.distill else None
         trainer = _trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill)(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer

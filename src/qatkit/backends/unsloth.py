@@ -222,7 +222,7 @@ class UnslothBackend:
             if recipe.qat.cache_frozen_fake_quant:
                 schemes.cache_frozen_weight_fake_quant(model)
 
-        args = sft_config(recipe, work / "checkpoints", model, use_cpu=False)
+        args = sft_config(recipe, work / "checkpoints", model, use_cpu=False, qat=qat)
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )

@@ -87,10 +87,13 @@ def render_model_card(report: dict, recipe: dict) -> str:
         "",
     ]
     if finetuned:
+        qat_lr = recipe["qat"].get("lr")
+        qat_lr = f" (under quantization-aware training: {qat_lr})" if qat_lr else ""
         lines += [
             "# Fine-tuning recipe",
             "",
-            f"{trained}; {t['max_steps']} steps, batch {t['batch_size']} x {t['grad_accum']}, lr {t['lr']}, {t['lr_scheduler']} schedule, "
+            f"{trained}; {t['max_steps']} steps, batch {t['batch_size']} x {t['grad_accum']}, lr {t['lr']}{qat_lr}, "
+            f"{t['lr_scheduler']} schedule, "
             f"warmup {t['warmup_steps']}, optimizer {t['optim']}, seed {t['seed']}; data `{(recipe.get('data') or {}).get('path')}`.",
             "",
             "```yaml",

@@ -1,0 +1,65 @@
+"""Where does a QAT model's remaining error sit? Gold-answer NLL/token of held-out items for a trained QAT model
+(rebuilt as trained: base + fake quantization + adapters + learned scales) with parts of its fake quantization
+switched off, beside the no-QAT control it is compared with.
+
+  python scripts/qat_residual_by_module.py RUN_DIR 150 out.json
+
+RUN_DIR: one (scheme, mode) directory of a `qatkit bench recovery` run (recipe.resolved.yaml, finetune/adapter,
+finetune/control/adapter, eval/tasks/heldout.jsonl).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from qatkit.backends.base import trained_dir
+from qatkit.backends.hf import load_trained
+from qatkit.data import read_jsonl
+from qatkit.loading import load_finetuned
+from qatkit.recipe import load_recipe
+from qatkit.stages.eval import gold_nll
+
+
+def _is_lm_head(fqn: str) -> bool:
+    return fqn.split(".")[-1] == "lm_head" or fqn.endswith("lm_head.base_layer")
+
+
+def main(run_dir: str, n: int, out: str) -> None:
+    run = Path(run_dir)
+    recipe = load_recipe(run / "recipe.resolved.yaml")
+    docs = read_jsonl(run / "eval" / "tasks" / "heldout.jsonl")[:n]
+    contexts, golds = [d["context"] for d in docs], [d["choices"][d["gold"]] for d in docs]
+
+    control, tokenizer = load_finetuned(recipe, trained_dir(recipe, run / "finetune" / "control"))
+    results = {"control (no QAT, unquantized)": gold_nll(control.eval(), tokenizer, contexts, golds)}
+    del control
+
+    model, tokenizer, _ = load_trained(recipe, trained_dir(recipe, run / "finetune"))
+    model.eval()
+    quantizers = []  # (fqn, kind, fake quantizer) for every fake quantizer in the model
+    for fqn, mod in model.named_modules():
+        for kind in ("weight", "activation"):
+            fq = getattr(mod, f"{kind}_fake_quantizer", None)
+            if fq is not None:
+                quantizers.append((fqn, kind, fq))
+    off_sets = {
+        "QAT model as trained (all fake quantization on)": lambda fqn, kind: False,
+        "lm_head weight not quantized": lambda fqn, kind: kind == "weight" and _is_lm_head(fqn),
+        "embedding not quantized": lambda fqn, kind: "embed_tokens" in fqn,
+        "activations not quantized": lambda fqn, kind: kind == "activation",
+        "decoder linear weights not quantized": lambda fqn, kind: (
+            kind == "weight" and not _is_lm_head(fqn) and "embed_tokens" not in fqn
+        ),
+        "nothing quantized (the QAT-trained weights in full precision)": lambda fqn, kind: True,
+    }
+    for name, switched_off in off_sets.items():
+        for fqn, kind, fq in quantizers:
+            fq.enabled = not switched_off(fqn, kind)
+        results[name] = gold_nll(model, tokenizer, contexts, golds)
+        print(f"{name}: {results[name]:.4f}", flush=True)
+    record = {"run": str(run), "scheme": recipe.qat.scheme, "items": len(docs), "gold_nll": results}
+    Path(out).write_text(json.dumps(record, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), sys.argv[3])
