@@ -23,7 +23,7 @@ from importlib import metadata
 from pathlib import Path
 
 from qatkit import distributed
-from qatkit.errors import RecipeError
+from qatkit.errors import Interrupted, RecipeError
 from qatkit.recipe import Recipe, dump_recipe
 
 PACKAGES = ("qatkit", "torch", "torchao", "transformers", "peft", "trl", "lm_eval", "accelerate", "datasets", "unsloth")
@@ -152,7 +152,7 @@ class RunDir:
             self.update_manifest(
                 stages={
                     name: {
-                        "status": "interrupted" if isinstance(e, KeyboardInterrupt) else "failed",
+                        "status": "interrupted" if isinstance(e, (KeyboardInterrupt, Interrupted)) else "failed",
                         "error": f"{type(e).__name__}: {e}"[:500],
                     }
                 }

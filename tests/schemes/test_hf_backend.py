@@ -1,6 +1,8 @@
 """The hf backend through the real pipeline (SFTTrainer, peft, torchao) on the tiny model."""
 
 import json
+import os
+import signal
 
 import pytest
 import torch
@@ -160,8 +162,8 @@ def test_learned_scales_train_and_are_the_ones_convert_uses(tiny_model_dir, tmp_
 
 
 def test_learned_scales_resume_from_a_checkpoint(tiny_model_dir, tmp_path):
-    """Checkpoints carry the learned scales (peft's hold only the adapter): Ctrl-C after step 2, resume, and the
-    scales end where an uninterrupted run's do."""
+    """Checkpoints carry the learned scales (peft's hold only the adapter): Ctrl-C during step 3 stops training
+    after it with a checkpoint there; resume, and the scales end where an uninterrupted run's do."""
     from safetensors.torch import load_file
 
     from qatkit.errors import Interrupted
@@ -178,7 +180,7 @@ def test_learned_scales_resume_from_a_checkpoint(tiny_model_dir, tmp_path):
         if type(mod).__name__ == "PeftModelForCausalLM":
             forwards += 1
             if forwards == 3:
-                raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGINT)
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(interrupt_third_step)
     try:
@@ -189,12 +191,35 @@ def test_learned_scales_resume_from_a_checkpoint(tiny_model_dir, tmp_path):
     run_recipe(recipe, tmp_path / "resumed", resume=True, only=["finetune"])
 
     summary = json.loads((tmp_path / "resumed" / "finetune" / "train_summary.json").read_text())
-    assert summary["resumed_from_step"] == 2
+    assert summary["resumed_from_step"] == 3
     straight, resumed = (
         load_file(tmp_path / d / "finetune" / "adapter" / "learned_scales.safetensors") for d in ("straight", "resumed")
     )
     for fqn, scale in straight.items():
         torch.testing.assert_close(resumed[fqn], scale, rtol=1e-5, atol=1e-7)
+
+
+def test_ctrl_c_before_training_starts_stops_the_stage_without_training(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C while the trainer is being built (where a KeyboardInterrupt could land in a finalizer and be ignored)
+    is acted on before the first step: the stage stops, marked interrupted, with nothing trained."""
+    from qatkit.backends import hf
+    from qatkit.errors import Interrupted
+
+    original = hf.sft_config
+
+    def sft_config_then_ctrl_c(*args, **kwargs):
+        config = original(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        return config
+
+    monkeypatch.setattr(hf, "sft_config", sft_config_then_ctrl_c)
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted, match="before training started"):
+        run_recipe(tiny_recipe(tiny_model_dir), out, only=["finetune"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["stages"]["finetune"]["status"] == "interrupted"
+    assert not list((out / ".finetune.partial" / "checkpoints").glob("checkpoint-*"))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the stage's handler is gone
 
 
 def test_learned_scales_get_their_own_optimizer_group(tiny_model_dir, tmp_path):

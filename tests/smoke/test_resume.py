@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from ..conftest import ROOT, TINY_RECIPE, run_cli
@@ -60,6 +61,11 @@ def _wait_for(predicate, proc, timeout=240):
             raise AssertionError(f"process ended first ({proc.returncode}): {proc.stderr.read()[-2000:]}")
         time.sleep(0.05)
     raise AssertionError("timed out")
+
+
+def _collect(stream, lines: list) -> None:
+    for line in stream:
+        lines.append(line)
 
 
 def _losses(out):
@@ -133,11 +139,20 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir,
         "--set",
         "train.save_steps=1000",
     )
-    _wait_for(lambda: (out / ".finetune.partial" / "qat_plan.json").exists(), proc)
-    time.sleep(3.0)  # model built, trainer running
+    stdout, stderr = [], []
+    readers = [
+        threading.Thread(target=_collect, args=pair, daemon=True)
+        for pair in [(proc.stdout, stdout), (proc.stderr, stderr)]
+    ]
+    for reader in readers:
+        reader.start()
+    _wait_for(lambda: any("'loss'" in line for line in stdout), proc)  # training has logged a step
 
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    for reader in readers:
+        reader.join(timeout=30)
+    err = "".join(stderr)
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err and "qatkit run" in err
     assert any((out / ".finetune.partial" / "checkpoints").glob("checkpoint-*")), "no checkpoint saved on Ctrl-C"

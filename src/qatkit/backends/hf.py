@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit import distributed, schemes
+from qatkit import distributed, interrupts, schemes
 from qatkit.backends.base import TrainResult, trained_dir
 from qatkit.errors import Interrupted
 from qatkit.loading import load_finetuned, load_model_and_tokenizer, require_chat_template
@@ -237,7 +237,8 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
     """Train (resuming from the last checkpoint when asked), save what was trained (adapter or full weights)
     into `out`, and the trainer state + loss history into `work`.
 
-    Ctrl-C saves a checkpoint first, so `--resume` continues from exactly there.
+    Ctrl-C (inside `interrupts.deferred()`, as the finetune stage runs) ends training at the step boundary with a
+    checkpoint, so `--resume` continues from exactly there.
     """
     ckpt_dir = Path(trainer.args.output_dir)
     learns_scales = bool(schemes.learned_scales(model))
@@ -249,12 +250,12 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
         log.info("resuming training from %s", resume_from)
         if learns_scales:
             schemes.load_learned_scales(model, Path(resume_from) / LEARNED_SCALES)
-    try:
-        trainer.train(resume_from_checkpoint=resume_from)
-    except KeyboardInterrupt:
-        trainer._save_checkpoint(trainer.model, trial=None)
-        trainer.callback_handler.on_save(trainer.args, trainer.state, trainer.control)
-        raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}") from None
+    if interrupts.requested():  # while the model and trainer were being built: nothing trained yet
+        raise Interrupted("interrupted before training started")
+    trainer.add_callback(interrupts.stop_at_step_end_callback())
+    trainer.train(resume_from_checkpoint=resume_from)
+    if interrupts.requested() and trainer.state.global_step < trainer.state.max_steps:
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}")
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
     # Every process calls save_model (under FSDP it gathers the full state dict); the main one writes.
     trainer.save_model(str(out))

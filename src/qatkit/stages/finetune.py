@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from qatkit import distributed, schemes
+from qatkit import distributed, interrupts, schemes
 from qatkit.backends.base import TrainResult, select_backend, trained_dir
 from qatkit.data import read_jsonl
 from qatkit.pipeline import RunDir
@@ -16,27 +16,28 @@ from qatkit.recipe import Recipe
 
 
 def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> dict:
-    schemes.require_hardware(schemes.for_recipe(recipe.qat), "train")
-    backend = select_backend(recipe)
-    examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
-    control = None
-    if needs_control_first(recipe):
-        control = _control_run(recipe, backend, examples, work / CONTROL, resume)
-    finished = work / QAT_RESULT  # the QAT run finished before the control was interrupted: not trained again
-    if resume and finished.exists():
-        result = TrainResult(**json.loads(finished.read_text()))
-    else:
-        result = backend.finetune(recipe, examples, work, resume, control=trained_dir(recipe, work / CONTROL))
+    with interrupts.deferred():  # Ctrl-C stops training at a step boundary, with a checkpoint
+        schemes.require_hardware(schemes.for_recipe(recipe.qat), "train")
+        backend = select_backend(recipe)
+        examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
+        control = None
+        if needs_control_first(recipe):
+            control = _control_run(recipe, backend, examples, work / CONTROL, resume)
+        finished = work / QAT_RESULT  # the QAT run finished before the control was interrupted: not trained again
+        if resume and finished.exists():
+            result = TrainResult(**json.loads(finished.read_text()))
+        else:
+            result = backend.finetune(recipe, examples, work, resume, control=trained_dir(recipe, work / CONTROL))
+            if distributed.is_main():
+                finished.write_text(json.dumps(result.__dict__))
+        summary = {"backend": backend.name, **result.summary()}
+        if control is None and needs_control_run(recipe):
+            control = _control_run(recipe, backend, examples, work / CONTROL, resume)
+        if control is not None:
+            summary["control"] = control
         if distributed.is_main():
-            finished.write_text(json.dumps(result.__dict__))
-    summary = {"backend": backend.name, **result.summary()}
-    if control is None and needs_control_run(recipe):
-        control = _control_run(recipe, backend, examples, work / CONTROL, resume)
-    if control is not None:
-        summary["control"] = control
-    if distributed.is_main():
-        (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+            (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
 
 
 def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, resume: bool) -> dict:
