@@ -1,5 +1,6 @@
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -37,3 +38,12 @@ def run_cli(*args: str, cwd: Path = ROOT, timeout: int = 600) -> subprocess.Comp
     return subprocess.run(
         [sys.executable, "-m", "qatkit", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+@pytest.fixture
+def ctrl_c_enabled():
+    """SIGINT handled as in a terminal (KeyboardInterrupt), even when the suite runs as a background job of a
+    script, which starts with SIGINT ignored."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -26,7 +26,8 @@ def requested() -> bool:
 @contextlib.contextmanager
 def deferred():
     """Record Ctrl-C instead of raising it; raise it on the way out if training did not act on it."""
-    if threading.current_thread() is not threading.main_thread():  # only the main thread can set a handler
+    # only the main thread can set a handler; an ignored SIGINT (a background job of a script) stays ignored
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
         yield
         return
 

@@ -161,7 +161,7 @@ def test_learned_scales_train_and_are_the_ones_convert_uses(tiny_model_dir, tmp_
     torch.testing.assert_close(deployed.get_submodule(proj).weight.scale.float(), trained[proj].float())
 
 
-def test_learned_scales_resume_from_a_checkpoint(tiny_model_dir, tmp_path):
+def test_learned_scales_resume_from_a_checkpoint(tiny_model_dir, tmp_path, ctrl_c_enabled):
     """Checkpoints carry the learned scales (peft's hold only the adapter): Ctrl-C during step 3 stops training
     after it with a checkpoint there; resume, and the scales end where an uninterrupted run's do."""
     from safetensors.torch import load_file
@@ -199,7 +199,9 @@ def test_learned_scales_resume_from_a_checkpoint(tiny_model_dir, tmp_path):
         torch.testing.assert_close(resumed[fqn], scale, rtol=1e-5, atol=1e-7)
 
 
-def test_ctrl_c_before_training_starts_stops_the_stage_without_training(tiny_model_dir, tmp_path, monkeypatch):
+def test_ctrl_c_before_training_starts_stops_the_stage_without_training(
+    tiny_model_dir, tmp_path, monkeypatch, ctrl_c_enabled
+):
     """Ctrl-C while the trainer is being built (where a KeyboardInterrupt could land in a finalizer and be ignored)
     is acted on before the first step: the stage stops, marked interrupted, with nothing trained."""
     from qatkit.backends import hf

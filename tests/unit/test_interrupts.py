@@ -1,0 +1,32 @@
+import os
+import signal
+
+import pytest
+
+from qatkit import interrupts
+
+
+def test_ctrl_c_is_recorded_then_raised_on_the_way_out(ctrl_c_enabled):
+    with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        assert interrupts.requested()  # recorded, not raised: training acts on it at a step boundary
+    assert not interrupts.requested()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_raises_at_once(ctrl_c_enabled):
+    with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        pytest.fail("the second Ctrl-C did not stop")
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts.deferred():
+            assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not interrupts.requested()
+    finally:
+        signal.signal(signal.SIGINT, previous)
