@@ -20,8 +20,8 @@ from qatkit.recipe import load_recipe
 from qatkit.stages.eval import gold_nll
 
 
-def _is_lm_head(fqn: str) -> bool:
-    return fqn.split(".")[-1] == "lm_head" or fqn.endswith("lm_head.base_layer")
+def _is_lm_head(fqn: str) -> bool:  # never a LoRA target (TRL refuses an adapter there), so never a base_layer
+    return fqn.split(".")[-1] == "lm_head"
 
 
 def main(run_dir: str, n: int, out: str) -> None:

@@ -87,8 +87,7 @@ def render_model_card(report: dict, recipe: dict) -> str:
         "",
     ]
     if finetuned:
-        qat_lr = recipe["qat"].get("lr")
-        qat_lr = f" (under quantization-aware training: {qat_lr})" if qat_lr else ""
+        qat_lr = f" (under quantization-aware training: {recipe['qat']['lr']})" if recipe["qat"].get("lr") else ""
         lines += [
             "# Fine-tuning recipe",
             "",
