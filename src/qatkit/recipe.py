@@ -64,6 +64,12 @@ class QatSpec(Strict):
         description="Learning rate of the QAT run (default: train.lr, which the no-QAT control always uses): "
         "e.g. a lower one for QAT as a second phase (init_from: control).",
     )
+    max_steps: int | None = Field(
+        None,
+        gt=0,
+        description="Training steps of the QAT run (default: train.max_steps, which the no-QAT control always "
+        "uses): e.g. a second phase (init_from: control) of its own length.",
+    )
     scale_lr: float | None = Field(
         None, gt=0, description="Learning rate of the learned scales (default: the QAT run's); never weight-decayed."
     )
@@ -75,7 +81,7 @@ class QatSpec(Strict):
     init_from: Literal["base", "control"] = Field(
         "base",
         description="control: QAT starts from the recipe's fine-tune without QAT (its adapters, or its weights with "
-        "train.full_finetuning; trained first or reused from the cache) and trains max_steps more: QAT as a recovery "
+        "train.full_finetuning; trained first or reused from the cache) and trains qat.max_steps more: QAT as a recovery "
         "phase after ordinary fine-tuning (Gemma 3's QAT). Pair it with distill.teacher: control to learn only what "
         "quantization lost.",
     )

@@ -417,6 +417,17 @@ def test_qat_lr_sets_the_qat_runs_learning_rate_only(tiny_model_dir, tmp_path):
     assert "lr 0.001 (under quantization-aware training: 0.01)" in (out / "convert" / "README.md").read_text()
 
 
+def test_qat_max_steps_sets_the_length_of_the_qat_run_only(tiny_model_dir, tmp_path):
+    """qat.max_steps: a second phase of its own length; the control trains train.max_steps."""
+    out = tmp_path / "run"
+    overrides = ["qat.init_from=control", "qat.max_steps=3", "train.max_steps=2"]
+    run_recipe(tiny_recipe(tiny_model_dir, *overrides), out, only=["finetune", "convert"])
+
+    summary = json.loads((out / "finetune" / "train_summary.json").read_text())
+    assert (summary["steps"], summary["control"]["steps"]) == (3, 2)
+    assert "2 steps (under quantization-aware training: 3)" in (out / "convert" / "README.md").read_text()
+
+
 def test_distill_from_the_control_needs_it(tiny_model_dir, tmp_path):
     from qatkit.backends.hf import load_teacher
 

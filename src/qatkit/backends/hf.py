@@ -201,14 +201,15 @@ def _last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> str | None:
 
 
 def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool, **extra):
-    """The trainer settings both backends share, from the recipe's `train` section (and qat.lr for a QAT run)."""
+    """The trainer settings both backends share, from the recipe's `train` section (and qat.lr / qat.max_steps for
+    a QAT run)."""
     import torch
     from trl import SFTConfig
 
     t = recipe.train
     return SFTConfig(
         output_dir=str(ckpt_dir),
-        max_steps=t.max_steps,
+        max_steps=(recipe.qat.max_steps or t.max_steps) if qat else t.max_steps,
         per_device_train_batch_size=t.batch_size,
         gradient_accumulation_steps=t.grad_accum,
         learning_rate=(recipe.qat.lr or t.lr) if qat else t.lr,

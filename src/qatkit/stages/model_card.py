@@ -87,11 +87,14 @@ def render_model_card(report: dict, recipe: dict) -> str:
         "",
     ]
     if finetuned:
-        qat_lr = f" (under quantization-aware training: {recipe['qat']['lr']})" if recipe["qat"].get("lr") else ""
+        qat_steps, qat_lr = (
+            f" (under quantization-aware training: {recipe['qat'][k]})" if recipe["qat"].get(k) else ""
+            for k in ("max_steps", "lr")
+        )
         lines += [
             "# Fine-tuning recipe",
             "",
-            f"{trained}; {t['max_steps']} steps, batch {t['batch_size']} x {t['grad_accum']}, lr {t['lr']}{qat_lr}, "
+            f"{trained}; {t['max_steps']} steps{qat_steps}, batch {t['batch_size']} x {t['grad_accum']}, lr {t['lr']}{qat_lr}, "
             f"{t['lr_scheduler']} schedule, "
             f"warmup {t['warmup_steps']}, optimizer {t['optim']}, seed {t['seed']}; data `{(recipe.get('data') or {}).get('path')}`.",
             "",
