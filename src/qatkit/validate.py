@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import difflib
+import functools
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from qatkit import schemes
 from qatkit.backends.base import backend_name
 from qatkit.data import load_splits
-from qatkit.errors import EnvError
+from qatkit.errors import EnvError, RecipeError
 from qatkit.loading import ModelSource, check_model_available, resolve_model
 from qatkit.metrics import unique_param_count
 from qatkit.recipe import Recipe
+
+if TYPE_CHECKING:
+    import torch
 
 # bits per weight of each scheme's quantized linears (before scales)
 WEIGHT_BITS = {
@@ -39,7 +45,7 @@ class Validation:
 
 def preflight(recipe: Recipe) -> ModelSource:
     """Checks shared by `validate` and `run`, before any model loads: library versions, hardware,
-    backend, model reachable, data parses and splits, eval tasks known and available offline."""
+    backend, model reachable, LoRA targets exist, data parses and splits, eval tasks known and available offline."""
     check_versions()
     scheme = schemes.for_recipe(recipe.qat)
     if "finetune" in recipe.stages:
@@ -49,6 +55,8 @@ def preflight(recipe: Recipe) -> ModelSource:
         schemes.require_hardware(scheme, "convert")
     source = resolve_model(recipe.model.name_or_path)
     check_model_available(source)
+    if "finetune" in recipe.stages and not recipe.train.full_finetuning:
+        check_lora_targets(_meta_model(source, recipe.model.trust_remote_code), recipe.lora.target_modules)
     if recipe.data is not None:
         load_splits(recipe.data)  # parses every row: missing, empty or malformed data fails here
     if "eval" in recipe.stages:
@@ -95,16 +103,56 @@ def _config(source: ModelSource, trust_remote_code: bool):
         raise EnvError(f"cannot read the config of {source.describe()}: {str(e).splitlines()[0]}") from None
 
 
-def validate(recipe: Recipe) -> Validation:
-    """Preflight, then build the model on the meta device (no weights) to list what will be quantized."""
+@functools.lru_cache(maxsize=1)  # preflight and validate both need it; reading a GGUF's config takes seconds
+def _meta_model(source: ModelSource, trust_remote_code: bool) -> torch.nn.Module:
+    """The model's architecture without weights (meta device): seconds even for 8B models."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    config = _config(source, trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_lora_targets(model: torch.nn.Module, target_modules: list[str]) -> None:
+    """Each `lora.target_modules` entry must name linear layers of the language model, matched as peft matches
+    it (a module's full name or its last dotted parts). peft itself accepts a list in which only some entries
+    match, so a misspelt name would silently train fewer adapters."""
+    import torch
+
+    outside = tuple(f"{p}." for p in schemes.non_language_modules(model))
+    lm_head = model.get_output_embeddings()
+    modules = [(fqn, mod) for fqn, mod in model.named_modules() if fqn and not f"{fqn}.".startswith(outside)]
+    adaptable = sorted(
+        {fqn.rsplit(".", 1)[-1] for fqn, mod in modules if isinstance(mod, torch.nn.Linear) and mod is not lm_head}
+    )
+    for target in target_modules:
+        hits = [mod for fqn, mod in modules if fqn == target or fqn.endswith(f".{target}")]
+        if not hits:
+            close = difflib.get_close_matches(target, adaptable, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(
+                f"lora.target_modules: {target!r} matches no layer of the language model{hint}; "
+                f"its linear layers are {', '.join(adaptable)}"
+            )
+        if any(mod is lm_head for mod in hits):
+            raise RecipeError(
+                f"lora.target_modules: {target!r} is the output layer, which takes no LoRA adapter: TRL's and "
+                "Unsloth's fused losses read lm_head.weight directly, so an adapter there would never train"
+            )
+        other = sorted({type(mod).__name__ for mod in hits if not isinstance(mod, torch.nn.Linear)})
+        if other:
+            raise RecipeError(
+                f"lora.target_modules: {target!r} names {', '.join(other)} modules, but LoRA adapters go on "
+                f"linear layers: {', '.join(adaptable)}"
+            )
+
+
+def validate(recipe: Recipe) -> Validation:
+    """Preflight, then build the model on the meta device (no weights) to list what will be quantized."""
     source = preflight(recipe)
     result = Validation(recipe, source)
-    config = _config(source, recipe.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    model = _meta_model(source, recipe.model.trust_remote_code)
     scheme = schemes.for_recipe(recipe.qat)
     plan = schemes.plan_modules(model, scheme, recipe.qat.group_size)
     result.plan = plan

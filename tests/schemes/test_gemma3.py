@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qatkit import schemes
+from qatkit.errors import RecipeError
 from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
 from qatkit.schemes import OUTSIDE_LANGUAGE_MODEL
@@ -81,6 +82,13 @@ def test_plan_keeps_the_vision_tower_out(gemma3_dir):
     assert outside and all(not m.quantize and m.reason == OUTSIDE_LANGUAGE_MODEL for m in outside)
     assert {m.fqn.split(".layers.")[0] for m in v.plan.quantized} == {"model.language_model"}
     assert len(v.plan.quantized) == 2 * 7  # every language-model projection; lm_head is not in w4-intx
+
+
+def test_lora_targets_only_in_the_vision_tower_are_refused(gemma3_dir):
+    from qatkit.validate import validate
+
+    with pytest.raises(RecipeError, match="'out_proj' matches no layer of the language model"):
+        validate(gemma_recipe(gemma3_dir, "lora.target_modules=[q_proj,out_proj]"))  # SigLIP's attention output
 
 
 def test_text_only_qat_leaves_the_vision_tower_bit_identical(gemma3_dir, tmp_path):

@@ -85,6 +85,15 @@ CASES = [
     ("negative-lr", _set("train", "lr", -0.001), [], 2, "train.lr"),
     ("lora-rank-zero", _set("lora", "r", 0), [], 2, "lora.r"),
     ("unknown-scheme", _set("qat", "scheme", "int9"), [], 2, "unknown scheme 'int9'"),
+    (
+        "lora-target-misspelt",  # peft would silently skip it: the other entries match
+        _set("lora", "target_modules", ["q_prj", "v_proj"]),
+        [],
+        2,
+        "'q_prj' matches no layer of the language model (did you mean 'q_proj'?)",
+    ),
+    ("lora-target-lm-head", _set("lora", "target_modules", ["q_proj", "lm_head"]), [], 2, "'lm_head' is the output"),
+    ("lora-target-not-linear", _set("lora", "target_modules", ["mlp"]), [], 2, "'mlp' names LlamaMLP modules"),
     ("merged-lora-with-dropout", _set("lora", "dropout", 0.1), [], 2, "lora.dropout: 0"),
     ("bad-stage-order", lambda r, _: r.update(stages=["convert", "finetune"]), [], 2, "order"),
     ("scheme-not-convertible-here", _set("qat", "scheme", "int4"), [], 3, "int4 convert needs a CUDA GPU"),
