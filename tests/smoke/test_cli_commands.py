@@ -1,8 +1,9 @@
 """validate / eval / convert --from through the real CLI on the tiny model."""
 
 import json
+import re
 
-from ..conftest import TINY_RECIPE, run_cli
+from ..conftest import DATA, TINY_RECIPE, run_cli
 
 
 def test_validate_lists_the_plan_and_size(tiny_model_dir):
@@ -78,3 +79,24 @@ def test_tokenizer_without_chat_template(tiny_model_dir, tmp_path):
     assert res.returncode == 2 and "model.chat_template" in res.stderr, res.stderr[-2000:]
     res = run_cli(*args, "--out", str(tmp_path / "b"), "--set", "model.chat_template=chatml")
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_max_seq_length_that_cuts_off_answers(tiny_model_dir, tmp_path):
+    """TRL drops the examples whose answer max_length truncates away: some is a warning with the count, all is a
+    clear exit 2 (not a crash in the trainer's sampler)."""
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:60]
+    for row in rows[:20]:
+        row["question"] = " ".join([row["question"]] * 8)
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = ["run", str(TINY_RECIPE), "--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.path={data}"]
+    args += ["--set", "data.eval_size=10", "--set", "train.max_steps=1", "--set", "stages=[finetune]"]
+
+    res = run_cli(*args, "--set", "model.max_seq_length=64", "--out", str(tmp_path / "some"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    dropped = re.search(r"(\d+) of 50 training examples dropped", " ".join(res.stderr.split()))
+    assert dropped and 1 <= int(dropped.group(1)) <= 20, res.stderr[-2000:]
+
+    res = run_cli(*args, "--set", "model.max_seq_length=16", "--out", str(tmp_path / "all"))
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "model.max_seq_length 16 cuts off the answer of every training example" in " ".join(res.stderr.split())

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from qatkit import distributed, interrupts, schemes
 from qatkit.backends.base import TrainResult, trained_dir
-from qatkit.errors import Interrupted
+from qatkit.errors import Interrupted, RecipeError
 from qatkit.loading import load_finetuned, load_model_and_tokenizer, require_chat_template
 from qatkit.lora_qat import use_merged_lora_forward
 
@@ -234,6 +234,21 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool, 
     )
 
 
+def check_train_dataset(trainer, given: int) -> None:
+    """TRL truncates each example to max_length and drops those with no answer token left: refuse a run that would
+    train on nothing, and say how many examples were lost."""
+    kept, max_length = len(trainer.train_dataset), trainer.args.max_length
+    if kept == 0:
+        raise RecipeError(f"model.max_seq_length {max_length} cuts off the answer of every training example: raise it")
+    if kept < given:
+        log.warning(
+            "%d of %d training examples dropped: their answers start beyond model.max_seq_length %d",
+            given - kept,
+            given,
+            max_length,
+        )
+
+
 def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: bool, t0: float) -> TrainResult:
     """Train (resuming from the last checkpoint when asked), save what was trained (adapter or full weights)
     into `out`, and the trainer state + loss history into `work`.
@@ -335,4 +350,5 @@ class HFBackend:
         trainer = _trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill)(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
+        check_train_dataset(trainer, len(examples))
         return train_and_save(trainer, model, tokenizer, work, trained_dir(recipe, work), resume, t0)

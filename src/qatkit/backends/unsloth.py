@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 from qatkit import distributed, schemes
 from qatkit.backends.base import TrainResult, trained_dir
-from qatkit.backends.hf import sft_config, train_and_save
+from qatkit.backends.hf import check_train_dataset, sft_config, train_and_save
 from qatkit.errors import EnvError, RecipeError
 
 if TYPE_CHECKING:
@@ -226,4 +226,5 @@ class UnslothBackend:
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
+        check_train_dataset(trainer, len(examples))
         return train_and_save(trainer, model, tokenizer, work, trained_dir(recipe, work), resume, t0)
