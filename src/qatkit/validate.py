@@ -57,10 +57,17 @@ def preflight(recipe: Recipe) -> ModelSource:
     check_model_available(source)
     if "finetune" in recipe.stages and not recipe.train.full_finetuning:
         check_lora_targets(_meta_model(source, recipe.model.trust_remote_code), recipe.lora.target_modules)
-    if recipe.data is not None:
-        load_splits(recipe.data)  # parses every row: missing, empty or malformed data fails here
+    splits = load_splits(recipe.data) if recipe.data is not None else None  # parses every row
     if "eval" in recipe.stages:
+        from qatkit.stages.eval import HELDOUT
         from qatkit.stages.eval import preflight as eval_preflight
+
+        if HELDOUT in recipe.eval.tasks and splits is not None and not splits.eval:
+            raise RecipeError(
+                f"eval.tasks: '{HELDOUT}' scores held-out multiple-choice items, and {recipe.data.path} gives none "
+                "(its rows are not multiple-choice, or data.eval_size is 0): set data.eval_path to a multiple-choice "
+                f"file, or leave '{HELDOUT}' out of eval.tasks"
+            )
 
         eval_preflight(list(recipe.eval.tasks), [recipe.eval.include_path] if recipe.eval.include_path else [])
     return source

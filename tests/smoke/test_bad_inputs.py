@@ -118,6 +118,13 @@ CASES = [
         2,
         "row 1",
     ),
+    (
+        "heldout-without-mc-items",
+        _data_file(json.dumps({"prompt": "2+2=", "completion": "4"}) + "\n", "prompt-completion"),
+        [],
+        2,
+        "'heldout' scores held-out multiple-choice items",
+    ),
     ("data-unknown-format", _data_file(json.dumps({"text": "hello"}) + "\n", "auto"), [], 2, "data.format"),
     ("eval-size-too-large", _set("data", "eval_size", 10_000), [], 2, "data.eval_size"),
     ("model-path-missing", _set("model", "name_or_path", "/nonexistent/model"), [], 2, "does not exist"),
