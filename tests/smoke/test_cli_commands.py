@@ -100,3 +100,32 @@ def test_max_seq_length_that_cuts_off_answers(tiny_model_dir, tmp_path):
     res = run_cli(*args, "--set", "model.max_seq_length=16", "--out", str(tmp_path / "all"))
     assert res.returncode == 2, res.stderr[-2000:]
     assert "model.max_seq_length 16 cuts off the answer of every training example" in " ".join(res.stderr.split())
+
+
+def test_conversations_train_on_every_assistant_reply(tiny_model_dir, tmp_path):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:40]
+    turns = [("system", "Add the numbers.")]
+    chats = []
+    for first, second in zip(rows[::2], rows[1::2], strict=True):
+        for row in (first, second):
+            turns += [("human", row["question"]), ("gpt", row["choices"][row["answer"]])]
+        chats.append({"conversations": [{"from": who, "value": text} for who, text in turns]})
+        turns = turns[:1]
+    data = tmp_path / "chats.jsonl"
+    data.write_text("".join(json.dumps(chat) + "\n" for chat in chats))
+    out = tmp_path / "run"
+    res = run_cli(
+        "run",
+        str(TINY_RECIPE),
+        *("--set", f"model.name_or_path={tiny_model_dir}", "--set", f"data.path={data}", "--set", "data.format=auto"),
+        *("--set", "data.train_size=null", "--set", "train.max_steps=3", "--set", "stages=[finetune]"),
+        *("--out", str(out)),
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+
+    train = [json.loads(line) for line in (out / "data" / "train.jsonl").read_text().splitlines()]
+    assert len(train) == 40  # both replies of each of the 20 conversations, each once
+    by_turn = sorted(len(example["prompt"]) for example in train)
+    assert by_turn == [2] * 20 + [4] * 20  # system + question, then + reply + next question
+    assert all(example["completion"][0]["role"] == "assistant" for example in train)
+    assert len(json.loads((out / "finetune" / "loss.json").read_text())) == 3

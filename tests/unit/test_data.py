@@ -101,3 +101,57 @@ def test_empty_file(tmp_path):
     empty.write_text("")
     with pytest.raises(RecipeError, match="empty"):
         load_splits(DataSpec(path=str(empty)))
+
+
+def _turn(role, content):
+    return {"role": role, "content": content}
+
+
+def test_conversations_train_on_each_assistant_reply_with_its_history():
+    messages = [
+        _turn("system", "Be brief."),
+        _turn("user", "2+2?"),
+        _turn("assistant", "4"),
+        _turn("user", "And 3+3?"),
+        _turn("assistant", "6"),
+    ]
+    assert to_items([{"messages": messages}], "auto", "t") == [
+        {"prompt": messages[:2], "completion": [messages[2]]},
+        {"prompt": messages[:4], "completion": [messages[4]]},
+    ]
+    sharegpt = {
+        "conversations": [
+            {"from": "system", "value": "Be brief."},
+            {"from": "human", "value": "2+2?"},
+            {"from": "gpt", "value": "4"},
+            {"from": "human", "value": "And 3+3?"},
+            {"from": "gpt", "value": "6"},
+        ]
+    }
+    assert to_items([sharegpt], "auto", "t") == to_items([{"messages": messages}], "messages", "t")
+
+
+@pytest.mark.parametrize(
+    ("row", "fragment"),
+    [
+        ({"messages": [_turn("assistant", "hi"), _turn("user", "hello")]}, "no assistant reply to a user message"),
+        ({"messages": [_turn("user", "q"), _turn("tool", "{}")]}, "a message must have a role in"),
+        ({"messages": [_turn("user", "q"), _turn("assistant", ["4"])]}, "text content"),
+        ({"conversations": [{"from": "human", "value": "q"}, {"from": "bot", "value": "a"}]}, "turn from 'bot'"),
+        ({"conversations": [{"from": "human", "text": "q"}]}, "KeyError: 'value'"),
+    ],
+)
+def test_malformed_conversation_names_the_row_and_the_problem(row, fragment):
+    good = {"messages": [_turn("user", "q"), _turn("assistant", "a")]}
+    if "conversations" in row:
+        good = {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    with pytest.raises(RecipeError, match="row 2") as e:
+        to_items([good, row], "auto", "chats.jsonl")
+    assert fragment in str(e.value)
+
+
+def test_conversations_with_multiple_choice_held_out_items(tmp_path):
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text(json.dumps({"messages": [_turn("user", "2+2?"), _turn("assistant", "4")]}) + "\n")
+    splits = load_splits(DataSpec(path=str(chats), format="messages", eval_path=str(DATA), eval_size=30))
+    assert len(splits.train) == 1 and len(splits.eval) == 30 and isinstance(splits.eval[0], MCItem)
