@@ -106,6 +106,8 @@ def eval_command(
     from qatkit.recipe import EvalSpec, ModelSpec
     from qatkit.stages.eval import evaluate_model, preflight
 
+    if not tasks:
+        raise RecipeError("--tasks: name at least one lm-eval task (comma-separated)")
     if not (model_dir / "config.json").exists():
         raise RecipeError(f"{model_dir}: not a model directory (no config.json)")
     includes = [str(include_path.resolve())] if include_path else []

@@ -112,7 +112,8 @@ class LoraSpec(Strict):
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     target_modules: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
     )
 
 
@@ -182,7 +183,7 @@ class ConvertSpec(Strict):
 
 
 class EvalSpec(Strict):
-    tasks: list[str] = Field(default_factory=lambda: ["heldout"])
+    tasks: list[str] = Field(default_factory=lambda: ["heldout"], min_length=1)
     limit: int | None = Field(None, gt=0)
     num_fewshot: int = Field(0, ge=0)
     batch_size: int = Field(8, gt=0)

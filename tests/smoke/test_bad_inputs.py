@@ -99,6 +99,7 @@ CASES = [
     ("scheme-not-convertible-here", _set("qat", "scheme", "int4"), [], 3, "int4 convert needs a CUDA GPU"),
     ("fp8-not-convertible-here", _set("qat", "scheme", "fp8-fp8"), [], 3, "on CPU use int8"),
     ("unsloth-without-cuda", lambda r, _: r.update(backend="unsloth"), [], 3, "backend: unsloth requested"),
+    ("no-eval-tasks", _set("eval", "tasks", []), [], 2, "eval.tasks: List should have at least 1 item"),
     ("unknown-task", _set("eval", "tasks", ["no_such_task_xyz"]), [], 2, "unknown lm-eval task"),
     ("task-local-data-missing", _task_dir(GHOST_LOCAL), [], 3, "not available"),
     ("task-hub-data-offline", _task_dir(GHOST_HUB), [], 3, "not available"),

@@ -27,6 +27,11 @@ def test_missing_recipe_exits_2():
     assert "Traceback" not in out.stderr
 
 
+def test_eval_without_tasks_exits_2(tmp_path):
+    out = run_cli("eval", str(tmp_path), "--tasks", ",")
+    assert out.returncode == 2 and "--tasks: name at least one lm-eval task" in out.stderr, out.stderr
+
+
 def test_unknown_key_exits_2_with_suggestion(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
