@@ -193,8 +193,11 @@ def open_run_dir(out: Path, recipe: Recipe, *, resume: bool, force: bool, same_r
     out.mkdir(parents=True, exist_ok=True)
     run = RunDir(out)
     previous = run.manifest()
-    if resume and same_recipe and not _started_with(previous, recipe):
-        raise RecipeError(f"--resume: the recipe changed since {out} was started; use --force to start over")
+    changes = _changes_since_start(previous, recipe) if resume and same_recipe else []
+    if changes:
+        raise RecipeError(
+            f"--resume: the recipe changed since {out} was started ({'; '.join(changes)}); use --force to start over"
+        )
     (out / "recipe.resolved.yaml").write_text(dump_recipe(recipe))
     run.update_manifest(
         qatkit_run=1,
@@ -209,15 +212,16 @@ def open_run_dir(out: Path, recipe: Recipe, *, resume: bool, force: bool, same_r
     return run
 
 
-def _started_with(manifest: dict, recipe: Recipe) -> bool:
-    """Whether a run dir was started with this recipe. The stored recipe is read with today's schema and hashed
-    again, so a qatkit upgrade (a new setting at its default, another hash formula) does not count as a change."""
+def _changes_since_start(manifest: dict, recipe: Recipe) -> list[str]:
+    """How `recipe` differs from the one a run dir was started with ([]: not at all). The stored recipe is read
+    with today's schema, so a qatkit upgrade (a new setting at its default, another hash formula) is no change."""
     if "recipe" not in manifest:
-        return manifest.get("recipe_hash") in (None, recipe.digest())
+        return [] if manifest.get("recipe_hash") in (None, recipe.digest()) else ["recipe hash"]
     try:
-        return Recipe.model_validate(manifest["recipe"]).digest() == recipe.digest()
-    except ValueError:  # a setting this qatkit no longer knows
-        return False
+        started = Recipe.model_validate(manifest["recipe"])
+    except ValueError:
+        return ["it has a setting this qatkit no longer knows"]
+    return recipe.changes_from(started)
 
 
 StageFn = Callable[[Recipe, RunDir, Path, bool], dict]

@@ -241,6 +241,20 @@ class Recipe(Strict):
 
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
+    def changes_from(self, other: Recipe) -> list[str]:
+        """The settings `digest` covers that differ from `other`'s, as 'key: other's value → this one's'."""
+
+        def leaves(tree: dict, prefix: str = "") -> dict:
+            out = {}
+            for key, value in tree.items():
+                out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+            return out
+
+        mine, theirs = (leaves(r.model_dump(exclude={"stages", "out"})) for r in (self, other))
+        return [
+            f"{k}: {theirs.get(k)!r} → {mine.get(k)!r}" for k in sorted(mine | theirs) if mine.get(k) != theirs.get(k)
+        ]
+
 
 # names other tools (Unsloth, TRL, Axolotl, torchtune) use for the same settings
 FOREIGN_NAMES = {

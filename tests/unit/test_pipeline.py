@@ -68,9 +68,11 @@ def test_manifest_records_recipe_hash_and_versions(tmp_path):
 def test_resume_refuses_a_changed_recipe(tmp_path):
     out = tmp_path / "run"
     open_run_dir(out, RECIPE, resume=False, force=False)
-    changed = RECIPE.model_copy(update={"name": "other"})
-    with pytest.raises(RecipeError, match="recipe changed"):
+    changed = RECIPE.model_copy(update={"name": "other", "train": RECIPE.train.model_copy(update={"lr": 1e-3})})
+    with pytest.raises(RecipeError, match="recipe changed") as e:
         open_run_dir(out, changed, resume=True, force=False)
+    assert f"(name: {RECIPE.name!r} → 'other'; train.lr: {RECIPE.train.lr!r} → 0.001)" in str(e.value)
+    open_run_dir(out, RECIPE.model_copy(update={"stages": ["finetune"]}), resume=True, force=False)  # not a change
 
 
 def test_resume_survives_a_qatkit_upgrade(tmp_path):
