@@ -91,7 +91,7 @@ def _run(
     from qatkit.commands import launch_command, run_command
 
     if num_processes > 1:
-        code = _guard(launch_command, recipe_path, overrides or [], sys.argv[1:], num_processes)
+        code = _guard(launch_command, recipe_path, overrides or [], sys.argv[1:], num_processes, only)
         raise typer.Exit(code)
     _guard(run_command, recipe_path, out, overrides or [], resume=resume, force=force, only=only)
 

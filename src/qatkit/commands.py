@@ -24,18 +24,20 @@ def run_command(
     from qatkit.validate import preflight
 
     recipe = load_recipe(recipe_path, overrides)
-
-    if only:
-        recipe = recipe.model_copy(update={"stages": [s for s in recipe.stages if s in only] or only})
-    if "finetune" in recipe.stages and backend_name(recipe) == "unsloth":
+    # the recipe keeps its stages even when `only` some run: they decide e.g. whether convert converts the
+    # fine-tuned model or quantizes the original one (PTQ)
+    stages = only or recipe.stages
+    if absent := [s for s in stages if s not in recipe.stages]:
+        raise RecipeError(f"{recipe_path}: the recipe has no {absent[0]} stage (stages: {', '.join(recipe.stages)})")
+    if "finetune" in stages and backend_name(recipe) == "unsloth":
         from qatkit.backends.unsloth import import_unsloth
 
         import_unsloth()  # before the preflight pulls in transformers (via lm_eval)
-    preflight(recipe)
+    preflight(recipe, stages)
 
     target = _out_dir(recipe, out)
     console.print(
-        f"[bold]qatkit[/] {recipe.name}: scheme [cyan]{recipe.qat.scheme}[/], stages {', '.join(only or recipe.stages)} → {target}"
+        f"[bold]qatkit[/] {recipe.name}: scheme [cyan]{recipe.qat.scheme}[/], stages {', '.join(stages)} → {target}"
     )
     resume_cmd = " ".join(
         ["qatkit run", str(recipe_path), "--out", str(target), "--resume", *(f"--set {o}" for o in overrides)]
@@ -55,12 +57,14 @@ def run_command(
         print_summary(run.root)
 
 
-def launch_command(recipe_path: Path, overrides: list[str], argv: list[str], num_processes: int) -> int:
+def launch_command(
+    recipe_path: Path, overrides: list[str], argv: list[str], num_processes: int, only: list[str] | None = None
+) -> int:
     """Check the recipe once here, then start N training processes (`argv`: this command line)."""
     from qatkit import distributed
     from qatkit.validate import preflight
 
-    preflight(load_recipe(recipe_path, overrides))
+    preflight(load_recipe(recipe_path, overrides), only)
     console.print(f"[bold]qatkit[/] launching {num_processes} training processes (accelerate)")
     return distributed.launch(distributed.strip_num_processes(argv), num_processes)
 

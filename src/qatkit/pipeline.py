@@ -268,6 +268,9 @@ def stage_function(name: str) -> StageFn:
     return importlib.import_module(f"qatkit.stages.{name}").run
 
 
+STAGE_NEEDS = {"convert": ["finetune"], "eval": ["convert"]}  # when the recipe has that stage
+
+
 def run_recipe(
     recipe: Recipe,
     out: Path,
@@ -286,6 +289,14 @@ def run_recipe(
 
     distributed.init()
     single = only is not None
+    stages = only or recipe.stages
+    for name in stages:  # before anything is written
+        for needed in STAGE_NEEDS.get(name, []):
+            done = not force and RunDir(out.resolve()).is_done(needed)
+            if needed in recipe.stages and needed not in stages and not done:
+                raise RecipeError(
+                    f"stage {name} needs a finished {needed} stage in {out.resolve()}; run `qatkit {needed}` first"
+                )
     if distributed.is_main():
         reuse = single and (out / "manifest.json").exists()
         run = open_run_dir(out, recipe, resume=resume or reuse, force=force, same_recipe=not reuse)
@@ -294,22 +305,17 @@ def run_recipe(
             from qatkit.loading import model_fingerprint
 
             run.update_manifest(model=model_fingerprint(recipe.model.name_or_path), device=device_description())
-        if "finetune" in (only or recipe.stages):
+        if "finetune" in stages:
             run.update_manifest(training_processes=distributed.world_size())
 
     distributed.barrier()
     run = RunDir(out.resolve())
-    for name in only or recipe.stages:
+    for name in stages:
         if name != "finetune" and distributed.leave():
             return None
         if resume and not single and run.is_done(name):
             on_stage and on_stage(name, "skipped (done)")
             continue
-        for needed in {"convert": ["finetune"], "eval": ["convert"]}.get(name, []):
-            if needed in recipe.stages and not run.is_done(needed):
-                raise RecipeError(
-                    f"stage {name} needs a finished {needed} stage in {run.root}; run `qatkit {needed}` first"
-                )
         on_stage and on_stage(name, "running")
         run_stage(run, name, stage_function(name), recipe, resume=resume)
         on_stage and on_stage(name, "done")

@@ -43,22 +43,24 @@ class Validation:
     size_quantized_mb: float | None = None
 
 
-def preflight(recipe: Recipe) -> ModelSource:
-    """Checks shared by `validate` and `run`, before any model loads: library versions, hardware,
-    backend, model reachable, LoRA targets exist, data parses and splits, eval tasks known and available offline."""
+def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
+    """Checks shared by `validate` and `run`, before any model loads, for the `stages` about to run (default: the
+    recipe's): library versions, hardware, backend, model reachable, LoRA targets exist, data parses and splits,
+    eval tasks known and available offline."""
     check_versions()
+    stages = stages or recipe.stages
     scheme = schemes.for_recipe(recipe.qat)
-    if "finetune" in recipe.stages:
+    if "finetune" in stages:
         schemes.require_hardware(scheme, "train")
         backend_name(recipe)
-    if "convert" in recipe.stages:
+    if "convert" in stages:
         schemes.require_hardware(scheme, "convert")
     source = resolve_model(recipe.model.name_or_path)
     check_model_available(source)
-    if "finetune" in recipe.stages and not recipe.train.full_finetuning:
+    if "finetune" in stages and not recipe.train.full_finetuning:
         check_lora_targets(_meta_model(source, recipe.model.trust_remote_code), recipe.lora.target_modules)
     splits = load_splits(recipe.data) if recipe.data is not None else None  # parses every row
-    if "eval" in recipe.stages:
+    if "eval" in stages:
         from qatkit.stages.eval import HELDOUT
         from qatkit.stages.eval import preflight as eval_preflight
 

@@ -129,3 +129,22 @@ def test_conversations_train_on_every_assistant_reply(tiny_model_dir, tmp_path):
     assert by_turn == [2] * 20 + [4] * 20  # system + question, then + reply + next question
     assert all(example["completion"][0]["role"] == "assistant" for example in train)
     assert len(json.loads((out / "finetune" / "loss.json").read_text())) == 3
+
+
+def test_one_stage_commands_continue_one_run(tiny_model_dir, tmp_path):
+    """`qatkit finetune`, then `qatkit convert` on the same run dir converts the fine-tuned model (not a PTQ of the
+    original); convert before finetune, or a stage the recipe lacks, is refused before anything is written."""
+    out = tmp_path / "run"
+    args = [str(TINY_RECIPE), "--set", f"model.name_or_path={tiny_model_dir}", "--set", "train.max_steps=3"]
+    res = run_cli("convert", *args, "--out", str(out))
+    assert res.returncode == 2 and "convert needs a finished finetune stage" in " ".join(res.stderr.split())
+    res = run_cli("finetune", *args, "--set", "stages=[convert,eval]", "--out", str(out))
+    assert res.returncode == 2 and "the recipe has no finetune stage" in res.stderr, res.stderr[-2000:]
+    assert not out.exists()
+
+    assert run_cli("finetune", *args, "--out", str(out)).returncode == 0
+    assert (out / "finetune" / "DONE").exists() and not (out / "convert").exists()
+    res = run_cli("convert", *args, "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    parity = json.loads((out / "convert" / "parity.json").read_text())
+    assert parity["as_trained_vs_converted"]["sqnr_db"] == float("inf")  # compared with the model as trained
