@@ -81,6 +81,7 @@ def convert_command(
     if not from_.exists():
         raise RecipeError(f"--from {from_}: no such model directory")
     from qatkit.pipeline import run_recipe
+    from qatkit.validate import preflight
 
     recipe = validate_recipe(
         {
@@ -91,6 +92,7 @@ def convert_command(
         },
         source="--from/--scheme",
     )
+    preflight(recipe)
     target = out or Path(f"runs/{recipe.name}")
     run = run_recipe(recipe, target, force=False, only=["convert"])
     print_summary(run.root)

@@ -94,10 +94,14 @@ class QatSpec(Strict):
         return canonical_name(v)
 
     @model_validator(mode="after")
-    def _scales_learnable(self) -> QatSpec:
+    def _fits_the_scheme(self) -> QatSpec:
         from qatkit.schemes import get_scheme, list_schemes
 
-        if self.learn_scales and not get_scheme(self.scheme).learnable_scales:
+        scheme = get_scheme(self.scheme)
+        if self.group_size is not None and scheme.fixed_granularity:
+            fixed = f"group size {scheme.default_group_size}" if scheme.default_group_size else "one scale per row"
+            raise ValueError(f"qat.group_size: scheme {self.scheme} has a fixed granularity ({fixed})")
+        if self.learn_scales and not scheme.learnable_scales:
             learnable = ", ".join(s.name for s in list_schemes() if s.learnable_scales)
             raise ValueError(f"qat.learn_scales: scheme {self.scheme} has no learnable intx scales (use {learnable})")
         for name in ("scale_lr", "scale_init"):

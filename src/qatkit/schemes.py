@@ -46,6 +46,7 @@ class Scheme:
     cpu_alternatives: str = ""
     notes: str = ""
     straight_through_fp8: bool = False  # torchao casts fp8 fake-quant grads unscaled; use STE
+    fixed_granularity: bool = False  # the torchao config sets its own groups/rows: qat.group_size cannot change them
     learnable_scales: bool = False  # intx weights: torchao range learning and convert with custom scales work
     learn_scales: bool = False  # train the linears' weight scales (the recipe's qat.learn_scales)
     scale_init: Literal["absmax", "mse"] = "absmax"  # where learned scales start (the recipe's qat.scale_init)
@@ -229,6 +230,7 @@ register_scheme(
         cpu_alternatives="int8-int4",
         notes="convert needs torchao's CUDA int4 kernels (mslk)",
         straight_through_fp8=True,
+        fixed_granularity=True,
     )
 )
 register_scheme(
@@ -240,6 +242,7 @@ register_scheme(
         convert_on="cuda-sm89",
         cpu_alternatives="int8",
         straight_through_fp8=True,
+        fixed_granularity=True,
     )
 )
 register_scheme(
@@ -252,6 +255,7 @@ register_scheme(
         train_on="cuda-sm100",
         convert_on="cuda-sm100",
         notes="Blackwell only",
+        fixed_granularity=True,
     )
 )
 register_scheme(
@@ -264,6 +268,7 @@ register_scheme(
         train_on="cuda-sm100",
         convert_on="cuda-sm100",
         notes="Blackwell only",
+        fixed_granularity=True,
     )
 )
 

@@ -57,8 +57,11 @@ def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
         schemes.require_hardware(scheme, "convert")
     source = resolve_model(recipe.model.name_or_path)
     check_model_available(source)
-    if "finetune" in stages and not recipe.train.full_finetuning:
-        check_lora_targets(_meta_model(source, recipe.model.trust_remote_code), recipe.lora.target_modules)
+    if {"finetune", "convert"} & set(stages):
+        model = _meta_model(source, recipe.model.trust_remote_code)
+        check_plan(schemes.plan_modules(model, scheme, recipe.qat.group_size))
+        if "finetune" in stages and not recipe.train.full_finetuning:
+            check_lora_targets(model, recipe.lora.target_modules)
     splits = load_splits(recipe.data) if recipe.data is not None else None  # parses every row
     if "eval" in stages:
         from qatkit.stages.eval import HELDOUT
@@ -121,6 +124,18 @@ def _meta_model(source: ModelSource, trust_remote_code: bool) -> torch.nn.Module
     config = _config(source, trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_plan(plan: schemes.Plan) -> None:
+    """A scheme that quantizes none of the model's linear layers (e.g. a group size that divides no in_features)
+    would train and convert a model that is not quantized."""
+    linears = [m for m in plan.modules if m.kind == "linear"]
+    if linears and not any(m.quantize for m in linears):
+        reasons = Counter(m.reason for m in linears)
+        raise RecipeError(
+            f"scheme {plan.scheme} quantizes no linear layer of this model: "
+            + "; ".join(f"{count} × {reason}" for reason, count in reasons.most_common(3))
+        )
 
 
 def check_lora_targets(model: torch.nn.Module, target_modules: list[str]) -> None:

@@ -94,6 +94,13 @@ CASES = [
     ),
     ("lora-target-lm-head", _set("lora", "target_modules", ["q_proj", "lm_head"]), [], 2, "'lm_head' is the output"),
     ("lora-target-not-linear", _set("lora", "target_modules", ["mlp"]), [], 2, "'mlp' names LlamaMLP modules"),
+    (
+        "group-size-divides-no-layer",
+        _set("qat", "group_size", 48),
+        [],
+        2,
+        "scheme int8-int4 quantizes no linear layer of this model: 13 × in_features 128 not a multiple of group size 48",
+    ),
     ("merged-lora-with-dropout", _set("lora", "dropout", 0.1), [], 2, "lora.dropout: 0"),
     ("bad-stage-order", lambda r, _: r.update(stages=["convert", "finetune"]), [], 2, "order"),
     ("scheme-not-convertible-here", _set("qat", "scheme", "int4"), [], 3, "int4 convert needs a CUDA GPU"),

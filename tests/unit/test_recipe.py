@@ -151,6 +151,15 @@ def test_quantize_lm_head_override():
     assert schemes.quantization_id(off) == "int8-int4 group_size=64 quantize_lm_head=False"
 
 
+def test_group_size_only_for_schemes_whose_granularity_is_configurable():
+    from qatkit import schemes
+
+    assert "fixed granularity (group size 128)" in _problems(_with(qat={"scheme": "fp8-int4", "group_size": 64}))
+    assert "fixed granularity (one scale per row)" in _problems(_with(qat={"scheme": "fp8-fp8", "group_size": 64}))
+    per_group = validate_recipe(_with(qat={"scheme": "w4-channel", "group_size": 32})).qat  # per channel -> groups
+    assert schemes.for_recipe(per_group).group_size(per_group.group_size) == 32
+
+
 def test_learn_scales_only_for_schemes_with_intx_scales():
     from qatkit import schemes
 
