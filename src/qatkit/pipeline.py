@@ -216,7 +216,8 @@ def _changes_since_start(manifest: dict, recipe: Recipe) -> list[str]:
     """How `recipe` differs from the one a run dir was started with ([]: not at all). The stored recipe is read
     with today's schema, so a qatkit upgrade (a new setting at its default, another hash formula) is no change."""
     if "recipe" not in manifest:
-        return [] if manifest.get("recipe_hash") in (None, recipe.digest()) else ["recipe hash"]
+        started = manifest.get("recipe_hash")
+        return [] if started in (None, recipe.digest()) else [f"recipe hash: {started!r} → {recipe.digest()!r}"]
     try:
         started = Recipe.model_validate(manifest["recipe"])
     except ValueError:
