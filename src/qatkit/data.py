@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from qatkit.loading import resolve_path
 
 if TYPE_CHECKING:
     from qatkit.recipe import DataSpec
+
+log = logging.getLogger(__name__)
 
 LETTERS = "ABCDEFGHIJ"
 AnswerStyle = Literal["letter", "text"]
@@ -252,7 +255,15 @@ def load_splits(spec: DataSpec) -> Splits:
         train = train[: spec.train_size]
     if not train:
         raise RecipeError(f"{spec.path}: no training rows after the split")
-    return Splits(train, [e for e in eval_items if isinstance(e, MCItem)], is_mc)
+    eval_items = [e for e in eval_items if isinstance(e, MCItem)]
+    trained = {x for x in train if isinstance(x, MCItem)}
+    held_out = [e for e in eval_items if e not in trained]  # duplicate rows: a copy may have landed in train
+    if len(held_out) < len(eval_items):
+        log.warning(
+            "%d held-out items are also training rows (duplicates in the data): left out of the held-out set",
+            len(eval_items) - len(held_out),
+        )
+    return Splits(train, held_out, is_mc)
 
 
 def training_examples(splits: Splits, style: AnswerStyle = "letter") -> list[dict]:

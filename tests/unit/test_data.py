@@ -155,3 +155,14 @@ def test_conversations_with_multiple_choice_held_out_items(tmp_path):
     chats.write_text(json.dumps({"messages": [_turn("user", "2+2?"), _turn("assistant", "4")]}) + "\n")
     splits = load_splits(DataSpec(path=str(chats), format="messages", eval_path=str(DATA), eval_size=30))
     assert len(splits.train) == 1 and len(splits.eval) == 30 and isinstance(splits.eval[0], MCItem)
+
+
+def test_held_out_items_never_include_a_training_row(tmp_path, caplog):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()][:100]
+    data = tmp_path / "dups.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows + rows[:30]))  # 30 rows twice
+    splits = load_splits(DataSpec(path=str(data), eval_size=60, seed=1))
+    trained = {x for x in splits.train}
+    assert splits.eval and not trained & set(splits.eval)
+    dropped = 60 - len(splits.eval)
+    assert dropped > 0 and f"{dropped} held-out items are also training rows" in caplog.text
