@@ -14,7 +14,7 @@ from qatkit.data import load_splits
 from qatkit.errors import EnvError, RecipeError
 from qatkit.loading import ModelSource, check_model_available, resolve_model
 from qatkit.metrics import unique_param_count
-from qatkit.recipe import Recipe
+from qatkit.recipe import Recipe, TrainSpec
 
 if TYPE_CHECKING:
     import torch
@@ -55,6 +55,8 @@ def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
         backend_name(recipe)
     if "convert" in stages:
         schemes.require_hardware(scheme, "convert")
+    if "finetune" in stages:
+        check_trainer_settings(recipe.train)
     source = resolve_model(recipe.model.name_or_path)
     check_model_available(source)
     if {"finetune", "convert"} & set(stages):
@@ -124,6 +126,30 @@ def _meta_model(source: ModelSource, trust_remote_code: bool) -> torch.nn.Module
     config = _config(source, trust_remote_code)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def check_trainer_settings(train: TrainSpec) -> None:
+    """`train.optim` and `train.lr_scheduler` are names transformers' Trainer knows, and the optimizer's package is
+    installed (adamw_8bit needs bitsandbytes): found here, not after the model has loaded."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+    from transformers.trainer_utils import SchedulerType
+    from transformers.training_args import OptimizerNames
+
+    for key, value, names in (
+        ("optim", train.optim, OptimizerNames),
+        ("lr_scheduler", train.lr_scheduler, SchedulerType),
+    ):
+        known = [name.value for name in names]
+        if value not in known:
+            close = difflib.get_close_matches(value, known, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
+            raise RecipeError(f"train.{key}: unknown {value!r} ({hint})")
+    args = TrainingArguments(optim=train.optim, use_cpu=not torch.cuda.is_available(), report_to="none")
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(args)
+    except (ImportError, ValueError) as e:  # transformers raises either for a missing optimizer package
+        raise EnvError(f"train.optim {train.optim} cannot be used here: {e}") from None
 
 
 def check_plan(plan: schemes.Plan) -> None:

@@ -1,5 +1,6 @@
 """Bad input, table-driven: every case fails before any model loads, with one clear line and its exit code."""
 
+import importlib.util
 import json
 
 import pytest
@@ -83,6 +84,8 @@ CASES = [
     ("wrong-type", _set("train", "batch_size", "eight"), [], 2, "train.batch_size"),
     ("zero-steps", _set("train", "max_steps", 0), [], 2, "train.max_steps"),
     ("negative-lr", _set("train", "lr", -0.001), [], 2, "train.lr"),
+    ("unknown-optimizer", _set("train", "optim", "adamw_bogus"), [], 2, "train.optim: unknown 'adamw_bogus'"),
+    ("unknown-scheduler", _set("train", "lr_scheduler", "cosine_bogus"), [], 2, "did you mean 'cosine'"),
     ("lora-rank-zero", _set("lora", "r", 0), [], 2, "lora.r"),
     ("unknown-scheme", _set("qat", "scheme", "int9"), [], 2, "unknown scheme 'int9'"),
     (
@@ -194,6 +197,13 @@ def test_unsupported_library_version_is_refused(make_recipe, monkeypatch):
     result = CliRunner().invoke(app, ["validate", make_recipe()])
     assert result.exit_code == 3
     assert "torchao 0.9.0 is not supported" in result.output
+
+
+def test_optimizer_whose_package_is_missing_is_an_environment_error(make_recipe):
+    if importlib.util.find_spec("bitsandbytes") is not None:
+        pytest.skip("bitsandbytes is installed here")
+    result = CliRunner().invoke(app, ["validate", make_recipe(_set("train", "optim", "adamw_8bit"))])
+    assert result.exit_code == 3 and "install `bitsandbytes`" in " ".join(result.output.split()), result.output
 
 
 def test_resume_on_a_directory_that_is_not_a_run(make_recipe, tmp_path):

@@ -75,13 +75,26 @@ def run_many(arg_lists: list[list[str]], **extra_env: str) -> list[subprocess.Co
     return out
 
 
-def needs_cpu_scheme(card: str) -> list[str]:
-    """int4 converts only with torchao's CUDA kernels: without CUDA, validate the same recipe with w4-intx
-    (int4 weight-only that converts on CPU), else validate stops at the hardware check first."""
+def missing_here(card: str) -> dict[str, str]:
+    """What a card recipe needs that this machine lacks, as {setting override: the message validate stops with}:
+    int4 converts only with torchao's CUDA kernels (w4-intx is int4 weight-only that converts on CPU), and
+    adamw_8bit needs bitsandbytes (adamw_torch)."""
+    import importlib.util
+
     from qatkit import schemes
 
-    scheme = schemes.get_scheme(yaml.safe_load((RECIPES / f"{card}.yaml").read_text())["qat"]["scheme"])
-    return [] if schemes.hardware_ok(scheme.convert_on) else ["--set", "qat.scheme=w4-intx"]
+    recipe = yaml.safe_load((RECIPES / f"{card}.yaml").read_text())
+    missing = {}
+    if not schemes.hardware_ok(schemes.get_scheme(recipe["qat"]["scheme"]).convert_on):
+        missing["qat.scheme=w4-intx"] = "int4 convert needs a CUDA GPU"
+    if recipe.get("train", {}).get("optim") == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        missing["train.optim=adamw_torch"] = "install `bitsandbytes`"
+    return missing
+
+
+def here(card: str) -> list[str]:
+    """`--set` arguments that make a card recipe runnable on this machine."""
+    return [x for override in missing_here(card) for x in ("--set", override)]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +117,7 @@ def test_card_recipes_say_the_model_must_be_downloaded_first(tmp_path):
     cards = list(CARDS)
     runs = run_many(
         [["validate", str(RECIPES / f"{c}.yaml")] for c in cards]
-        + [["validate", str(RECIPES / f"{c}.yaml"), *needs_cpu_scheme(c)] for c in cards if needs_cpu_scheme(c)],
+        + [["validate", str(RECIPES / f"{c}.yaml"), *here(c)] for c in cards if missing_here(c)],
         HF_HOME=str(tmp_path / "hf"),  # not cached, whatever this machine's cache holds
         HF_HUB_CACHE=str(tmp_path / "hf" / "hub"),
     )
@@ -112,11 +125,11 @@ def test_card_recipes_say_the_model_must_be_downloaded_first(tmp_path):
     for card, res in zip(cards, plain, strict=True):
         assert res.returncode == 3, (card, res.stdout, res.stderr)
         assert "Traceback" not in res.stderr
-        if needs_cpu_scheme(card):  # checked before the model: int4 convert needs CUDA
-            assert "int4 convert needs a CUDA GPU" in res.stderr and "on CPU use w4-intx" in res.stderr
+        if missing_here(card):  # checked before the model
+            assert next(iter(missing_here(card).values())) in " ".join(res.stderr.split()), res.stderr
         else:
             assert f"model {CARDS[card][0]}" in res.stderr and "must be downloaded first" in res.stderr
-    for card, res in zip([c for c in cards if needs_cpu_scheme(c)], cpu, strict=True):
+    for card, res in zip([c for c in cards if missing_here(c)], cpu, strict=True):
         assert res.returncode == 3, (card, res.stdout, res.stderr)
         assert f"model {CARDS[card][0]}" in res.stderr and "must be downloaded first" in res.stderr
         assert f"huggingface-cli download {CARDS[card][0]}" in res.stderr
@@ -127,7 +140,7 @@ def test_card_recipes_validate_with_a_tiny_model_of_the_same_architecture(tiny_m
     for card, (_, arch) in CARDS.items():
         overrides = [f"model.name_or_path={tiny_models[arch]}", "eval.tasks=[heldout]"]
         overrides += [f"data.path={mmlu_jsonl}", "data.eval_size=4"]  # the PTQ card gets a data section for heldout
-        args.append(["validate", str(RECIPES / f"{card}.yaml"), *needs_cpu_scheme(card)])
+        args.append(["validate", str(RECIPES / f"{card}.yaml"), *here(card)])
         args[-1] += [x for o in overrides for x in ("--set", o)]
     for card, res in zip(CARDS, run_many(args), strict=True):
         assert res.returncode == 0, (card, res.stdout[-2000:], res.stderr[-2000:])
