@@ -289,21 +289,32 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
+def _section(field) -> type[BaseModel] | None:
+    """The pydantic model a field holds (`qat: QatSpec`, `distill: DistillSpec | None`), or None for a value."""
+    ann = field.annotation
+    return next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+
+
 def _model_for(loc: tuple) -> type[BaseModel] | None:
     """The pydantic model that holds the field at `loc` (for did-you-mean on unknown keys)."""
-    model: type[BaseModel] = Recipe
+    model: type[BaseModel] | None = Recipe
     for part in loc[:-1]:
         field = model.model_fields.get(str(part))
-        if field is None:
+        model = _section(field) if field is not None else None
+        if model is None:
             return None
-        ann = field.annotation
-        sub = next(
-            (a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)), None
-        )
-        if sub is None:
-            return None
-        model = sub
     return model
+
+
+def _in_other_sections(word: str, here: type[BaseModel] | None) -> str:
+    """' (did you mean 'qat.learn_scales'?)' for a key that is a setting of another recipe section."""
+    name = FOREIGN_NAMES.get(word, word)
+    found = [
+        f"'{section}.{name}'"
+        for section, field in Recipe.model_fields.items()
+        if (model := _section(field)) not in (None, here) and name in model.model_fields
+    ]
+    return f" (did you mean {' or '.join(found)}?)" if found else ""
 
 
 def _format_errors(err: ValidationError) -> list[str]:
@@ -314,6 +325,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         if e["type"] == "extra_forbidden":
             parent = _model_for(loc)
             hint = _did_you_mean(str(loc[-1]), list(parent.model_fields)) if parent else ""
+            hint = hint or _in_other_sections(str(loc[-1]), parent)
             problems.append(f"{key}: unknown key{hint}")
         else:
             msg = e["msg"].removeprefix("Value error, ")

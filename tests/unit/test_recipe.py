@@ -40,6 +40,13 @@ def test_unknown_top_level_key_suggests():
 def test_unknown_nested_key_suggests():
     assert "lora.rank: unknown key (did you mean 'r'?)" in _problems(_with(lora={"rank": 8}))
     assert "train.max_step: unknown key (did you mean 'max_steps'?)" in _problems(_with(train={"max_step": 8}))
+    assert "train.learn_scales: unknown key (did you mean 'qat.learn_scales'?)" in _problems(
+        _with(train={"learn_scales": True})
+    )
+    assert "eval.max_steps: unknown key (did you mean 'qat.max_steps' or 'train.max_steps'?)" in _problems(
+        _with(eval={"max_steps": 8})
+    )
+    assert "learning_rate: unknown key (did you mean 'qat.lr' or 'train.lr'?)" in _problems(_with(learning_rate=1e-4))
 
 
 @pytest.mark.parametrize(
