@@ -282,7 +282,8 @@ FOREIGN_NAMES = {
 }
 
 
-def _did_you_mean(word: str, choices: list[str]) -> str:
+def did_you_mean(word: str, choices: list[str]) -> str:
+    """' (did you mean 'x'?)' for the closest of `choices` (or the name qatkit uses for another tool's), else ''."""
     if FOREIGN_NAMES.get(word) in choices:
         return f" (did you mean '{FOREIGN_NAMES[word]}'?)"
     close = difflib.get_close_matches(word, choices, n=1)
@@ -324,7 +325,7 @@ def _format_errors(err: ValidationError) -> list[str]:
         key = ".".join(str(p) for p in loc) or "recipe"
         if e["type"] == "extra_forbidden":
             parent = _model_for(loc)
-            hint = _did_you_mean(str(loc[-1]), list(parent.model_fields)) if parent else ""
+            hint = did_you_mean(str(loc[-1]), list(parent.model_fields)) if parent else ""
             hint = hint or _in_other_sections(str(loc[-1]), parent)
             problems.append(f"{key}: unknown key{hint}")
         else:

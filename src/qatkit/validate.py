@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import functools
 from collections import Counter
 from dataclasses import dataclass, field
@@ -14,7 +13,7 @@ from qatkit.data import load_splits
 from qatkit.errors import EnvError, RecipeError
 from qatkit.loading import ModelSource, check_model_available, resolve_model
 from qatkit.metrics import unique_param_count
-from qatkit.recipe import Recipe, TrainSpec
+from qatkit.recipe import Recipe, TrainSpec, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -142,9 +141,8 @@ def check_trainer_settings(train: TrainSpec) -> None:
     ):
         known = [name.value for name in names]
         if value not in known:
-            close = difflib.get_close_matches(value, known, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else f"known: {', '.join(known)}"
-            raise RecipeError(f"train.{key}: unknown {value!r} ({hint})")
+            hint = did_you_mean(value, known) or f" (known: {', '.join(known)})"
+            raise RecipeError(f"train.{key}: unknown {value!r}{hint}")
     args = TrainingArguments(optim=train.optim, use_cpu=not torch.cuda.is_available(), report_to="none")
     try:
         Trainer.get_optimizer_cls_and_kwargs(args)
@@ -179,10 +177,8 @@ def check_lora_targets(model: torch.nn.Module, target_modules: list[str]) -> Non
     for target in target_modules:
         hits = [mod for fqn, mod in modules if fqn == target or fqn.endswith(f".{target}")]
         if not hits:
-            close = difflib.get_close_matches(target, adaptable, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(
-                f"lora.target_modules: {target!r} matches no layer of the language model{hint}; "
+                f"lora.target_modules: {target!r} matches no layer of the language model{did_you_mean(target, adaptable)}; "
                 f"its linear layers are {', '.join(adaptable)}"
             )
         if any(mod is lm_head for mod in hits):
