@@ -54,7 +54,7 @@ def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
         backend_name(recipe)
     if "convert" in stages:
         schemes.require_hardware(scheme, "convert")
-    if "finetune" in stages:
+    if "finetune" in stages:  # after every hardware check: a missing GPU is the more basic problem
         check_trainer_settings(recipe.train)
     source = resolve_model(recipe.model.name_or_path)
     check_model_available(source)
