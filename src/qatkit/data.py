@@ -7,6 +7,7 @@ The card format (Qwen3-8B / Gemma-3-12B QAT cards):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -219,7 +220,7 @@ def to_items(rows: list[dict], fmt: str, source: str) -> list[MCItem] | list[dic
     return items
 
 
-@dataclass
+@dataclass(frozen=True)
 class Splits:
     train: list
     eval: list[MCItem]
@@ -234,8 +235,10 @@ def _as_dict(x) -> dict:
     return asdict(x) if isinstance(x, MCItem) else x
 
 
+@functools.lru_cache(maxsize=2)
 def load_splits(spec: DataSpec) -> Splits:
-    """Deterministic train / held-out split. Held-out items are never trained on."""
+    """Deterministic train / held-out split. Held-out items are never trained on. Cached per process, so preflight
+    and the run's data stage share one read of the file (and one duplicate-row warning)."""
     items = to_items(read_rows(spec.path, spec.name, spec.split), spec.format, spec.path)
     is_mc = bool(items) and isinstance(items[0], MCItem)
     order = list(range(len(items)))

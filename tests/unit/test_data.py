@@ -166,3 +166,5 @@ def test_held_out_items_never_include_a_training_row(tmp_path, caplog):
     assert splits.eval and not trained & set(splits.eval)
     dropped = 60 - len(splits.eval)
     assert dropped > 0 and f"{dropped} held-out items are also training rows" in caplog.text
+    assert load_splits(DataSpec(path=str(data), eval_size=60, seed=1)) is splits  # preflight's read is reused
+    assert caplog.text.count("also training rows") == 1
