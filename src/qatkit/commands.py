@@ -237,6 +237,7 @@ def bench_command(
     threads: int | None = None,
     lora_modes: list[str] | None = None,
     sections: list[str] | None = None,
+    arch: Path | None = None,
 ) -> None:
     import shlex
     import tempfile
@@ -246,8 +247,10 @@ def bench_command(
     from qatkit.bench.common import LORA_MODES, SECTIONS
     from qatkit.loading import check_model_available, materialize_gguf, resolve_model
 
-    if (model is None) == (not tiny):
-        raise RecipeError("give either --model MODEL (a model dir, .gguf file or pkg:<package>/<file>) or --tiny")
+    if sum((model is not None, tiny, arch is not None)) != 1:
+        raise RecipeError(
+            "give one of --model MODEL (a model dir, .gguf file or pkg:<package>/<file>), --tiny, or --arch CONFIG.json"
+        )
     if not scheme_names:
         raise RecipeError("--schemes: give at least one scheme (see `qatkit schemes`)")
     sections = sections or list(SECTIONS)
@@ -261,9 +264,14 @@ def bench_command(
         schemes.require_hardware(scheme, "train")
         schemes.require_hardware(scheme, "convert")  # checkpoint size and decode speed need a converted model
         names.append(scheme.name)
-    label = "tiny" if tiny else Path(model.removeprefix("pkg:")).name.removesuffix(".gguf")
+    if tiny:
+        label, model_args = "tiny", ["--tiny"]
+    elif arch is not None:
+        label, model_args = f"{arch.stem}-random", ["--arch", str(arch)]
+    else:
+        label, model_args = Path(model.removeprefix("pkg:")).name.removesuffix(".gguf"), ["--model", model]
     target = out or Path("benchmarks") / label.lower()
-    argv = ["qatkit", "bench", *(["--tiny"] if tiny else ["--model", model]), "--schemes", ",".join(names)]
+    argv = ["qatkit", "bench", *model_args, "--schemes", ",".join(names)]
     extra = [*(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
     if sections != list(SECTIONS):
         extra += ["--sections", ",".join(sections)]
@@ -276,6 +284,12 @@ def bench_command(
 
             model_dir = str(build_tiny_model(Path(tmp) / "tiny-llama", TINY_TEXTS))
             description = "tiny llama from qatkit.testing.build_tiny_model (hidden 128, 2 layers, fp32, seed 0)"
+        elif arch is not None:
+            from qatkit.bench.common import SEED, build_random_model
+
+            model_dir, params = build_random_model(arch, Path(tmp) / arch.stem)
+            model_dir = str(model_dir)
+            description = f"{arch} with random weights (seed {SEED}, {params / 1e9:.3g} B parameters)"
         else:
             source = resolve_model(model)
             check_model_available(source)

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from ..conftest import run_cli
+from ..conftest import ROOT, run_cli
 
 SCHEMES = ("int8-int4", "int8")
 
@@ -65,6 +65,7 @@ def test_every_section_has_positive_figures(bench_run):
             assert positive(d[key]), (s, key)
         assert positive(d["original"]["tokens_per_s"]) and positive(d["converted"]["tokens_per_s"])
         assert 0 <= d["greedy_tokens_matching_original"] <= d["new_tokens"]
+        assert (d["original"]["cuda_peak_reserved_gb"] is None) == (d["memory_measure"] != "cuda_peak_mb")
 
     cs = r["cli_startup"]
     assert positive(cs["python_s"]) and positive(cs["qatkit_help_s"]) and positive(cs["ratio"])
@@ -110,6 +111,8 @@ def test_bench_help_has_an_example():
     [
         ((), 2, "--model"),
         (("--tiny", "--model", "x.gguf"), 2, "--model"),
+        (("--tiny", "--arch", "configs/arch/qwen3-8b.json"), 2, "--arch"),
+        (("--arch", "README.md"), 2, "not a model config.json"),
         (("--tiny", "--schemes", "int9"), 2, "unknown scheme"),
         (("--model", "/does/not/exist"), 2, "does not exist"),
         (("--tiny", "--schemes", "int4"), 3, "needs a CUDA GPU"),
@@ -173,3 +176,21 @@ def test_a_subset_of_sections_and_modes(tmp_path):
     md = (out / "bench.md").read_text()
     assert "Training step time" in md and "checkpoint size" in md and "Decode latency" not in md
     assert "--sections step_time,checkpoint_size --lora-modes merged" in r["command"]
+
+
+def test_an_architecture_with_random_weights(tmp_path):
+    """--arch: the Qwen3-8B config as committed, scaled down (the GPU run uses it as is), built with random weights."""
+    config = json.loads((ROOT / "configs" / "arch" / "qwen3-8b.json").read_text())
+    small = {"hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 4}
+    small |= {"num_key_value_heads": 2, "head_dim": 32, "vocab_size": 8192}
+    (tmp_path / "qwen3-small.json").write_text(json.dumps(config | small))
+    out = tmp_path / "arch"
+    args = ("--sections", "checkpoint_size", "--schemes", "int8-int4", "--out", str(out))
+    proc = run_cli("bench", "--arch", str(tmp_path / "qwen3-small.json"), "--quick", *args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "bench.json").read_text())
+    assert "with random weights" in r["model"] and "--arch" in r["command"]
+    c = r["checkpoint_size"]["int8-int4"]
+    params = 2 * 8192 * 128 + 2 * (128 * (4 * 32 + 2 * 2 * 32 + 4 * 32) + 3 * 128 * 256)  # untied lm_head
+    assert c["params"] == params + 2 * (2 * 128 + 2 * 32) + 128  # + RMSNorm weights (q/k norms too)
+    assert c["ratio_vs_bf16"] < 0.6  # int8 embedding, int4 g32 lm_head and linears (intx keeps a byte a weight)

@@ -7,8 +7,8 @@ import tempfile
 from pathlib import Path
 
 from qatkit.bench.common import (
+    load_kwargs,
     quiet,
-    train_dtype,
 )
 from qatkit.metrics import unique_param_count
 
@@ -24,7 +24,7 @@ def save_converted(model_dir: str | Path, scheme_name: str, out: str | Path) -> 
 
     quiet()
     scheme = schemes.get_scheme(scheme_name)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=train_dtype())
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs())
     params = unique_param_count(model)
     plan = schemes.plan_modules(model, scheme)
     tied_out = model.get_output_embeddings().weight.numel() if plan.untie_embeddings else 0

@@ -8,7 +8,10 @@ import subprocess
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
+from qatkit.errors import RecipeError
+from qatkit.metrics import unique_param_count
 from qatkit.pipeline import proc_status_mb
 
 DEFAULT_SCHEMES = ("int8-int4", "int8")
@@ -89,6 +92,14 @@ def device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def load_kwargs() -> dict:
+    """from_pretrained arguments for the benchmarked models: the training dtype, loaded straight onto the GPU when
+    there is one (where the CUDA-only schemes, int4 and fp8-int4, convert and load)."""
+    import torch
+
+    return {"dtype": train_dtype(), **({"device_map": "cuda"} if torch.cuda.is_available() else {})}
+
+
 def sync() -> None:
     import torch
 
@@ -134,6 +145,29 @@ def bench_recipe(scheme: str, lora_mode: str, lora_r: int):
         },
         source="bench",
     )
+
+
+def build_random_model(config_file: str | Path, out: Path, seed: int = SEED) -> tuple[Path, int]:
+    """Save a model of the architecture in `config_file` (a config.json) with seeded random weights to `out`, in the
+    dtype the benchmark trains in: speed, memory and checkpoint size do not depend on the values. Built on the GPU
+    when there is one (an 8B model initializes in seconds there). Returns the dir and the parameter count."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config_dict = json.loads(Path(config_file).read_text())
+        config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
+    except (OSError, ValueError, KeyError) as e:
+        raise RecipeError(f"--arch {config_file}: not a model config.json ({type(e).__name__}: {e})") from None
+    torch.manual_seed(seed)
+    with torch.device(device()):
+        model = AutoModelForCausalLM.from_config(config, dtype=train_dtype())
+    params = unique_param_count(model)
+    model.save_pretrained(out)
+    del model
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the timed sections start with the GPU to themselves
+    return out, params
 
 
 def random_ids(vocab_size: int, batch: int, seq_len: int, seed: int):

@@ -15,13 +15,13 @@ from qatkit.bench.common import (
     SCORE_BATCH,
     SEED,
     device,
+    load_kwargs,
     median,
     preimport,
     quiet,
     random_ids,
     rss_mb,
     sync,
-    train_dtype,
 )
 from qatkit.pipeline import peak_rss_mb
 
@@ -73,7 +73,7 @@ def decode_worker(args: dict) -> None:
     preimport(args["model_dir"])  # torchao too: a converted checkpoint needs it
     baseline = rss_mb()
     cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(args["model_dir"], dtype=train_dtype()).to(device()).eval()
+    model = AutoModelForCausalLM.from_pretrained(args["model_dir"], **load_kwargs()).eval()
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = random_ids(vocab, 1, args["prompt_len"], SEED + 2).to(device())
     batch = random_ids(vocab, SCORE_BATCH, args["prompt_len"], SEED + 3).to(device())
@@ -119,6 +119,8 @@ def decode_worker(args: dict) -> None:
                 "peak_rss_mb": peak,
                 "peak_above_baseline_mb": peak - baseline,
                 "cuda_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+                # the cards' "Peak Memory (GB)": max_memory_reserved / 1e9
+                "cuda_peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9 if cuda else None,
             }
         ),
         flush=True,

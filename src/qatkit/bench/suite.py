@@ -291,6 +291,16 @@ def _md_decode_latency(decode: dict) -> list[str]:
         else "peak RSS above the post-import RSS"
     )
     lines += ["", f"Memory ratio: {mem_note}.", ""]
+    first = next(iter(decode.values()), None)
+    if first and first["original"].get("cuda_peak_reserved_gb") is not None:
+        converted = ", ".join(
+            f"{d['scheme']} {d['converted']['cuda_peak_reserved_gb']:.2f} GB" for d in decode.values()
+        )
+        lines += [
+            f"CUDA max_memory_reserved (the cards' peak memory, GB = 1e9 bytes): original "
+            f"{first['original']['cuda_peak_reserved_gb']:.2f} GB, {converted}.",
+            "",
+        ]
     return lines
 
 

@@ -1,0 +1,29 @@
+"""`qatkit bench --arch` on the GPU: the int4 checkpoint is built and loaded on CUDA, memory in the cards' measure."""
+
+import json
+
+import pytest
+
+from qatkit import schemes
+
+from ..conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.gpu
+
+
+def test_int4_checkpoint_and_decode_on_cuda(tmp_path):
+    if not schemes.hardware_ok(schemes.get_scheme("int4").convert_on):
+        pytest.skip("int4 needs a CUDA GPU")
+    config = json.loads((ROOT / "configs" / "arch" / "qwen3-8b.json").read_text())
+    (tmp_path / "qwen3-2-layers.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
+    out = tmp_path / "bench"
+    args = ("--schemes", "int4", "--sections", "checkpoint_size,decode_latency", "--quick", "--out", str(out))
+    proc = run_cli("bench", "--arch", str(tmp_path / "qwen3-2-layers.json"), *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((out / "bench.json").read_text())
+    # 2 layers (0.39 B params) at about 4.25 bits; the 1.24 B of embedding and lm_head stay bf16: about 0.83
+    assert r["checkpoint_size"]["int4"]["ratio_vs_bf16"] < 0.9
+    d = r["decode_latency"]["int4"]
+    assert d["memory_measure"] == "cuda_peak_mb" and d["memory_ratio"] < 1
+    assert 0 < d["converted"]["cuda_peak_reserved_gb"] < d["original"]["cuda_peak_reserved_gb"]
+    assert "max_memory_reserved" in (out / "bench.md").read_text()
