@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import importlib.util
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ class Scheme:
     aliases: tuple[str, ...] = ()
     cpu_alternatives: str = ""
     notes: str = ""
+    convert_packages: tuple[str, ...] = ()  # imported by torchao when converting (its CUDA kernels)
     straight_through_fp8: bool = False  # torchao casts fp8 fake-quant grads unscaled; use STE
     fixed_granularity: bool = False  # the torchao config sets its own groups/rows: qat.group_size cannot change them
     learnable_scales: bool = False  # intx weights: torchao range learning and convert with custom scales work
@@ -174,6 +176,7 @@ register_scheme(
         convert_on="cuda",
         cpu_alternatives="w4-intx or int8-int4",
         notes="convert needs torchao's CUDA int4 kernels (mslk)",
+        convert_packages=("mslk",),
     )
 )
 register_scheme(
@@ -229,6 +232,7 @@ register_scheme(
         convert_on="cuda",
         cpu_alternatives="int8-int4",
         notes="convert needs torchao's CUDA int4 kernels (mslk)",
+        convert_packages=("mslk",),
         straight_through_fp8=True,
         fixed_granularity=True,
     )
@@ -287,9 +291,25 @@ def hardware_ok(req: Hardware) -> bool:
     return {"cuda": (0, 0), "cuda-sm89": (8, 9), "cuda-sm100": (10, 0)}[req] <= cc
 
 
+INSTALL_HINT = {"mslk": "pip install mslk-cuda, the release made for your torch (1.1.0 for torch 2.11)"}
+
+
+def missing_packages(scheme: Scheme) -> list[str]:
+    """The packages the scheme's convert needs besides torchao that are not installed here."""
+    return [p for p in scheme.convert_packages if importlib.util.find_spec(p) is None]
+
+
+def can_convert_here(scheme: Scheme) -> bool:
+    return hardware_ok(scheme.convert_on) and not missing_packages(scheme)
+
+
 def require_hardware(scheme: Scheme, step: Literal["train", "convert"]) -> None:
+    """Refuse a step this machine cannot run: missing hardware, or (convert) a missing kernel package."""
     req = scheme.train_on if step == "train" else scheme.convert_on
     if hardware_ok(req):
+        if step == "convert" and (missing := missing_packages(scheme)):
+            hints = "; ".join(INSTALL_HINT.get(p, f"pip install {p}") for p in missing)
+            raise EnvError(f"{scheme.name} convert needs {', '.join(missing)}, which is not installed: {hints}")
         return
     alt = f"; on CPU use {scheme.cpu_alternatives}" if scheme.cpu_alternatives else ""
     why = f" ({scheme.notes})" if scheme.notes else ""

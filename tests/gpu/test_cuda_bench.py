@@ -12,8 +12,8 @@ pytestmark = pytest.mark.gpu
 
 
 def test_int4_checkpoint_and_decode_on_cuda(tmp_path):
-    if not schemes.hardware_ok(schemes.get_scheme("int4").convert_on):
-        pytest.skip("int4 needs a CUDA GPU")
+    if not schemes.can_convert_here(schemes.get_scheme("int4")):
+        pytest.skip(f"int4 convert needs a CUDA GPU and {', '.join(schemes.get_scheme('int4').convert_packages)}")
     config = json.loads((ROOT / "configs" / "arch" / "qwen3-8b.json").read_text())
     (tmp_path / "qwen3-2-layers.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
     out = tmp_path / "bench"

@@ -21,8 +21,9 @@ def test_convert_on_cuda(name, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     scheme = schemes.get_scheme(name)
-    if not schemes.hardware_ok(scheme.convert_on):
-        pytest.skip(f"{name} needs {schemes.HARDWARE_TEXT[scheme.convert_on]}")
+    if not schemes.can_convert_here(scheme):
+        needs = [schemes.HARDWARE_TEXT[scheme.convert_on], *scheme.convert_packages]
+        pytest.skip(f"{name} convert needs {' and '.join(needs)}")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda()
     plan = schemes.prepare(model, scheme)
     peft_model = attach_lora(recipe_for(name, "merged"), model)

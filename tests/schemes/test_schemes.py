@@ -18,7 +18,7 @@ from qatkit.recipe import validate_recipe
 
 ALL = [s.name for s in schemes.list_schemes()]
 TRAINABLE_HERE = [s.name for s in schemes.list_schemes() if schemes.hardware_ok(s.train_on)]
-CONVERTIBLE_HERE = [s.name for s in schemes.list_schemes() if schemes.hardware_ok(s.convert_on)]
+CONVERTIBLE_HERE = [s.name for s in schemes.list_schemes() if schemes.can_convert_here(s)]
 CUDA_CONVERT = [s.name for s in schemes.list_schemes() if s.convert_on != "cpu" and s.train_on == "cpu"]
 
 # expected fake quantizer classes (activation, weight) on the linears, like Unsloth's test_qat.py
@@ -208,11 +208,22 @@ def test_cuda_only_convert_fails_cleanly_on_cpu(name, tiny_model_dir):
     model = load(tiny_model_dir)
     scheme = schemes.get_scheme(name)
     schemes.prepare(model, scheme)
-    with pytest.raises(EnvError, match=r"needs a CUDA GPU") as e:
+    with pytest.raises(EnvError, match=r"needs a CUDA GPU|needs mslk") as e:
         schemes.convert(model, scheme)
     assert e.value.exit_code == 3
-    if scheme.cpu_alternatives:
+    if scheme.cpu_alternatives and not schemes.hardware_ok(scheme.convert_on):
         assert "on CPU use" in str(e.value)
+
+
+def test_convert_refused_when_a_kernel_package_is_missing(tiny_model_dir):
+    """int4 and fp8-int4 convert through mslk's CUDA kernels: without the package, exit 3 before anything runs."""
+    assert {s.name for s in schemes.list_schemes() if "mslk" in s.convert_packages} == {"int4", "fp8-int4"}
+    scheme = dataclasses.replace(schemes.get_scheme("int8"), convert_packages=("qatkit_test_absent_kernels",))
+    model = load(tiny_model_dir)
+    schemes.prepare(model, scheme)
+    with pytest.raises(EnvError, match=r"int8 convert needs qatkit_test_absent_kernels, which is not installed") as e:
+        schemes.convert(model, scheme)
+    assert e.value.exit_code == 3 and not schemes.can_convert_here(scheme)
 
 
 def test_group_size_constraint_skips_with_reason(tiny_model_dir):

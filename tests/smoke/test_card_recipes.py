@@ -85,8 +85,8 @@ def missing_here(card: str) -> dict[str, str]:
 
     recipe = yaml.safe_load((RECIPES / f"{card}.yaml").read_text())
     missing = {}
-    if not schemes.hardware_ok(schemes.get_scheme(recipe["qat"]["scheme"]).convert_on):
-        missing["qat.scheme=w4-intx"] = "int4 convert needs a CUDA GPU"
+    if not schemes.can_convert_here(schemes.get_scheme(recipe["qat"]["scheme"])):
+        missing["qat.scheme=w4-intx"] = "int4 convert needs a CUDA GPU and mslk"
     if recipe.get("train", {}).get("optim") == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         missing["train.optim=adamw_torch"] = "install `bitsandbytes`"
     return missing
