@@ -244,7 +244,7 @@ def bench_command(
 
     from qatkit import schemes
     from qatkit.bench import TINY_TEXTS, run_all
-    from qatkit.bench.common import LORA_MODES, SECTIONS
+    from qatkit.bench.common import LORA_MODES, SECTIONS, SEED, build_random_model
     from qatkit.loading import check_model_available, materialize_gguf, resolve_model
 
     if sum((model is not None, tiny, arch is not None)) != 1:
@@ -285,10 +285,8 @@ def bench_command(
             model_dir = str(build_tiny_model(Path(tmp) / "tiny-llama", TINY_TEXTS))
             description = "tiny llama from qatkit.testing.build_tiny_model (hidden 128, 2 layers, fp32, seed 0)"
         elif arch is not None:
-            from qatkit.bench.common import SEED, build_random_model
-
-            model_dir, params = build_random_model(arch, Path(tmp) / arch.stem)
-            model_dir = str(model_dir)
+            model_dir = str(Path(tmp) / arch.stem)
+            params = build_random_model(arch, Path(model_dir))
             description = f"{arch} with random weights (seed {SEED}, {params / 1e9:.3g} B parameters)"
         else:
             source = resolve_model(model)

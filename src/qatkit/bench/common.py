@@ -147,10 +147,10 @@ def bench_recipe(scheme: str, lora_mode: str, lora_r: int):
     )
 
 
-def build_random_model(config_file: str | Path, out: Path, seed: int = SEED) -> tuple[Path, int]:
+def build_random_model(config_file: str | Path, out: Path, seed: int = SEED) -> int:
     """Save a model of the architecture in `config_file` (a config.json) with seeded random weights to `out`, in the
     dtype the benchmark trains in: speed, memory and checkpoint size do not depend on the values. Built on the GPU
-    when there is one (an 8B model initializes in seconds there). Returns the dir and the parameter count."""
+    when there is one (an 8B model initializes in seconds there). Returns the parameter count."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -167,7 +167,7 @@ def build_random_model(config_file: str | Path, out: Path, seed: int = SEED) -> 
     del model
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the timed sections start with the GPU to themselves
-    return out, params
+    return params
 
 
 def random_ids(vocab_size: int, batch: int, seq_len: int, seed: int):
