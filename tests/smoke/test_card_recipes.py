@@ -85,8 +85,11 @@ def missing_here(card: str) -> dict[str, str]:
 
     recipe = yaml.safe_load((RECIPES / f"{card}.yaml").read_text())
     missing = {}
-    if not schemes.can_convert_here(schemes.get_scheme(recipe["qat"]["scheme"])):
-        missing["qat.scheme=w4-intx"] = "int4 convert needs a CUDA GPU and mslk"
+    scheme = schemes.get_scheme(recipe["qat"]["scheme"])
+    if not schemes.hardware_ok(scheme.convert_on):
+        missing["qat.scheme=w4-intx"] = "int4 convert needs a CUDA GPU"
+    elif schemes.missing_packages(scheme):
+        missing["qat.scheme=w4-intx"] = "int4 convert needs mslk"
     if recipe.get("train", {}).get("optim") == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         missing["train.optim=adamw_torch"] = "install `bitsandbytes`"
     return missing
