@@ -20,7 +20,7 @@ from qatkit.errors import EnvError, RecipeError
 from qatkit.loading import resolve_path
 
 if TYPE_CHECKING:
-    from qatkit.recipe import DataSpec
+    from qatkit.recipe import DataSource, DataSpec
 
 log = logging.getLogger(__name__)
 
@@ -225,6 +225,7 @@ class Splits:
     train: list
     eval: list[MCItem]
     format_is_mc: bool
+    eval_sources: tuple[tuple[str, int], ...] = ()  # (path, held-out items) per data source, in `eval` order
 
     def digest(self) -> str:
         blob = json.dumps([_as_dict(x) for x in self.train + self.eval], sort_keys=True).encode()
@@ -235,38 +236,49 @@ def _as_dict(x) -> dict:
     return asdict(x) if isinstance(x, MCItem) else x
 
 
-@functools.lru_cache(maxsize=2)
-def load_splits(spec: DataSpec) -> Splits:
-    """Deterministic train / held-out split. Held-out items are never trained on. Cached per process, so preflight
-    and the run's data stage share one read of the file (and one duplicate-row warning)."""
-    items = to_items(read_rows(spec.path, spec.name, spec.split), spec.format, spec.path)
+def _split_source(source: DataSource, seed: int) -> tuple[list, list[MCItem], bool]:
+    """One source's deterministic (train, held-out, is multiple-choice) split."""
+    items = to_items(read_rows(source.path, source.name, source.split), source.format, source.path)
     is_mc = bool(items) and isinstance(items[0], MCItem)
     order = list(range(len(items)))
-    random.Random(spec.seed).shuffle(order)
+    random.Random(seed).shuffle(order)
     shuffled = [items[i] for i in order]
-    if spec.eval_path:
-        eval_format = spec.format if spec.format in MC_FORMATS else "auto"  # held-out items are multiple-choice
-        eval_items = to_items(read_rows(spec.eval_path), eval_format, spec.eval_path)
+    if source.eval_path:
+        eval_format = source.format if source.format in MC_FORMATS else "auto"  # held-out items are multiple-choice
+        eval_items = to_items(read_rows(source.eval_path), eval_format, source.eval_path)
         train = shuffled
     else:
-        n_eval = spec.eval_size if is_mc else 0
+        n_eval = source.eval_size if is_mc else 0
         if n_eval >= len(shuffled):
-            raise RecipeError(f"data.eval_size={n_eval} leaves no training rows out of {len(shuffled)}")
+            raise RecipeError(f"{source.path}: eval_size={n_eval} leaves no training rows out of {len(shuffled)}")
         eval_items, train = shuffled[:n_eval], shuffled[n_eval:]
-    eval_items = eval_items[: spec.eval_size] if spec.eval_size else eval_items
-    if spec.train_size:
-        train = train[: spec.train_size]
+    eval_items = eval_items[: source.eval_size] if source.eval_size else eval_items
+    if source.train_size:
+        train = train[: source.train_size]
     if not train:
-        raise RecipeError(f"{spec.path}: no training rows after the split")
-    eval_items = [e for e in eval_items if isinstance(e, MCItem)]
+        raise RecipeError(f"{source.path}: no training rows after the split")
+    return train, [e for e in eval_items if isinstance(e, MCItem)], is_mc
+
+
+@functools.lru_cache(maxsize=2)
+def load_splits(spec: DataSpec) -> Splits:
+    """Deterministic train / held-out split of every data source, pooled. Held-out items are never trained on.
+    Cached per process, so preflight and the run's data stage share one read of the files (and one duplicate-row
+    warning)."""
+    parts = [_split_source(source, spec.seed) for source in spec.sources]
+    train = [x for part_train, _, _ in parts for x in part_train]
     trained = {x for x in train if isinstance(x, MCItem)}
-    held_out = [e for e in eval_items if e not in trained]  # duplicate rows: a copy may have landed in train
-    if len(held_out) < len(eval_items):
+    held_out, eval_sources, dropped = [], [], 0
+    for source, (_, eval_items, _) in zip(spec.sources, parts, strict=True):
+        kept = [e for e in eval_items if e not in trained]  # duplicate rows: a copy may have landed in train
+        dropped += len(eval_items) - len(kept)
+        held_out += kept
+        eval_sources.append((source.path, len(kept)))
+    if dropped:
         log.warning(
-            "%d held-out items are also training rows (duplicates in the data): left out of the held-out set",
-            len(eval_items) - len(held_out),
+            "%d held-out items are also training rows (duplicates in the data): left out of the held-out set", dropped
         )
-    return Splits(train, held_out, is_mc)
+    return Splits(train, held_out, any(is_mc for _, _, is_mc in parts), tuple(eval_sources))
 
 
 def training_examples(splits: Splits, style: AnswerStyle = "letter") -> list[dict]:
@@ -290,7 +302,12 @@ def write_splits(splits: Splits, out: Path, style: AnswerStyle = "letter") -> di
     """Materialize the split in the run dir: data/train.jsonl (chat examples), data/eval.jsonl (MC items)."""
     write_jsonl(out / "train.jsonl", training_examples(splits, style))
     write_jsonl(out / "eval.jsonl", splits.eval)
-    return {"train_rows": len(splits.train), "eval_rows": len(splits.eval), "sha256_16": splits.digest()}
+    return {
+        "train_rows": len(splits.train),
+        "eval_rows": len(splits.eval),
+        "eval_sources": [{"path": path, "eval_rows": n} for path, n in splits.eval_sources],
+        "sha256_16": splits.digest(),
+    }
 
 
 def chat_prompt(tokenizer, item: MCItem, style: AnswerStyle = "letter") -> str:

@@ -259,7 +259,7 @@ def prepare_data(recipe: Recipe, run: RunDir) -> dict | None:
         return run.manifest().get("data")
     info = write_splits(load_splits(recipe.data), data_dir, recipe.data.answer_style)
     (data_dir / "DONE").touch()
-    run.update_manifest(data={"source": recipe.data.path, **info})
+    run.update_manifest(data={"source": " + ".join(s.path for s in recipe.data.sources), **info})
     return info
 
 

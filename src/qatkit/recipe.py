@@ -121,7 +121,7 @@ class LoraSpec(Strict):
     )
 
 
-class DataSpec(Strict):
+class DataSource(Strict):
     path: str = Field(description="Local file (jsonl/json/parquet/csv), pkg:<package>/<file>, or a datasets id.")
     name: str | None = Field(None, description="datasets config name (e.g. 'all' for cais/mmlu).")
     split: str = "train"
@@ -130,16 +130,29 @@ class DataSpec(Strict):
         description="Row format (auto: from the first row's keys). messages / sharegpt: conversations, trained on "
         "every assistant reply.",
     )
+    eval_path: str | None = Field(None, description="Separate file for held-out eval items (default: split `path`).")
+    eval_size: int = Field(200, ge=0, description="Held-out items for the local eval task (never trained on).")
+    train_size: int | None = Field(None, gt=0, description="Cap on training items.")
+    license: str | None = Field(None, description="The data's license, recorded in the report (provenance).")
+
+
+class DataSpec(DataSource):
     answer_style: Literal["letter", "text"] = Field(
         "letter",
         description="letter: lettered choices, 'The correct answer is B.' (the cards). text: the bare question "
         "answered with the choice text (PIQA-style; small models are far above chance there).",
     )
-    eval_path: str | None = Field(None, description="Separate file for held-out eval items (default: split `path`).")
-    eval_size: int = Field(200, ge=0, description="Held-out items for the local eval task (never trained on).")
-    train_size: int | None = Field(None, gt=0, description="Cap on training items.")
     seed: int = 0
-    license: str | None = Field(None, description="The data's license, recorded in the report (provenance).")
+    mix: tuple[DataSource, ...] = Field(
+        (),
+        description="More datasets trained and evaluated with this one (Axolotl's datasets list, torchtune's "
+        "ConcatDataset): each is split on its own with `seed`, then the training rows and the held-out items of all "
+        "are pooled. answer_style and seed apply to all.",
+    )
+
+    @property
+    def sources(self) -> tuple[DataSource, ...]:
+        return (self, *self.mix)
 
 
 class TrainSpec(Strict):

@@ -70,7 +70,7 @@ def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
 
         if HELDOUT in recipe.eval.tasks and splits is not None and not splits.eval:
             raise RecipeError(
-                f"eval.tasks: '{HELDOUT}' scores held-out multiple-choice items, and {recipe.data.path} gives none "
+                f"eval.tasks: '{HELDOUT}' scores held-out multiple-choice items, and {' + '.join(s.path for s in recipe.data.sources)} gives none "
                 "(its rows are not multiple-choice, or data.eval_size is 0): set data.eval_path to a multiple-choice "
                 f"file, or leave '{HELDOUT}' out of eval.tasks"
             )

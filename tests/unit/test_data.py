@@ -168,3 +168,34 @@ def test_held_out_items_never_include_a_training_row(tmp_path, caplog):
     assert dropped > 0 and f"{dropped} held-out items are also training rows" in caplog.text
     assert load_splits(DataSpec(path=str(data), eval_size=60, seed=1)) is splits  # preflight's read is reused
     assert caplog.text.count("also training rows") == 1
+
+
+def test_a_mix_pools_each_source_split_as_it_would_be_alone(tmp_path, caplog):
+    rows = [json.loads(line) for line in DATA.read_text().splitlines()]
+    other = tmp_path / "other.jsonl"
+    renamed = [{**row, "question": f"{row['question']} (variant)"} for row in rows[5:80]]
+    other.write_text("".join(json.dumps(row) + "\n" for row in rows[:5] + renamed))  # 5 rows in both files
+    first = DataSpec(path=str(DATA), eval_size=40, train_size=100, seed=2)
+    second = DataSpec(path=str(other), eval_size=20, seed=2)
+    mixed = load_splits(
+        DataSpec.model_validate(
+            {**first.model_dump(exclude_defaults=True), "mix": [{"path": str(other), "eval_size": 20}]}
+        )
+    )
+    alone = [load_splits(first), load_splits(second)]
+    assert mixed.train == alone[0].train + alone[1].train
+    assert not set(mixed.train) & set(mixed.eval)
+    # held-out items stay in source order, less those that the other source trains on
+    assert mixed.eval == [e for split in alone for e in split.eval if e not in set(mixed.train)]
+    assert [path for path, _ in mixed.eval_sources] == [str(DATA), str(other)]
+    assert sum(n for _, n in mixed.eval_sources) == len(mixed.eval)
+    assert mixed.eval_sources[1][1] == len([e for e in alone[1].eval if e not in set(mixed.train)])
+    dropped = len(alone[0].eval) + len(alone[1].eval) - len(mixed.eval)
+    assert dropped > 0 and f"{dropped} held-out items are also training rows" in caplog.text
+
+
+def test_a_mix_source_takes_only_per_source_settings():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=r"mix\.0\.answer_style"):
+        DataSpec.model_validate({"path": str(DATA), "mix": [{"path": str(DATA), "answer_style": "text"}]})

@@ -53,3 +53,22 @@ def test_paired_difference_uses_the_per_item_differences():
         run["variants"][name].update(acc=sum(items) / 100, stderr=0.05, per_item=items)
     f = figures(run)
     assert f["qat_minus_ft_ptq_in_stderr"] < 1 < f["qat_minus_ft_ptq_paired_in_stderr"]
+
+
+def test_a_mixed_run_is_also_compared_per_data_source():
+    from qatkit.bench.recovery import by_source
+
+    run = _run()
+    qat, ft_ptq = [1.0] * 6 + [0.0, 1.0, 1.0, 0.0], [1.0, 0.0] * 3 + [0.0] * 4
+    for name, items in (("qat", qat), ("ft-ptq", ft_ptq)):
+        run["variants"][name].update(per_item=items)
+    run["eval_sources"] = [{"path": "piqa.jsonl", "eval_rows": 6}, {"path": "siqa.jsonl", "eval_rows": 4}]
+    piqa, siqa = by_source(run)
+    assert (piqa["n"], piqa["qat_acc"], piqa["ft_ptq_acc"]) == (6, 1.0, 0.5)
+    assert (siqa["n"], siqa["qat_acc"], siqa["ft_ptq_acc"]) == (4, 0.5, 0.0)
+    # differences 1,1,1 on half the piqa items, 0 on the rest: mean 1/2, stdev sqrt(0.3)
+    assert piqa["qat_minus_ft_ptq_paired_in_stderr"] == pytest.approx(0.5 / (0.3**0.5 / 6**0.5))
+    md = render({"base_recipe": "r.yaml", "overrides": [], "runs": {"int8-int4-merged": run}})
+    assert "`siqa.jsonl` (4 items): QAT 50.00, fine-tuned-then-PTQ 0.00" in md
+    run["eval_sources"] = run["eval_sources"][:1]  # one source: nothing to break down
+    assert "piqa.jsonl" not in render({"base_recipe": "r.yaml", "overrides": [], "runs": {"r": run}})

@@ -65,9 +65,11 @@ def _collect(run_dir: Path) -> dict:
             "per_item": held.get("per_item", {}).get(metric),
         }
     parity = json.loads((run_dir / "convert" / "parity.json").read_text())
+    data = json.loads((run_dir / "manifest.json").read_text()).get("data") or {}
     return {
         "metric": metric,
         "variants": variants,
+        "eval_sources": data.get("eval_sources", []),
         "parity_as_trained_sqnr_db": parity["as_trained_vs_converted"]["sqnr_db"],
     }
 
@@ -102,8 +104,32 @@ def figures(run: dict) -> dict:
     }
 
 
+def by_source(run: dict) -> list[dict]:
+    """QAT against fine-tune-then-PTQ on each data source's share of the pooled held-out items (a `data.mix`)."""
+    qat, ftq = (run["variants"][k].get("per_item") for k in ("qat", "ft-ptq"))
+    sources, start = [], 0
+    for source in run.get("eval_sources", []):
+        end = start + source["eval_rows"]
+        a, b = ((items or [])[start:end] for items in (qat, ftq))  # shorter under eval.limit
+        sources.append(
+            {
+                "path": source["path"],
+                "n": len(a),
+                "qat_acc": statistics.fmean(a) if a else None,
+                "ft_ptq_acc": statistics.fmean(b) if b else None,
+                "qat_minus_ft_ptq_paired_in_stderr": paired_difference_in_stderr(a, b),
+            }
+        )
+        start = end
+    return sources
+
+
 def _pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.1f}%"
+
+
+def _acc(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
 
 
 def _num(x: float | None) -> str:
@@ -142,6 +168,11 @@ def render(summary: dict) -> str:
             f"gold NLL {_pct(f['nll_nd_vs_ft'])} (recovery {_pct(None if f['nll_nd_vs_ft'] is None else 1 + f['nll_nd_vs_ft'])})",
             f"- QAT minus fine-tuned-then-PTQ accuracy: {f['qat_minus_ft_ptq_in_stderr']:.2f} standard errors "
             f"({run['variants']['qat']['n']} items; paired over the same items: {_num(f['qat_minus_ft_ptq_paired_in_stderr'])})",
+            *(
+                f"- `{s['path']}` ({s['n']} items): QAT {_acc(s['qat_acc'])}, fine-tuned-then-PTQ "
+                f"{_acc(s['ft_ptq_acc'])}, paired difference {_num(s['qat_minus_ft_ptq_paired_in_stderr'])} standard errors"
+                for s in (by_source(run) if len(run.get("eval_sources", [])) > 1 else [])
+            ),
             f"- train/deploy parity, converted vs as-trained: {run['parity_as_trained_sqnr_db']:.1f} dB; run took {run['seconds']:.0f} s",
             "",
         ]

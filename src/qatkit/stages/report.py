@@ -182,6 +182,12 @@ def _plot_accuracy(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _data_licenses(data: dict | None) -> str | None:
+    """The licenses of the recipe's data sources (the `mix` ones too), each once."""
+    sources = [data, *data.get("mix", ())] if data else []
+    return ", ".join(dict.fromkeys(s["license"] for s in sources if s.get("license"))) or None
+
+
 def _size_mb(path: Path) -> float | None:
     files = list(path.glob("*.safetensors")) if path.exists() else []
     return round(sum(f.stat().st_size for f in files) / 2**20, 2) if files else None
@@ -216,7 +222,7 @@ def build(run_dir: RunDir) -> dict:
         "parity": parity,
         "checkpoint_mb": _size_mb(run_dir.stage("convert")),
         "original_bf16_mb": manifest.get("stages", {}).get("convert", {}).get("summary", {}).get("original_bf16_mb"),
-        "data": manifest.get("data") and {**manifest["data"], "license": (recipe.get("data") or {}).get("license")},
+        "data": manifest.get("data") and {**manifest["data"], "license": _data_licenses(recipe.get("data"))},
         "quantized_modules": len(plan["quantized"]) if plan else None,
         "skipped_modules": plan["skipped"] if plan else None,
         "stages": {
