@@ -46,3 +46,12 @@ def test_the_loss_plot_says_what_a_distilled_run_minimized():
     assert _qat_loss_label({"teacher": "base", "weight": 0.25, "temperature": 2.0}).startswith(
         "with QAT: 0.75·CE + 0.25"
     )
+
+
+def test_the_report_names_the_license_of_every_data_source():
+    from qatkit.stages.report import _data_licenses
+
+    data = {"path": "piqa", "license": "AFL-3.0", "mix": [{"path": "siqa", "license": "CC-BY-4.0"}, {"path": "x"}]}
+    assert _data_licenses(data) == "AFL-3.0, CC-BY-4.0"
+    assert _data_licenses({"path": "x", "mix": [{"path": "y", "license": "MIT"}]}) == "MIT"
+    assert _data_licenses(None) is None

@@ -134,3 +134,28 @@ def test_gguf_cache_key_changes_with_the_file_and_the_dequantizer_versions(tmp_p
     real_version = metadata.version
     monkeypatch.setattr(metadata, "version", lambda name: "0.0.1" if name == "gguf" else real_version(name))
     assert gguf_cache_key(gguf) != key
+
+
+def test_the_manifest_records_every_data_source_and_its_held_out_items(tmp_path):
+    from qatkit.pipeline import prepare_data
+
+    from ..conftest import DATA
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "".join(line.replace('"question": "', '"question": "other ') + "\n" for line in DATA.read_text().splitlines())
+    )
+    data = {
+        "path": str(DATA),
+        "eval_size": 10,
+        "train_size": 40,
+        "mix": [{"path": str(other), "eval_size": 30, "train_size": 20}],
+    }
+    recipe = validate_recipe({**RECIPE.model_dump(exclude_defaults=True), "data": data})
+    run = open_run_dir(tmp_path / "run", recipe, resume=False, force=False)
+    info = prepare_data(recipe, run)
+    assert run.manifest()["data"]["source"] == f"{DATA} + {other}"
+    assert info["eval_sources"] == [{"path": str(DATA), "eval_rows": 10}, {"path": str(other), "eval_rows": 30}]
+    assert (info["train_rows"], info["eval_rows"]) == (60, 40)
+    held_out = (run.root / "data" / "eval.jsonl").read_text().splitlines()
+    assert ["other " in line for line in held_out] == [False] * 10 + [True] * 30

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from qatkit.stages.report import quality_table
+from qatkit.stages.report import data_sources, quality_table
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -91,12 +91,13 @@ def render_model_card(report: dict, recipe: dict) -> str:
             f" (under quantization-aware training: {recipe['qat'][k]})" if recipe["qat"].get(k) else ""
             for k in ("max_steps", "lr")
         )
+        data = " + ".join(f"`{source['path']}`" for source in data_sources(recipe.get("data")))
         lines += [
             "# Fine-tuning recipe",
             "",
             f"{trained}; {t['max_steps']} steps{qat_steps}, batch {t['batch_size']} x {t['grad_accum']}, lr {t['lr']}{qat_lr}, "
             f"{t['lr_scheduler']} schedule, "
-            f"warmup {t['warmup_steps']}, optimizer {t['optim']}, seed {t['seed']}; data `{(recipe.get('data') or {}).get('path')}`.",
+            f"warmup {t['warmup_steps']}, optimizer {t['optim']}, seed {t['seed']}; data {data or 'none'}.",
             "",
             "```yaml",
             yaml.safe_dump(recipe, sort_keys=False).strip(),

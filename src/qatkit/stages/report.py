@@ -182,10 +182,14 @@ def _plot_accuracy(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def data_sources(data: dict | None) -> list[dict]:
+    """A resolved recipe's data sources: `data` itself and its `mix` entries."""
+    return [data, *data.get("mix", ())] if data else []
+
+
 def _data_licenses(data: dict | None) -> str | None:
-    """The licenses of the recipe's data sources (the `mix` ones too), each once."""
-    sources = [data, *data.get("mix", ())] if data else []
-    return ", ".join(dict.fromkeys(s["license"] for s in sources if s.get("license"))) or None
+    """The licenses of the recipe's data sources, each once."""
+    return ", ".join(dict.fromkeys(s["license"] for s in data_sources(data) if s.get("license"))) or None
 
 
 def _size_mb(path: Path) -> float | None:
