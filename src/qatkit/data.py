@@ -236,8 +236,8 @@ def _as_dict(x) -> dict:
     return asdict(x) if isinstance(x, MCItem) else x
 
 
-def _split_source(source: DataSource, seed: int) -> tuple[list, list[MCItem], bool]:
-    """One source's deterministic (train, held-out, is multiple-choice) split."""
+def _split_source(source: DataSource, seed: int, key: str) -> tuple[list, list[MCItem], bool]:
+    """One source's deterministic (train, held-out, is multiple-choice) split; `key` names it in the recipe."""
     items = to_items(read_rows(source.path, source.name, source.split), source.format, source.path)
     is_mc = bool(items) and isinstance(items[0], MCItem)
     order = list(range(len(items)))
@@ -250,7 +250,9 @@ def _split_source(source: DataSource, seed: int) -> tuple[list, list[MCItem], bo
     else:
         n_eval = source.eval_size if is_mc else 0
         if n_eval >= len(shuffled):
-            raise RecipeError(f"{source.path}: eval_size={n_eval} leaves no training rows out of {len(shuffled)}")
+            raise RecipeError(
+                f"{key}.eval_size={n_eval} leaves no training rows out of {len(shuffled)} in {source.path}"
+            )
         eval_items, train = shuffled[:n_eval], shuffled[n_eval:]
     eval_items = eval_items[: source.eval_size] if source.eval_size else eval_items
     if source.train_size:
@@ -265,7 +267,8 @@ def load_splits(spec: DataSpec) -> Splits:
     """Deterministic train / held-out split of every data source, pooled. Held-out items are never trained on.
     Cached per process, so preflight and the run's data stage share one read of the files (and one duplicate-row
     warning)."""
-    parts = [_split_source(source, spec.seed) for source in spec.sources]
+    keys = ["data", *(f"data.mix.{i}" for i in range(len(spec.mix)))]
+    parts = [_split_source(source, spec.seed, key) for source, key in zip(spec.sources, keys, strict=True)]
     train = [x for part_train, _, _ in parts for x in part_train]
     trained = {x for x in train if isinstance(x, MCItem)}
     held_out, eval_sources, dropped = [], [], 0

@@ -199,3 +199,11 @@ def test_a_mix_source_takes_only_per_source_settings():
 
     with pytest.raises(ValidationError, match=r"mix\.0\.answer_style"):
         DataSpec.model_validate({"path": str(DATA), "mix": [{"path": str(DATA), "answer_style": "text"}]})
+
+
+def test_an_eval_size_too_large_names_its_source():
+    spec = DataSpec(path=str(DATA), eval_size=10, mix=[{"path": str(DATA), "eval_size": 10_000}])
+    with pytest.raises(RecipeError, match=r"data\.mix\.0\.eval_size=10000 leaves no training rows"):
+        load_splits(spec)
+    with pytest.raises(RecipeError, match=r"^data\.eval_size=10000 leaves no training rows"):
+        load_splits(DataSpec(path=str(DATA), eval_size=10_000))
