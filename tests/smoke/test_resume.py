@@ -178,3 +178,22 @@ def test_killed_control_run_does_not_train_qat_again(tiny_model_dir, tmp_path):
     summary = json.loads((out / "finetune" / "train_summary.json").read_text())
     assert summary["seconds"] == qat["seconds"] and summary["final_loss"] == qat["final_loss"]  # not trained again
     assert summary["control"]["steps"] == 16
+
+
+def test_killed_eval_keeps_the_variants_it_scored(tiny_model_dir, tmp_path):
+    """Killed between two variants of the eval stage: --resume scores only those not scored yet."""
+    out = tmp_path / "run"
+    args = ["--set", "eval.baselines=[ft-ptq,ft-bf16,ptq,bf16]", "--set", "train.seed=11"]
+    proc = _start(out, tiny_model_dir, *args)
+    scored = out / ".eval.partial" / "variants" / "qat.json"  # the converted model is scored first
+    _wait_for(scored.exists, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    qat = json.loads(scored.read_text())["result"]
+
+    resumed = _resume(out, tiny_model_dir, *args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert results["seconds"]["qat"] == "resumed" and results["variants"]["qat"] == qat
+    assert set(results["variants"]) == {"qat", "ft-ptq", "ft-bf16", "ptq", "bf16"}
+    assert "resumed" not in [results["seconds"][v] for v in ("ft-ptq", "ft-bf16", "ptq", "bf16")]

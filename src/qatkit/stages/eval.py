@@ -233,23 +233,24 @@ def _metrics(values: dict) -> dict:
 
 
 def variants_for(recipe, run_dir) -> list[Variant]:
-    """Baselines first, then the converted model ("qat" when finetuned, else it is the PTQ model)."""
+    """The converted model first ("qat" when finetuned, else it is the PTQ model), then the fine-tune's baselines
+    (ft-ptq, ft-bf16), then the base model's (ptq, bf16): what the run is for is scored first."""
     finetuned = "finetune" in recipe.stages
     out = []
-    if "bf16" in recipe.eval.baselines:
-        out.append(Variant("bf16", None))
-    if "ptq" in recipe.eval.baselines and finetuned:
-        out.append(Variant("ptq", None, quantize=True))
-    control = str(trained_dir(recipe, run_dir.stage("finetune") / CONTROL))
-    summary = run_dir.stage("finetune") / "train_summary.json"
-    control_key = json.loads(summary.read_text()).get("control", {}).get("cache_key") if summary.exists() else None
-    if "ft-bf16" in recipe.eval.baselines and finetuned:
-        out.append(Variant("ft-bf16", None, control=control, control_key=control_key))
-    if "ft-ptq" in recipe.eval.baselines and finetuned:
-        out.append(Variant("ft-ptq", None, quantize=True, control=control, control_key=control_key))
-
     if "convert" in recipe.stages:
         out.append(Variant("qat" if finetuned else "ptq", str(run_dir.stage("convert"))))
+    if finetuned:
+        control = str(trained_dir(recipe, run_dir.stage("finetune") / CONTROL))
+        summary = run_dir.stage("finetune") / "train_summary.json"
+        control_key = json.loads(summary.read_text()).get("control", {}).get("cache_key") if summary.exists() else None
+        if "ft-ptq" in recipe.eval.baselines:
+            out.append(Variant("ft-ptq", None, quantize=True, control=control, control_key=control_key))
+        if "ft-bf16" in recipe.eval.baselines:
+            out.append(Variant("ft-bf16", None, control=control, control_key=control_key))
+        if "ptq" in recipe.eval.baselines:
+            out.append(Variant("ptq", None, quantize=True))
+    if "bf16" in recipe.eval.baselines:
+        out.append(Variant("bf16", None))
     return out
 
 
@@ -293,6 +294,7 @@ def _cache_dir() -> Path:
 
 def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
     from qatkit.loading import cache_lock
+    from qatkit.pipeline import write_json_atomic
 
     spec = recipe.eval
     tasks = list(spec.tasks)
@@ -314,6 +316,8 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
         primary[HELDOUT] = primary_metric(style)
         heldout_hash = hashlib.sha256((task_dir / f"{HELDOUT}.jsonl").read_bytes()).hexdigest()[:16]
     results, timings = {}, {}
+    scored = work / "variants"  # each variant's scores as soon as they exist: `--resume` after a kill keeps them
+    scored.mkdir(exist_ok=True)
     for variant in variants_for(recipe, run_dir):
         key = _cache_key(
             variant,
@@ -325,6 +329,13 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
         )
         cached = _cache_dir() / f"{key}.json"
         cacheable = variant.path is None and (variant.control is None or variant.control_key is not None)
+        # a converted model is identified by its finished stage (a re-run convert writes a new DONE)
+        resume_key = [key, variant.path and (Path(variant.path) / "DONE").stat().st_mtime_ns]
+        done = scored / f"{variant.name}.json"
+        if resume and done.exists() and (saved := json.loads(done.read_text()))["key"] == resume_key:
+            results[variant.name], timings[variant.name] = saved["result"], "resumed"
+            log.info("eval %s: scored before the interruption", variant.name)
+            continue
 
         with cache_lock(cached) if cacheable else contextlib.nullcontext():
             if cacheable and cached.exists():
@@ -339,6 +350,7 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
                     tmp = cached.with_name(f"{cached.name}.{os.getpid()}.tmp")
                     tmp.write_text(json.dumps(results[variant.name]))
                     tmp.replace(cached)
+        write_json_atomic(done, {"key": resume_key, "result": results[variant.name]})
     out = {
         "tasks": tasks,
         "primary_metric": primary,
