@@ -11,6 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data" / "arith_mc.jsonl"
 TINY_RECIPE = ROOT / "recipes" / "tiny-8da4w.yaml"
 
+# pytest-xdist workers share the cores: each worker (and the CLI processes it starts, which inherit the setting)
+# gets its part instead of a torch thread per core, which would oversubscribe the machine.
+if workers := os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // int(workers))))
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
