@@ -452,3 +452,27 @@ def test_distillation_is_normalized_like_the_cross_entropy_under_gradient_accumu
         if "lora_B" in name:
             assert tensor.abs().max() > 0, name
             torch.testing.assert_close(adapters[1][name], tensor, rtol=1e-3, atol=1e-5)
+
+
+def test_gold_nll_batched_equals_each_item_scored_alone(tiny_model_dir):
+    """Items are batched by length with right padding; the figure must be the per-token NLL of each gold answer
+    given its own prompt, as if every item were scored alone."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qatkit.stages.eval import gold_nll
+
+    from ..conftest import arith_texts
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    texts = arith_texts()[:7]
+    contexts = [t[: len(t) // 2 + 3 * i] for i, t in enumerate(texts)]  # prompts and answers of varied lengths
+    golds = [t[len(c) :] for t, c in zip(texts, contexts, strict=True)]
+    total, count = 0.0, 0
+    for c, g in zip(contexts, golds, strict=True):
+        ctx, gold = (tokenizer(x, add_special_tokens=False).input_ids for x in (c, g))
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=torch.tensor([ctx + gold])).logits[0].float(), dim=-1)
+        total -= sum(logprobs[len(ctx) - 1 + j, token].item() for j, token in enumerate(gold))
+        count += len(gold)
+    assert gold_nll(model, tokenizer, contexts, golds, batch_size=3) == pytest.approx(total / count, rel=1e-5)

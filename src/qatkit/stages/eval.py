@@ -177,24 +177,26 @@ def gold_nll(model, tokenizer, contexts: list[str], golds: list[str], batch_size
     low-variance companion to accuracy (every item contributes, not just the argmax)."""
     import torch
 
+    pairs = [
+        (tokenizer(c, add_special_tokens=False).input_ids, tokenizer(g, add_special_tokens=False).input_ids)
+        for c, g in zip(contexts, golds, strict=True)
+    ]
+    pairs.sort(key=lambda pair: len(pair[0]) + len(pair[1]))  # batches of similar lengths: little padding
     total, count = 0.0, 0
-    for i in range(0, len(contexts), batch_size):
-        ctx_ids = [tokenizer(c, add_special_tokens=False).input_ids for c in contexts[i : i + batch_size]]
-        gold_ids = [tokenizer(g, add_special_tokens=False).input_ids for g in golds[i : i + batch_size]]
-        seqs = [c + g for c, g in zip(ctx_ids, gold_ids, strict=True)]
+    for i in range(0, len(pairs), batch_size):
+        batch = pairs[i : i + batch_size]
+        seqs = [c + g for c, g in batch]
         width = max(map(len, seqs))
         pad = tokenizer.pad_token_id or 0
         ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs])
         mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs])
         with torch.no_grad():
-            out = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device))
-            logprobs = torch.log_softmax(out.logits.float(), dim=-1).cpu()
-
-        for row, (c, g) in enumerate(zip(ctx_ids, gold_ids, strict=True)):
-            positions = torch.arange(len(c) - 1, len(c) + len(g) - 1)
-            targets = torch.tensor(g)
-            total -= logprobs[row, positions, targets].sum().item()
-            count += len(g)
+            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits
+            for row, (c, g) in enumerate(batch):
+                # the positions that predict the gold tokens, normalized over the vocabulary there only
+                logprobs = torch.log_softmax(logits[row, len(c) - 1 : len(c) + len(g) - 1].float(), dim=-1)
+                total -= logprobs.gather(1, torch.tensor(g, device=logits.device)[:, None]).sum().item()
+                count += len(g)
     return total / max(count, 1)
 
 
