@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -17,6 +18,8 @@ from qatkit.recipe import Recipe, TrainSpec, did_you_mean
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 # bits per weight of each scheme's quantized linears (before scales)
 WEIGHT_BITS = {
@@ -56,6 +59,7 @@ def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
         schemes.require_hardware(scheme, "convert")
     if "finetune" in stages:  # after every hardware check: a missing GPU is the more basic problem
         check_trainer_settings(recipe.train)
+        warn_if_warmup_outlasts_training(recipe)
     source = resolve_model(recipe.model.name_or_path)
     check_model_available(source)
     if {"finetune", "convert"} & set(stages):
@@ -148,6 +152,23 @@ def check_trainer_settings(train: TrainSpec) -> None:
         Trainer.get_optimizer_cls_and_kwargs(args)
     except (ImportError, ValueError) as e:  # transformers raises either for a missing optimizer package
         raise EnvError(f"train.optim {train.optim} cannot be used here: {e}") from None
+
+
+def warn_if_warmup_outlasts_training(recipe: Recipe) -> None:
+    """A warmup as long as a run is allowed (a quick `--set train.max_steps=2` of a real recipe does it), but that
+    run's learning rate never reaches train.lr, so say so."""
+    runs = {"train.max_steps": recipe.train.max_steps}
+    if recipe.qat.max_steps is not None:
+        runs["qat.max_steps"] = recipe.qat.max_steps
+    for key, steps in runs.items():
+        if recipe.train.warmup_steps >= steps:
+            log.warning(
+                "train.warmup_steps=%d is not below %s=%d: the learning rate never reaches its peak (train.lr) in "
+                "that run",
+                recipe.train.warmup_steps,
+                key,
+                steps,
+            )
 
 
 def check_plan(plan: schemes.Plan) -> None:

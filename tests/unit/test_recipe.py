@@ -187,3 +187,16 @@ def test_training_mode_and_default_valued_fields_keep_the_digest():
     full = validate_recipe(_with(train={"full_finetuning": True}))
     assert full.training_mode == "full" and full.digest() != validate_recipe(MIN).digest()
     assert validate_recipe(_with(train={"full_finetuning": False})).digest() == validate_recipe(MIN).digest()
+
+
+def test_a_warmup_as_long_as_a_run_is_accepted_with_a_warning(caplog):
+    from qatkit.validate import warn_if_warmup_outlasts_training
+
+    warn_if_warmup_outlasts_training(validate_recipe(_with(train={"max_steps": 10, "warmup_steps": 5})))
+    assert "warmup" not in caplog.text
+    warn_if_warmup_outlasts_training(validate_recipe(_with(train={"max_steps": 5, "warmup_steps": 5})))
+    assert "train.warmup_steps=5 is not below train.max_steps=5" in caplog.text
+    caplog.clear()
+    recipe = _with(train={"max_steps": 100, "warmup_steps": 5}, qat={"scheme": "int8", "max_steps": 3})
+    warn_if_warmup_outlasts_training(validate_recipe(recipe))
+    assert "not below qat.max_steps=3" in caplog.text and "train.max_steps" not in caplog.text
