@@ -15,27 +15,29 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qatkit import schemes
-from qatkit.data import read_jsonl
-from qatkit.stages.eval import gold_nll
+from qatkit.core.io import read_jsonl
+from qatkit.evaluation.nll import gold_nll
+from qatkit.quant.apply import quantize_ptq
+from qatkit.quant.spec import QuantSpec
 
 
 def main(model_dir: str, heldout: str, n: int, out: str) -> None:
     docs = read_jsonl(Path(heldout))[:n]
     contexts, golds = [d["context"] for d in docs], [d["choices"][d["gold"]] for d in docs]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    int8_int4 = schemes.get_scheme("int8-int4")
+    int8_int4 = QuantSpec.named("int8-int4")
+    no_embeddings = dataclasses.replace(int8_int4.scheme, embedding_config=None)
     variants = {
         "base fp32": None,
         "int8-int4 all (linears int4+int8 act, lm_head int4, embeddings int8)": int8_int4,
         "without lm_head": dataclasses.replace(int8_int4, quantize_lm_head=False),
-        "without lm_head and embeddings": dataclasses.replace(int8_int4, quantize_lm_head=False, embedding_config=None),
-        "w4-channel": schemes.get_scheme("w4-channel"),
+        "without lm_head and embeddings": dataclasses.replace(int8_int4, quantize_lm_head=False, scheme=no_embeddings),
+        "w4-channel": QuantSpec.named("w4-channel"),
     }
     results = {}
-    for name, scheme in variants.items():
+    for name, spec in variants.items():
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-        converted = schemes.quantize_ptq(model, scheme) if scheme is not None else None
+        converted = quantize_ptq(model, spec) if spec is not None else None
         results[name] = {
             "gold_nll": gold_nll(model, tokenizer, contexts, golds),
             "modules": None if converted is None else len(converted),

@@ -12,12 +12,11 @@ import json
 import sys
 from pathlib import Path
 
-from qatkit.backends.base import trained_dir
-from qatkit.backends.hf import load_trained
-from qatkit.data import read_jsonl
-from qatkit.loading import load_finetuned
+from qatkit.core.io import read_jsonl
+from qatkit.evaluation.nll import gold_nll
+from qatkit.models.assembly import load_finetuned, load_trained
 from qatkit.recipe import load_recipe
-from qatkit.stages.eval import gold_nll
+from qatkit.run.layout import RunLayout
 
 
 def _is_lm_head(fqn: str) -> bool:  # never a LoRA target (TRL refuses an adapter there), so never a base_layer
@@ -25,16 +24,17 @@ def _is_lm_head(fqn: str) -> bool:  # never a LoRA target (TRL refuses an adapte
 
 
 def main(run_dir: str, n: int, out: str) -> None:
-    run = Path(run_dir)
-    recipe = load_recipe(run / "recipe.resolved.yaml")
-    docs = read_jsonl(run / "eval" / "tasks" / "heldout.jsonl")[:n]
+    run = RunLayout(Path(run_dir))
+    recipe = load_recipe(run.resolved_recipe)
+    full = recipe.train.full_finetuning
+    docs = read_jsonl(run.eval.tasks / "heldout.jsonl")[:n]
     contexts, golds = [d["context"] for d in docs], [d["choices"][d["gold"]] for d in docs]
 
-    control, tokenizer = load_finetuned(recipe, trained_dir(recipe, run / "finetune" / "control"))
+    control, tokenizer = load_finetuned(recipe, run.finetune.control.trained(full))
     results = {"control (no QAT, unquantized)": gold_nll(control.eval(), tokenizer, contexts, golds)}
     del control
 
-    model, tokenizer, _ = load_trained(recipe, trained_dir(recipe, run / "finetune"))
+    model, tokenizer, _ = load_trained(recipe, run.finetune.trained(full))
     model.eval()
     quantizers = []  # (fqn, kind, fake quantizer) for every fake quantizer in the model
     for fqn, mod in model.named_modules():

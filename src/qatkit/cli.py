@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from qatkit.errors import QatkitError, RecipeError
+from qatkit.core.errors import QatkitError, RecipeError
 
 app = typer.Typer(
     name="qatkit",
@@ -47,14 +47,14 @@ def _main(
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and library logs.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="More log output.")] = False,
 ) -> None:
-    from qatkit import log
+    from qatkit.core import log
 
     _state["debug"] = debug
     log.setup(verbose=verbose, debug=debug)
 
 
 def _fail(e: BaseException) -> typer.Exit:
-    from qatkit.log import err_console
+    from qatkit.core.log import err_console
 
     if isinstance(e, QatkitError):
         err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)

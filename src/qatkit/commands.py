@@ -7,8 +7,8 @@ from pathlib import Path
 
 from rich.table import Table
 
-from qatkit.errors import Interrupted, RecipeError
-from qatkit.log import console
+from qatkit.core.errors import Interrupted, RecipeError
+from qatkit.core.log import console
 from qatkit.recipe import Recipe, load_recipe, validate_recipe
 
 
@@ -61,7 +61,7 @@ def launch_command(
     recipe_path: Path, overrides: list[str], argv: list[str], num_processes: int, only: list[str] | None = None
 ) -> int:
     """Check the recipe once here, then start N training processes (`argv`: this command line)."""
-    from qatkit import distributed
+    from qatkit.core import distributed
     from qatkit.validate import preflight
 
     preflight(load_recipe(recipe_path, overrides), only)
@@ -108,9 +108,9 @@ def eval_command(
     output: Path | None,
     mmlu_from: str | None = None,
 ) -> None:
-    from qatkit.loading import load_model_and_tokenizer
+    from qatkit.evaluation.lmeval import check_tasks_available, evaluate_model
+    from qatkit.models.loading import load_model_and_tokenizer
     from qatkit.recipe import EvalSpec, ModelSpec
-    from qatkit.stages.eval import evaluate_model, preflight
 
     if not tasks:
         raise RecipeError("--tasks: name at least one lm-eval task (comma-separated)")
@@ -118,10 +118,10 @@ def eval_command(
         raise RecipeError(f"{model_dir}: not a model directory (no config.json)")
     includes = [str(include_path.resolve())] if include_path else []
     if mmlu_from:  # lm-eval's mmlu tasks, written from a local file (takes precedence over the built-in ones)
-        from qatkit.stages.mmlu_local import local_mmlu_tasks
+        from qatkit.evaluation.mmlu_local import local_mmlu_tasks
 
         includes.append(str(local_mmlu_tasks(mmlu_from, tasks, num_fewshot)))
-    preflight(tasks, includes)
+    check_tasks_available(tasks, includes)
     spec = EvalSpec(tasks=tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
     model, tokenizer = load_model_and_tokenizer(ModelSpec(name_or_path=str(model_dir)), path=str(model_dir))
     results = evaluate_model(model.eval(), tokenizer, tasks, spec, includes)
@@ -167,7 +167,7 @@ def validate_command(recipe_path: Path, overrides: list[str]) -> None:
 
 
 def schemes_command() -> None:
-    from qatkit.schemes import list_schemes
+    from qatkit.quant.registry import list_schemes
 
     short = {"cpu": "CPU/GPU", "cuda": "CUDA", "cuda-sm89": "CUDA sm89+", "cuda-sm100": "Blackwell"}
     table = Table("scheme", "what it is", "trains on", "converts on", "learn_scales", title="qatkit schemes")
@@ -182,12 +182,12 @@ def schemes_command() -> None:
 
 
 def report_command(run_dir: Path) -> None:
-    from qatkit.pipeline import RunDir
-    from qatkit.stages import report
+    from qatkit.report.build import build_report
+    from qatkit.run.rundir import RunDir
 
     if not (run_dir / "manifest.json").exists():
         raise RecipeError(f"{run_dir}: not a qatkit run dir (no manifest.json)")
-    report.build(RunDir(run_dir.resolve()))
+    build_report(RunDir(run_dir.resolve()))
     print_summary(run_dir)
 
 
@@ -204,13 +204,13 @@ def print_summary(root: Path) -> None:
         t = rep["training"]
         console.print(f"training: {t['steps']} steps, loss {t['first_loss']:.4f} → {t['final_loss']:.4f}")
     if rep.get("quality"):
-        from qatkit.stages.report import VARIANT_LABEL
+        from qatkit.evaluation import variants
 
         q = Table("task", "variant", "accuracy", "± stderr", "norm. degradation", title="quality")
         for r in rep["quality"]:
             q.add_row(
                 f"{r['task']} ({r['metric']})",
-                VARIANT_LABEL.get(r["variant"], r["variant"]),
+                variants.label(r["variant"]),
                 "—" if r["value"] is None else f"{100 * r['value']:.2f}",
                 "—" if r["stderr"] is None else f"{100 * r['stderr']:.2f}",
                 "—" if r["normalized_degradation"] is None else f"{100 * r['normalized_degradation']:+.1f}%",
@@ -242,10 +242,11 @@ def bench_command(
     import shlex
     import tempfile
 
-    from qatkit import schemes
     from qatkit.bench import TINY_TEXTS, run_all
     from qatkit.bench.common import LORA_MODES, SECTIONS, SEED, build_random_model
-    from qatkit.loading import check_model_available, materialize_gguf, resolve_model
+    from qatkit.models.loading import check_model_available, materialize_gguf, resolve_model
+    from qatkit.quant.hardware import require_hardware
+    from qatkit.quant.registry import get_scheme
 
     if sum((model is not None, tiny, arch is not None)) != 1:
         raise RecipeError(
@@ -260,9 +261,9 @@ def bench_command(
             raise RecipeError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     names = []
     for name in scheme_names:
-        scheme = schemes.get_scheme(name)
-        schemes.require_hardware(scheme, "train")
-        schemes.require_hardware(scheme, "convert")  # checkpoint size and decode speed need a converted model
+        scheme = get_scheme(name)
+        require_hardware(scheme, "train")
+        require_hardware(scheme, "convert")  # checkpoint size and decode speed need a converted model
         names.append(scheme.name)
     if tiny:
         label, model_args = "tiny", ["--tiny"]

@@ -16,8 +16,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from qatkit.errors import EnvError, RecipeError
-from qatkit.loading import resolve_path
+from qatkit.core.errors import EnvError, RecipeError
+from qatkit.core.io import read_jsonl, write_jsonl
+from qatkit.core.paths import resolve_path
 
 if TYPE_CHECKING:
     from qatkit.recipe import DataSource, DataSpec
@@ -167,15 +168,7 @@ def _read_file(path: Path) -> list[dict]:
     if path.stat().st_size == 0:
         raise RecipeError(f"{path}: data file is empty")
     if path.suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(path.read_text().splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise RecipeError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
-        return rows
+        return read_jsonl(path)
     if path.suffix == ".json":
         data = json.loads(path.read_text())
         return data if isinstance(data, list) else data.get("data", [])
@@ -288,15 +281,6 @@ def training_examples(splits: Splits, style: AnswerStyle = "letter") -> list[dic
     return [x.to_example(style) if isinstance(x, MCItem) else x for x in splits.train]
 
 
-def write_jsonl(path: Path, rows: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("".join(json.dumps(_as_dict(r)) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def read_items(path: Path) -> list[MCItem]:
     return [MCItem(r["question"], tuple(r["choices"]), r["answer"]) for r in read_jsonl(path)]
 
@@ -304,7 +288,7 @@ def read_items(path: Path) -> list[MCItem]:
 def write_splits(splits: Splits, out: Path, style: AnswerStyle = "letter") -> dict:
     """Materialize the split in the run dir: data/train.jsonl (chat examples), data/eval.jsonl (MC items)."""
     write_jsonl(out / "train.jsonl", training_examples(splits, style))
-    write_jsonl(out / "eval.jsonl", splits.eval)
+    write_jsonl(out / "eval.jsonl", [_as_dict(item) for item in splits.eval])
     return {
         "train_rows": len(splits.train),
         "eval_rows": len(splits.eval),

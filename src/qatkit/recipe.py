@@ -6,15 +6,19 @@ Everything a run needs is validated here, before any model loads.
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from qatkit.errors import RecipeError
+from qatkit.core.errors import RecipeError
+
+if TYPE_CHECKING:
+    from qatkit.quant.spec import QuantSpec
 
 STAGES = ("finetune", "convert", "eval")
 
@@ -89,13 +93,13 @@ class QatSpec(Strict):
     @field_validator("scheme")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        from qatkit.schemes import canonical_name
+        from qatkit.quant.registry import canonical_name
 
         return canonical_name(v)
 
     @model_validator(mode="after")
     def _fits_the_scheme(self) -> QatSpec:
-        from qatkit.schemes import get_scheme, list_schemes
+        from qatkit.quant.registry import get_scheme, list_schemes
 
         scheme = get_scheme(self.scheme)
         if self.group_size is not None and scheme.fixed_granularity:
@@ -243,6 +247,14 @@ class Recipe(Strict):
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
             raise ValueError(f"stages must keep the order {list(STAGES)}")
         return self
+
+    @functools.cached_property
+    def quant(self) -> QuantSpec:
+        """The `qat` section resolved once: scheme, group size, lm_head choice, learned-scale options."""
+        from qatkit.quant.spec import QuantSpec
+
+        q = self.qat
+        return QuantSpec.resolve(q.scheme, q.group_size, q.quantize_lm_head, q.learn_scales, q.scale_init)
 
     @property
     def training_mode(self) -> str:

@@ -8,12 +8,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from qatkit import schemes
 from qatkit.backends.base import backend_name
+from qatkit.core.errors import EnvError, RecipeError
+from qatkit.core.metrics import unique_param_count
 from qatkit.data import load_splits
-from qatkit.errors import EnvError, RecipeError
-from qatkit.loading import ModelSource, check_model_available, resolve_model
-from qatkit.metrics import unique_param_count
+from qatkit.evaluation.lmeval import HELDOUT, check_tasks_available
+from qatkit.models.loading import ModelSource, check_model_available, resolve_model
+from qatkit.quant.hardware import require_hardware
+from qatkit.quant.plan import Plan, non_language_modules, plan_modules
 from qatkit.recipe import Recipe, TrainSpec, did_you_mean
 
 if TYPE_CHECKING:
@@ -21,25 +23,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# bits per weight of each scheme's quantized linears (before scales)
-WEIGHT_BITS = {
-    "int4": 4,
-    "int8": 8,
-    "int8-int4": 4,
-    "w4-intx": 4,
-    "w4-channel": 4,
-    "fp8-int4": 4,
-    "fp8-fp8": 8,
-    "nvfp4": 4,
-    "mxfp8": 8,
-}
-
 
 @dataclass
 class Validation:
     recipe: Recipe
     source: ModelSource
-    plan: schemes.Plan | None = None
+    plan: Plan | None = None
     by_type: dict[str, Counter] = field(default_factory=dict)
     size_bf16_mb: float | None = None
     size_quantized_mb: float | None = None
@@ -51,12 +40,12 @@ def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
     eval tasks known and available offline."""
     check_versions()
     stages = stages or recipe.stages
-    scheme = schemes.for_recipe(recipe.qat)
+    scheme = recipe.quant.scheme
     if "finetune" in stages:
-        schemes.require_hardware(scheme, "train")
+        require_hardware(scheme, "train")
         backend_name(recipe)
     if "convert" in stages:
-        schemes.require_hardware(scheme, "convert")
+        require_hardware(scheme, "convert")
     if "finetune" in stages:  # after every hardware check: a missing GPU is the more basic problem
         check_trainer_settings(recipe.train)
         warn_if_warmup_outlasts_training(recipe)
@@ -64,14 +53,11 @@ def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
     check_model_available(source)
     if {"finetune", "convert"} & set(stages):
         model = _meta_model(source, recipe.model.trust_remote_code)
-        check_plan(schemes.plan_modules(model, scheme, recipe.qat.group_size))
+        check_plan(plan_modules(model, recipe.quant))
         if "finetune" in stages and not recipe.train.full_finetuning:
             check_lora_targets(model, recipe.lora.target_modules)
     splits = load_splits(recipe.data) if recipe.data is not None else None  # parses every row
     if "eval" in stages:
-        from qatkit.stages.eval import HELDOUT
-        from qatkit.stages.eval import preflight as eval_preflight
-
         if HELDOUT in recipe.eval.tasks and splits is not None and not splits.eval:
             raise RecipeError(
                 f"eval.tasks: '{HELDOUT}' scores held-out multiple-choice items, and {' + '.join(s.path for s in recipe.data.sources)} gives none "
@@ -79,7 +65,7 @@ def preflight(recipe: Recipe, stages: list[str] | None = None) -> ModelSource:
                 f"file, or leave '{HELDOUT}' out of eval.tasks"
             )
 
-        eval_preflight(list(recipe.eval.tasks), [recipe.eval.include_path] if recipe.eval.include_path else [])
+        check_tasks_available(list(recipe.eval.tasks), [recipe.eval.include_path] if recipe.eval.include_path else [])
     return source
 
 
@@ -171,7 +157,7 @@ def warn_if_warmup_outlasts_training(recipe: Recipe) -> None:
             )
 
 
-def check_plan(plan: schemes.Plan) -> None:
+def check_plan(plan: Plan) -> None:
     """A scheme that quantizes none of the model's linear layers (e.g. a group size that divides no in_features)
     would train and convert a model that is not quantized."""
     linears = [m for m in plan.modules if m.kind == "linear"]
@@ -189,7 +175,7 @@ def check_lora_targets(model: torch.nn.Module, target_modules: list[str]) -> Non
     match, so a misspelt name would silently train fewer adapters."""
     import torch
 
-    outside = tuple(f"{p}." for p in schemes.non_language_modules(model))
+    outside = tuple(f"{p}." for p in non_language_modules(model))
     lm_head = model.get_output_embeddings()
     modules = [(fqn, mod) for fqn, mod in model.named_modules() if fqn and not f"{fqn}.".startswith(outside)]
     adaptable = sorted(
@@ -220,8 +206,7 @@ def validate(recipe: Recipe) -> Validation:
     source = preflight(recipe)
     result = Validation(recipe, source)
     model = _meta_model(source, recipe.model.trust_remote_code)
-    scheme = schemes.for_recipe(recipe.qat)
-    plan = schemes.plan_modules(model, scheme, recipe.qat.group_size)
+    plan = plan_modules(model, recipe.quant)
     result.plan = plan
     for m in plan.modules:
         leaf = m.fqn.rsplit(".", 1)[-1]
@@ -230,7 +215,7 @@ def validate(recipe: Recipe) -> Validation:
     total = unique_param_count(model)
     quantized_params = sum(m.shape[0] * m.shape[1] for m in plan.quantized)
     gs = plan.group_size
-    bits = WEIGHT_BITS[scheme.name] + (16 / gs if gs else 0)
+    bits = recipe.quant.scheme.weight_bits + (16 / gs if gs else 0)
     emb_params = sum(m.shape[0] * m.shape[1] for m in plan.quantized if m.kind == "embedding")
     lin_params = quantized_params - emb_params
     extra_lm_head = 0

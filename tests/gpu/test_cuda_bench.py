@@ -4,7 +4,8 @@ import json
 
 import pytest
 
-from qatkit import schemes
+from qatkit.quant.hardware import can_convert_here
+from qatkit.quant.registry import get_scheme
 
 from ..conftest import ROOT, run_cli
 
@@ -12,8 +13,8 @@ pytestmark = pytest.mark.gpu
 
 
 def test_int4_checkpoint_and_decode_on_cuda(tmp_path):
-    if not schemes.can_convert_here(schemes.get_scheme("int4")):
-        pytest.skip(f"int4 convert needs a CUDA GPU and {', '.join(schemes.get_scheme('int4').convert_packages)}")
+    if not can_convert_here(get_scheme("int4")):
+        pytest.skip(f"int4 convert needs a CUDA GPU and {', '.join(get_scheme('int4').convert_packages)}")
     config = json.loads((ROOT / "configs" / "arch" / "qwen3-8b.json").read_text())
     (tmp_path / "qwen3-2-layers.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
     out = tmp_path / "bench"

@@ -6,13 +6,16 @@ import sys
 import pytest
 import torch
 
-from qatkit import schemes
-from qatkit.backends.hf import attach_lora
-from qatkit.metrics import sqnr_db
+from qatkit.core.metrics import sqnr_db
+from qatkit.models.assembly import attach_lora
+from qatkit.quant.apply import attach_hf_quantizer, convert, prepare
+from qatkit.quant.hardware import HARDWARE_TEXT, can_convert_here
+from qatkit.quant.registry import list_schemes
+from qatkit.quant.spec import QuantSpec
 
 from ..schemes.test_schemes import batch, recipe_for, train_steps
 
-CUDA_SCHEMES = [s.name for s in schemes.list_schemes() if s.convert_on in ("cuda", "cuda-sm89")]
+CUDA_SCHEMES = [s.name for s in list_schemes() if s.convert_on in ("cuda", "cuda-sm89")]
 pytestmark = pytest.mark.gpu
 
 
@@ -20,25 +23,26 @@ pytestmark = pytest.mark.gpu
 def test_convert_on_cuda(name, tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    scheme = schemes.get_scheme(name)
-    if not schemes.can_convert_here(scheme):
-        needs = [schemes.HARDWARE_TEXT[scheme.convert_on], *scheme.convert_packages]
+    spec = QuantSpec.named(name)
+    scheme = spec.scheme
+    if not can_convert_here(scheme):
+        needs = [HARDWARE_TEXT[scheme.convert_on], *scheme.convert_packages]
         pytest.skip(f"{name} convert needs {' and '.join(needs)}")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.bfloat16).cuda()
-    plan = schemes.prepare(model, scheme)
+    plan = prepare(model, spec)
     peft_model = attach_lora(recipe_for(name, "merged"), model)
     train_steps(peft_model)
     x = batch(1).cuda()
     with torch.no_grad():
         as_trained = peft_model(x).logits.float()
     merged = peft_model.merge_and_unload()
-    converted = schemes.convert(merged, scheme)
+    converted = convert(merged, spec)
     assert set(converted) == {m.fqn for m in plan.quantized}
     with torch.no_grad():
         deployed = merged(x).logits.float()
     # real low-bit kernels differ from fake quant by rounding in the matmul, not by the quantization grid
     assert sqnr_db(as_trained, deployed) > 25
-    schemes.attach_hf_quantizer(merged, converted)
+    attach_hf_quantizer(merged, converted)
     merged.save_pretrained(tmp_path / "ckpt")
     torch.save({"x": x.cpu(), "logits": deployed.cpu()}, tmp_path / "ref.pt")
     code = (

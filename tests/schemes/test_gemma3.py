@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from qatkit import schemes
-from qatkit.errors import RecipeError
+from qatkit.core.errors import RecipeError
 from qatkit.pipeline import run_recipe
+from qatkit.quant.patches import fake_quantizers
+from qatkit.quant.plan import OUTSIDE_LANGUAGE_MODEL
 from qatkit.recipe import load_recipe
-from qatkit.schemes import OUTSIDE_LANGUAGE_MODEL
 
 from ..conftest import TINY_RECIPE, arith_texts
 
@@ -154,4 +154,4 @@ def test_unsloth_fastmodel_rules_skip_the_vision_tower(gemma3_dir):
         quantize_(model, QATConfig(base_config, step="prepare"), filter_fn=filter_fn)
     signature = verify_fake_quant(model, state["plan"])
     assert len(signature) == 2 * 7 and all(k.startswith("model.language_model.") for k in signature)
-    assert not any("vision_tower" in fqn for fqn in schemes.fake_quantizers(model))
+    assert not any("vision_tower" in fqn for fqn in fake_quantizers(model))

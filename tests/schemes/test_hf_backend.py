@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from qatkit.errors import GateError
+from qatkit.core.errors import GateError
 from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
 
@@ -82,8 +82,8 @@ def test_merged_lora_forward_is_exact_and_its_gradient_straight_through(tiny_mod
     without a full-size weight gradient."""
     import torch.nn.functional as F
 
-    from qatkit.backends.hf import attach_lora, prepare_for_qat
-    from qatkit.loading import load_model_and_tokenizer
+    from qatkit.models.assembly import attach_lora, prepare_for_qat
+    from qatkit.models.loading import load_model_and_tokenizer
 
     recipe = tiny_recipe(tiny_model_dir, f"qat.scheme={scheme}")
     model, _ = load_model_and_tokenizer(recipe.model)
@@ -136,8 +136,9 @@ def test_learned_scales_train_and_are_the_ones_convert_uses(tiny_model_dir, tmp_
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from qatkit.loading import load_model_and_tokenizer
-    from qatkit.schemes import for_recipe, learned_scales, prepare
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.quant.apply import prepare
+    from qatkit.quant.scales import learned_scales
 
     out = tmp_path / "run"
     recipe = tiny_recipe(
@@ -146,7 +147,7 @@ def test_learned_scales_train_and_are_the_ones_convert_uses(tiny_model_dir, tmp_
     run_recipe(recipe, out, only=["finetune", "convert"])
     trained = load_file(out / "finetune" / "adapter" / "learned_scales.safetensors")
     model, _ = load_model_and_tokenizer(recipe.model)
-    prepare(model, for_recipe(recipe.qat))
+    prepare(model, recipe.quant)
     initial = learned_scales(model)
     assert trained.keys() == initial.keys() and len(trained) > 0
     moved = [k for k in trained if not torch.equal(trained[k], initial[k].detach())]
@@ -166,7 +167,7 @@ def test_learned_scales_resume_from_a_checkpoint(tiny_model_dir, tmp_path, ctrl_
     after it with a checkpoint there; resume, and the scales end where an uninterrupted run's do."""
     from safetensors.torch import load_file
 
-    from qatkit.errors import Interrupted
+    from qatkit.core.errors import Interrupted
 
     recipe = tiny_recipe(
         tiny_model_dir, "qat.learn_scales=true", "train.lr=0.01", "train.max_steps=4", "train.save_steps=2"
@@ -205,7 +206,7 @@ def test_ctrl_c_before_training_starts_stops_the_stage_without_training(
     """Ctrl-C while the trainer is being built (where a KeyboardInterrupt could land in a finalizer and be ignored)
     is acted on before the first step: the stage stops, marked interrupted, with nothing trained."""
     from qatkit.backends import hf
-    from qatkit.errors import Interrupted
+    from qatkit.core.errors import Interrupted
 
     original = hf.sft_config
 
@@ -228,9 +229,10 @@ def test_learned_scales_get_their_own_optimizer_group(tiny_model_dir, tmp_path):
     """qat.scale_lr sets the scales' learning rate; weight decay never applies to them (it would shrink them)."""
     from datasets import Dataset
 
-    from qatkit.backends.hf import _trainer_class, attach_lora, prepare_for_qat, sft_config
-    from qatkit.loading import load_model_and_tokenizer
-    from qatkit.schemes import learned_scales
+    from qatkit.backends.trainer import qat_trainer_class, sft_config
+    from qatkit.models.assembly import attach_lora, prepare_for_qat
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.quant.scales import learned_scales
 
     recipe = tiny_recipe(tiny_model_dir, "qat.learn_scales=true", "qat.scale_lr=1e-5", "train.weight_decay=0.1")
     model, tokenizer = load_model_and_tokenizer(recipe.model)
@@ -241,7 +243,7 @@ def test_learned_scales_get_their_own_optimizer_group(tiny_model_dir, tmp_path):
         p.requires_grad_(True)
     args = sft_config(recipe, tmp_path, model, use_cpu=True, qat=True)
     data = Dataset.from_list([{"prompt": "a", "completion": "b"}])
-    trainer = _trainer_class(model, recipe.qat.scale_lr)(
+    trainer = qat_trainer_class(model, recipe.qat.scale_lr)(
         model=model, args=args, train_dataset=data, processing_class=tokenizer
     )
     groups = trainer.create_optimizer().param_groups
@@ -280,7 +282,7 @@ def test_full_finetuning_trains_every_weight_and_deploys_exactly(tiny_model_dir,
 
 
 def test_distill_loss_is_the_kl_on_the_scored_tokens():
-    from qatkit.backends.hf import distill_loss
+    from qatkit.backends.trainer import distill_loss
 
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
@@ -302,16 +304,17 @@ def _distill_trainer(recipe, tmp_path, teacher):
     """A QAT trainer distilling from `teacher(student)`, its student and its first batch."""
     from datasets import Dataset
 
-    from qatkit.backends.hf import _trainer_class, attach_lora, prepare_for_qat, sft_config
+    from qatkit.backends.trainer import qat_trainer_class, sft_config
     from qatkit.data import load_splits, training_examples
-    from qatkit.loading import load_model_and_tokenizer
+    from qatkit.models.assembly import attach_lora, prepare_for_qat
+    from qatkit.models.loading import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(recipe.model)
     prepare_for_qat(recipe, model)
     model = attach_lora(recipe, model)
     rows = training_examples(load_splits(recipe.data), recipe.data.answer_style)
     args = sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True, qat=True)
-    trainer = _trainer_class(model, None, teacher(model), recipe.distill)(
+    trainer = qat_trainer_class(model, None, teacher(model), recipe.distill)(
         model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
     )
     inputs = next(iter(trainer.get_train_dataloader()))
@@ -346,7 +349,8 @@ def test_distilling_on_every_token_scores_the_prompt_too(tiny_model_dir, tmp_pat
     """distill.tokens=all: the KL covers every real token (prompt and answer, not padding), averaged over the
     batch; under gradient accumulation each micro-batch's average is divided by the accumulation steps, as Trainer
     does for a loss it does not normalize itself."""
-    from qatkit.backends.hf import distill_loss, load_teacher
+    from qatkit.backends.hf import load_teacher
+    from qatkit.backends.trainer import distill_loss
 
     recipe = tiny_recipe(tiny_model_dir, "distill.teacher=base", "distill.tokens=all")
     teacher = load_teacher(recipe, None)
@@ -459,7 +463,7 @@ def test_gold_nll_batched_equals_each_item_scored_alone(tiny_model_dir):
     given its own prompt, as if every item were scored alone."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qatkit.stages.eval import gold_nll
+    from qatkit.evaluation.nll import gold_nll
 
     from ..conftest import arith_texts
 

@@ -10,16 +10,22 @@ import sys
 import pytest
 import torch
 
-from qatkit import schemes
-from qatkit.backends.hf import attach_lora
-from qatkit.errors import EnvError
-from qatkit.metrics import sqnr_db
+from qatkit.core.errors import EnvError
+from qatkit.core.metrics import sqnr_db
+from qatkit.models.assembly import attach_lora
+from qatkit.quant.apply import attach_hf_quantizer, convert, prepare, quantize_ptq
+from qatkit.quant.hardware import can_convert_here, hardware_ok
+from qatkit.quant.patches import cache_frozen_weight_fake_quant, fake_quantizers
+from qatkit.quant.plan import plan_modules, untie_embeddings
+from qatkit.quant.registry import canonical_name, get_scheme, list_schemes
+from qatkit.quant.scales import MSE_CLIP_RATIOS, learned_scales
+from qatkit.quant.spec import QuantSpec
 from qatkit.recipe import validate_recipe
 
-ALL = [s.name for s in schemes.list_schemes()]
-TRAINABLE_HERE = [s.name for s in schemes.list_schemes() if schemes.hardware_ok(s.train_on)]
-CONVERTIBLE_HERE = [s.name for s in schemes.list_schemes() if schemes.can_convert_here(s)]
-CUDA_CONVERT = [s.name for s in schemes.list_schemes() if s.convert_on != "cpu" and s.train_on == "cpu"]
+ALL = [s.name for s in list_schemes()]
+TRAINABLE_HERE = [s.name for s in list_schemes() if hardware_ok(s.train_on)]
+CONVERTIBLE_HERE = [s.name for s in list_schemes() if can_convert_here(s)]
+CUDA_CONVERT = [s.name for s in list_schemes() if s.convert_on != "cpu" and s.train_on == "cpu"]
 
 # expected fake quantizer classes (activation, weight) on the linears, like Unsloth's test_qat.py
 EXPECTED_FQ = {
@@ -79,16 +85,15 @@ def train_steps(model, steps=4, lr=5e-3):
 def test_registry_covers_the_required_schemes():
     for name in ("int4", "int8", "fp8-int4", "int8-int4", "fp8-fp8", "w4-intx", "nvfp4", "mxfp8"):
         assert name in ALL
-    assert schemes.canonical_name("8da4w") == "int8-int4"
+    assert canonical_name("8da4w") == "int8-int4"
 
 
 @pytest.mark.parametrize("name", [n for n in TRAINABLE_HERE if n in EXPECTED_FQ])
 def test_fake_quantizers_present_and_called(name, tiny_model_dir):
     """Unsloth PR #3859's check, for every scheme: the right fake quantizer classes, each run in forward."""
     model = load(tiny_model_dir)
-    scheme = schemes.get_scheme(name)
-    schemes.prepare(model, scheme)
-    fqs = schemes.fake_quantizers(model)
+    prepare(model, QuantSpec.named(name))
+    fqs = fake_quantizers(model)
     linears = {k: v for k, v in fqs.items() if "embed" not in k}
     assert linears and set(linears.values()) == {EXPECTED_FQ[name]}
     calls = {}
@@ -113,7 +118,7 @@ def test_lora_learns_under_fake_quant(name, lora_mode, tiny_model_dir):
     """LoRA params move and base weights stay frozen, for every scheme (fp8 included: STE)."""
     model = load(tiny_model_dir)
     recipe = recipe_for(name, lora_mode)
-    schemes.prepare(model, schemes.get_scheme(name))
+    prepare(model, QuantSpec.named(name))
     model = attach_lora(recipe, model)
     base_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     losses, moved, total = train_steps(model)
@@ -125,7 +130,7 @@ def test_lora_learns_under_fake_quant(name, lora_mode, tiny_model_dir):
             assert torch.equal(base_before[n], p.detach()), n
 
 
-LEARNABLE_HERE = [n for n in CONVERTIBLE_HERE if schemes.get_scheme(n).learnable_scales]
+LEARNABLE_HERE = [n for n in CONVERTIBLE_HERE if get_scheme(n).learnable_scales]
 
 
 @pytest.mark.parametrize(
@@ -134,10 +139,10 @@ LEARNABLE_HERE = [n for n in CONVERTIBLE_HERE if schemes.get_scheme(n).learnable
 def test_prepare_train_merge_convert_save_reload(name, learn_scales, tiny_model_dir, tmp_path):
     model = load(tiny_model_dir)
     recipe = recipe_for(name, "merged")
-    scheme = dataclasses.replace(schemes.get_scheme(name), learn_scales=learn_scales)
-    plan = schemes.prepare(model, scheme)
+    spec = dataclasses.replace(QuantSpec.named(name), learn_scales=learn_scales)
+    plan = prepare(model, spec)
     peft_model = attach_lora(recipe, model)
-    scales = schemes.learned_scales(peft_model)
+    scales = learned_scales(peft_model)
     assert bool(scales) == learn_scales
     for p in scales.values():
         p.requires_grad_(True)
@@ -147,7 +152,7 @@ def test_prepare_train_merge_convert_save_reload(name, learn_scales, tiny_model_
     with torch.no_grad():
         as_trained = peft_model(x).logits
     merged = peft_model.merge_and_unload()
-    converted = schemes.convert(merged, scheme)
+    converted = convert(merged, spec)
     assert set(converted) == {m.fqn for m in plan.quantized}
     assert all(type(merged.get_submodule(f).weight).__name__ != "Parameter" for f in converted)
     for fqn, scale in scales.items():  # the deployed weights are quantized with the learned scales
@@ -157,7 +162,7 @@ def test_prepare_train_merge_convert_save_reload(name, learn_scales, tiny_model_
         deployed = merged(x).logits
     # merged-LoRA QAT: the trained forward is the deployed forward
     assert sqnr_db(as_trained, deployed) > 60
-    schemes.attach_hf_quantizer(merged, converted)
+    attach_hf_quantizer(merged, converted)
     merged.save_pretrained(tmp_path / "ckpt")
     torch.save({"x": x, "logits": deployed}, tmp_path / "ref.pt")
     code = (
@@ -184,8 +189,8 @@ def test_mse_scale_init_lowers_every_groups_weight_error(name, tiny_model_dir):
             for mod in model.modules():
                 if isinstance(mod, torch.nn.Linear):
                     mod.weight.copy_(torch.distributions.StudentT(3.0).sample(mod.weight.shape) * 0.02)
-        schemes.prepare(model, dataclasses.replace(schemes.get_scheme(name), learn_scales=True, scale_init=init))
-        learned = schemes.learned_scales(model)
+        prepare(model, dataclasses.replace(QuantSpec.named(name), learn_scales=True, scale_init=init))
+        learned = learned_scales(model)
         assert learned
         with torch.no_grad():
             errors[init] = {
@@ -197,7 +202,7 @@ def test_mse_scale_init_lowers_every_groups_weight_error(name, tiny_model_dir):
     for fqn, err in errors["mse"].items():
         assert (err <= errors["absmax"][fqn]).all(), fqn
         ratio = scales["mse"][fqn] / scales["absmax"][fqn]
-        assert ratio.min() >= min(schemes.MSE_CLIP_RATIOS) - 1e-6 and ratio.max() <= 1 + 1e-6
+        assert ratio.min() >= min(MSE_CLIP_RATIOS) - 1e-6 and ratio.max() <= 1 + 1e-6
     total = {init: sum(e.sum().item() for e in errs.values()) for init, errs in errors.items()}
     # 8-bit rounding error is small next to what clipping an outlier costs: absmax is close to the best there
     assert total["mse"] < (1.0 if name == "int8" else 0.95) * total["absmax"], total
@@ -206,29 +211,31 @@ def test_mse_scale_init_lowers_every_groups_weight_error(name, tiny_model_dir):
 @pytest.mark.parametrize("name", [n for n in CUDA_CONVERT if n not in CONVERTIBLE_HERE])
 def test_cuda_only_convert_fails_cleanly_on_cpu(name, tiny_model_dir):
     model = load(tiny_model_dir)
-    scheme = schemes.get_scheme(name)
-    schemes.prepare(model, scheme)
+    spec = QuantSpec.named(name)
+    scheme = spec.scheme
+    prepare(model, spec)
     with pytest.raises(EnvError, match=r"needs a CUDA GPU|needs mslk") as e:
-        schemes.convert(model, scheme)
+        convert(model, spec)
     assert e.value.exit_code == 3
-    if scheme.cpu_alternatives and not schemes.hardware_ok(scheme.convert_on):
+    if scheme.cpu_alternatives and not hardware_ok(scheme.convert_on):
         assert "on CPU use" in str(e.value)
 
 
 def test_convert_refused_when_a_kernel_package_is_missing(tiny_model_dir):
     """int4 and fp8-int4 convert through mslk's CUDA kernels: without the package, exit 3 before anything runs."""
-    assert {s.name for s in schemes.list_schemes() if "mslk" in s.convert_packages} == {"int4", "fp8-int4"}
-    scheme = dataclasses.replace(schemes.get_scheme("int8"), convert_packages=("qatkit_test_absent_kernels",))
+    assert {s.name for s in list_schemes() if "mslk" in s.convert_packages} == {"int4", "fp8-int4"}
+    scheme = dataclasses.replace(get_scheme("int8"), convert_packages=("qatkit_test_absent_kernels",))
+    spec = dataclasses.replace(QuantSpec.named("int8"), scheme=scheme)
     model = load(tiny_model_dir)
-    schemes.prepare(model, scheme)
+    prepare(model, spec)
     with pytest.raises(EnvError, match=r"int8 convert needs qatkit_test_absent_kernels, which is not installed") as e:
-        schemes.convert(model, scheme)
-    assert e.value.exit_code == 3 and not schemes.can_convert_here(scheme)
+        convert(model, spec)
+    assert e.value.exit_code == 3 and not can_convert_here(scheme)
 
 
 def test_group_size_constraint_skips_with_reason(tiny_model_dir):
     model = load(tiny_model_dir)
-    plan = schemes.plan_modules(model, schemes.get_scheme("int4"), group_size=256)  # hidden 128 < 256
+    plan = plan_modules(model, dataclasses.replace(QuantSpec.named("int4"), group_size=256))  # hidden 128 < 256
     skipped = {m.fqn: m.reason for m in plan.skipped}
     assert "group size 256" in skipped["model.layers.0.self_attn.q_proj"]
     assert "model.layers.0.mlp.down_proj" in {m.fqn for m in plan.quantized}  # in_features 256
@@ -237,7 +244,7 @@ def test_group_size_constraint_skips_with_reason(tiny_model_dir):
 def test_int8_int4_unties_and_quantizes_embedding_and_lm_head(tiny_model_dir):
     model = load(tiny_model_dir)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    plan = schemes.prepare(model, schemes.get_scheme("int8-int4"))
+    plan = prepare(model, QuantSpec.named("int8-int4"))
     assert plan.untie_embeddings
     assert model.lm_head.weight is not model.model.embed_tokens.weight
     quantized = {m.fqn for m in plan.quantized}
@@ -249,13 +256,13 @@ def test_convert_matches_plain_ptq(tiny_model_dir):
     from torchao.quantization import quantize_
 
     x = batch(2)
-    scheme = schemes.get_scheme("int8-int4")
+    spec = QuantSpec.named("int8-int4")
     a = load(tiny_model_dir)
-    schemes.quantize_ptq(a, scheme)
+    quantize_ptq(a, spec)
     b = load(tiny_model_dir)
-    schemes.untie_embeddings(b)
-    quantize_(b, scheme.linear_config(32), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
-    quantize_(b, scheme.embedding_config(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding))
+    untie_embeddings(b)
+    quantize_(b, spec.linear_config(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Linear))
+    quantize_(b, spec.embedding_config(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding))
     with torch.no_grad():
         assert torch.equal(a(x).logits, b(x).logits)
 
@@ -268,10 +275,10 @@ def test_frozen_weight_fake_quant_cache_changes_nothing(tiny_model_dir, mode):
     for cache in (False, True):
         torch.manual_seed(0)
         model = load(tiny_model_dir)
-        schemes.prepare(model, schemes.get_scheme("int8-int4"))
+        prepare(model, QuantSpec.named("int8-int4"))
         model = attach_lora(recipe_for("int8-int4", mode), model)
         if cache:
-            assert schemes.cache_frozen_weight_fake_quant(model) > 0
+            assert cache_frozen_weight_fake_quant(model) > 0
         losses, _, _ = train_steps(model, steps=3)
         with torch.no_grad():
             logits = model(batch(3)).logits

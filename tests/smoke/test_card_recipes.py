@@ -81,14 +81,15 @@ def missing_here(card: str) -> dict[str, str]:
     adamw_8bit needs bitsandbytes (adamw_torch)."""
     import importlib.util
 
-    from qatkit import schemes
+    from qatkit.quant.hardware import hardware_ok, missing_packages
+    from qatkit.quant.registry import get_scheme
 
     recipe = yaml.safe_load((RECIPES / f"{card}.yaml").read_text())
     missing = {}
-    scheme = schemes.get_scheme(recipe["qat"]["scheme"])
-    if not schemes.hardware_ok(scheme.convert_on):
+    scheme = get_scheme(recipe["qat"]["scheme"])
+    if not hardware_ok(scheme.convert_on):
         missing["qat.scheme=w4-intx"] = "int4 convert needs a CUDA GPU"
-    elif schemes.missing_packages(scheme):
+    elif missing_packages(scheme):
         missing["qat.scheme=w4-intx"] = "int4 convert needs mslk"
     if recipe.get("train", {}).get("optim") == "adamw_8bit" and importlib.util.find_spec("bitsandbytes") is None:
         missing["train.optim=adamw_torch"] = "install `bitsandbytes`"
@@ -274,14 +275,15 @@ def test_qwen3_4b_ptq_card_tiny_twin_end_to_end(tiny_models, tmp_path):
     code = f"""
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from qatkit import schemes
+from qatkit.quant.apply import quantize_ptq
+from qatkit.quant.spec import QuantSpec
 d, base = {str(out / "convert")!r}, {str(tiny_models["qwen3"])!r}
 tok = AutoTokenizer.from_pretrained(d)
 batch = tok(["What is 3 plus 4?", "The correct answer is B."], return_tensors="pt", padding=True)
 m = AutoModelForCausalLM.from_pretrained(d)
 assert m.config.tie_word_embeddings is False and m.lm_head.weight is not m.model.embed_tokens.weight
 ref = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-schemes.quantize_ptq(ref, schemes.get_scheme("int8-int4"))
+quantize_ptq(ref, QuantSpec.named("int8-int4"))
 with torch.no_grad():
     a, b = m(**batch).logits, ref(**batch).logits
 print(type(m.lm_head.weight).__name__, type(m.model.embed_tokens.weight).__name__, torch.equal(a, b))

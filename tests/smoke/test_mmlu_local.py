@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from qatkit.core.errors import RecipeError
 from qatkit.data import MCItem, to_items
-from qatkit.errors import RecipeError
-from qatkit.stages.mmlu_local import SUBJECTS, local_mmlu_tasks, read_mmlu, write_mmlu_tasks
+from qatkit.evaluation.mmlu_local import SUBJECTS, local_mmlu_tasks, read_mmlu, write_mmlu_tasks
 
 from ..conftest import run_cli
 

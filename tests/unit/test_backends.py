@@ -10,8 +10,9 @@ import sys
 import pytest
 
 from qatkit.backends.base import backend_name
-from qatkit.backends.unsloth import check_recipe, entry_point
-from qatkit.errors import EnvError, RecipeError
+from qatkit.backends.support import check_unsloth_recipe
+from qatkit.backends.unsloth import entry_point
+from qatkit.core.errors import EnvError, RecipeError
 from qatkit.recipe import DistillSpec, TrainSpec, validate_recipe
 
 from ..conftest import DATA, TINY_RECIPE, run_cli
@@ -44,7 +45,7 @@ def test_backend_selection_does_not_import_torch():
     code = """
 import sys
 from qatkit.backends.base import backend_name
-from qatkit.errors import EnvError
+from qatkit.core.errors import EnvError
 from qatkit.recipe import validate_recipe
 def r(b):
     return validate_recipe({"name": "t", "model": {"name_or_path": "a/b"}, "backend": b, "qat": {"scheme": "int4"},
@@ -88,24 +89,24 @@ def test_unsloth_entry_point_per_family():
 
 
 def test_unsloth_refuses_what_it_cannot_train_faithfully():
-    check_recipe(recipe("unsloth", "int4", "unmerged"))  # the cards
-    check_recipe(recipe("unsloth", "int8", "unmerged"))
+    check_unsloth_recipe(recipe("unsloth", "int4", "unmerged"))  # the cards
+    check_unsloth_recipe(recipe("unsloth", "int8", "unmerged"))
     with pytest.raises(RecipeError, match=r"qat\.lora: unmerged") as e:
-        check_recipe(recipe("unsloth", "int4", "merged"))
+        check_unsloth_recipe(recipe("unsloth", "int4", "merged"))
     assert e.value.exit_code == 2
     # int8-int4 fake-quantizes lm_head, which Unsloth's fused loss bypasses
     with pytest.raises(RecipeError, match="lm_head"):
-        check_recipe(recipe("unsloth", "int8-int4", "unmerged"))
+        check_unsloth_recipe(recipe("unsloth", "int8-int4", "unmerged"))
     with pytest.raises(RecipeError, match="learn_scales"):
-        check_recipe(recipe("unsloth", "w4-channel", "unmerged", learn_scales=True))
+        check_unsloth_recipe(recipe("unsloth", "w4-channel", "unmerged", learn_scales=True))
     full = recipe("unsloth", "int8", "unmerged").model_copy(update={"train": TrainSpec(full_finetuning=True)})
     with pytest.raises(RecipeError, match="full_finetuning"):
-        check_recipe(full)
+        check_unsloth_recipe(full)
     distilled = recipe("unsloth", "int8", "unmerged").model_copy(update={"distill": DistillSpec(teacher="base")})
     with pytest.raises(RecipeError, match="distill"):
-        check_recipe(distilled)
+        check_unsloth_recipe(distilled)
     with pytest.raises(RecipeError, match="init_from"):
-        check_recipe(recipe("unsloth", "int8", "unmerged", init_from="control"))
+        check_unsloth_recipe(recipe("unsloth", "int8", "unmerged", init_from="control"))
 
 
 def _tiny_lora_model(r=16):
@@ -138,8 +139,10 @@ def test_unsloth_qat_rules_train_exactly_what_convert_rebuilds():
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qatkit import schemes
     from qatkit.backends.unsloth import qat_rules, verify_fake_quant
+    from qatkit.quant.apply import prepare
+    from qatkit.quant.patches import fake_quantizers, signature
+    from qatkit.quant.spec import QuantSpec
     from qatkit.testing import tiny_config
 
     r = recipe("unsloth", "int4", "unmerged")
@@ -150,10 +153,10 @@ def test_unsloth_qat_rules_train_exactly_what_convert_rebuilds():
 
     torch.manual_seed(0)
     rebuilt = AutoModelForCausalLM.from_config(tiny_config("qwen3", tie=False), dtype=torch.float32)
-    schemes.prepare(rebuilt, schemes.get_scheme("int4"))
-    assert trained == schemes.signature(rebuilt)  # what convert.check_same_quantizers compares
+    prepare(rebuilt, QuantSpec.named("int4"))
+    assert trained == signature(rebuilt)  # what convert.check_same_quantizers compares
     assert len(trained) == 2 * 7
-    fq = schemes.fake_quantizers(model)
+    fq = fake_quantizers(model)
     assert all(fqn.endswith(".base_layer") for fqn in fq), sorted(fq)[:3]
     assert {w for _, w in fq.values()} == {"Int4WeightFakeQuantizer"}
 
@@ -161,8 +164,8 @@ def test_unsloth_qat_rules_train_exactly_what_convert_rebuilds():
 def test_unsloth_fake_quant_check_catches_dropped_and_foreign_quantizers():
     import torch
 
-    from qatkit import schemes
     from qatkit.backends.unsloth import qat_rules, verify_fake_quant
+    from qatkit.quant.patches import fake_quantizers
 
     r = recipe("unsloth", "int4", "unmerged")
     # qat_scheme silently dropped: LoRA but no fake quantizer at all
@@ -178,6 +181,6 @@ def test_unsloth_fake_quant_check_catches_dropped_and_foreign_quantizers():
     hook(model)
     unsloth_int4 = [(rules[0][0], lambda m, _: isinstance(m, torch.nn.Linear) and m.in_features >= 128)]
     _prepare_like_unsloth(model, unsloth_int4)
-    assert any("lora_A" in fqn for fqn in schemes.fake_quantizers(model))
+    assert any("lora_A" in fqn for fqn in fake_quantizers(model))
     with pytest.raises(EnvError, match="other modules than qatkit planned"):
         verify_fake_quant(model, state["plan"])

@@ -43,7 +43,7 @@ def test_unknown_key_exits_2_with_suggestion(tmp_path):
 
 
 def test_schemes_lists_every_registered_scheme():
-    from qatkit.schemes import list_schemes
+    from qatkit.quant.registry import list_schemes
 
     out = run_cli("schemes")
     assert out.returncode == 0
@@ -52,15 +52,15 @@ def test_schemes_lists_every_registered_scheme():
 
 
 def test_num_processes_is_stripped_from_the_relaunched_command_line():
-    from qatkit.distributed import strip_num_processes
+    from qatkit.core.distributed import strip_num_processes
 
     argv = ["run", "r.yaml", "--num-processes", "2", "--set", "a=1", "--num-processes=3", "--resume"]
     assert strip_num_processes(argv) == ["run", "r.yaml", "--set", "a=1", "--resume"]
 
 
 def test_num_processes_refused_inside_a_launched_process(monkeypatch):
-    from qatkit.distributed import launch
-    from qatkit.errors import RecipeError
+    from qatkit.core.distributed import launch
+    from qatkit.core.errors import RecipeError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(RecipeError, match="already running under a multi-process launcher"):

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from qatkit.core.errors import RecipeError
 from qatkit.data import MCItem, detect_format, load_splits, to_items
-from qatkit.errors import RecipeError
 from qatkit.recipe import DataSpec
 
 from ..conftest import DATA

@@ -3,7 +3,7 @@ import signal
 
 import pytest
 
-from qatkit import interrupts
+from qatkit.core import interrupts
 
 
 def test_ctrl_c_is_recorded_then_raised_on_the_way_out(ctrl_c_enabled):

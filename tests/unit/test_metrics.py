@@ -1,6 +1,6 @@
 import pytest
 
-from qatkit.metrics import normalized_degradation
+from qatkit.core.metrics import normalized_degradation
 
 
 @pytest.mark.parametrize(
@@ -28,7 +28,7 @@ def _results(accs: dict[str, float]) -> dict:
 
 
 def test_the_table_has_the_control_column_whenever_the_control_ran():
-    from qatkit.stages.report import quality_rows, quality_table
+    from qatkit.report.tables import quality_rows, quality_table
 
     tie = quality_table(quality_rows(_results({"bf16": 0.6, "ptq": 0.5, "ft-bf16": 0.7, "ft-ptq": 0.7, "qat": 0.7})))
     assert "vs fine-tuned without QAT" in tie.splitlines()[0]
@@ -39,19 +39,19 @@ def test_the_table_has_the_control_column_whenever_the_control_ran():
 
 
 def test_the_loss_plot_says_what_a_distilled_run_minimized():
-    from qatkit.stages.report import _qat_loss_label
+    from qatkit.report.tables import qat_loss_label
 
-    assert _qat_loss_label(None) == "with QAT"
-    assert _qat_loss_label({"teacher": "control", "weight": 1.0, "temperature": 1.0}) == "with QAT: KL to the teacher"
-    assert _qat_loss_label({"teacher": "base", "weight": 0.25, "temperature": 2.0}).startswith(
+    assert qat_loss_label(None) == "with QAT"
+    assert qat_loss_label({"teacher": "control", "weight": 1.0, "temperature": 1.0}) == "with QAT: KL to the teacher"
+    assert qat_loss_label({"teacher": "base", "weight": 0.25, "temperature": 2.0}).startswith(
         "with QAT: 0.75·CE + 0.25"
     )
 
 
 def test_the_report_names_the_license_of_every_data_source():
-    from qatkit.stages.report import _data_licenses
+    from qatkit.report.tables import data_licenses
 
     data = {"path": "piqa", "license": "AFL-3.0", "mix": [{"path": "siqa", "license": "CC-BY-4.0"}, {"path": "x"}]}
-    assert _data_licenses(data) == "AFL-3.0, CC-BY-4.0"
-    assert _data_licenses({"path": "x", "mix": [{"path": "y", "license": "MIT"}]}) == "MIT"
-    assert _data_licenses(None) is None
+    assert data_licenses(data) == "AFL-3.0, CC-BY-4.0"
+    assert data_licenses({"path": "x", "mix": [{"path": "y", "license": "MIT"}]}) == "MIT"
+    assert data_licenses(None) is None

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from qatkit.errors import RecipeError
-from qatkit.pipeline import RunDir, open_run_dir
+from qatkit.core.errors import RecipeError
 from qatkit.recipe import validate_recipe
+from qatkit.run.rundir import RunDir, open_run_dir
 
 RECIPE = validate_recipe(
     {"name": "t", "model": {"name_or_path": "m/m"}, "qat": {"scheme": "int8"}, "data": {"path": "x.jsonl"}}
@@ -90,7 +90,7 @@ def test_resume_survives_a_qatkit_upgrade(tmp_path):
 
 
 def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
-    from qatkit.backends.hf import _last_checkpoint
+    from qatkit.backends.trainer import _last_checkpoint
 
     assert _last_checkpoint(tmp_path / "none") is None
     for step, files in ((4, ["trainer_state.json", "extra.bin"]), (8, ["trainer_state.json"]), (12, ["model.bin"])):
@@ -103,7 +103,7 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
 
 
 def test_cache_keys_change_with_the_code_that_computes_them(tmp_path):
-    from qatkit.loading import code_fingerprint, source_digest
+    from qatkit.core.cache import code_fingerprint, source_digest
 
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "schemes.py").write_text("GROUP = 32\n")
@@ -122,7 +122,7 @@ def test_cache_keys_change_with_the_code_that_computes_them(tmp_path):
 def test_gguf_cache_key_changes_with_the_file_and_the_dequantizer_versions(tmp_path, monkeypatch):
     from importlib import metadata
 
-    from qatkit.loading import gguf_cache_key
+    from qatkit.models.loading import gguf_cache_key
 
     gguf = tmp_path / "m.Q4_1.gguf"
     gguf.write_bytes(b"GGUF" + b"\1" * 64)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qatkit.errors import RecipeError
+from qatkit.core.errors import RecipeError
 from qatkit.recipe import apply_overrides, load_recipe, validate_recipe
 
 MIN = {"name": "t", "model": {"name_or_path": "some/model"}, "qat": {"scheme": "int8"}, "data": {"path": "x.jsonl"}}
@@ -131,7 +131,7 @@ def test_yaml_must_be_a_mapping(tmp_path):
 
 
 def test_chat_template_names_resolve():
-    from qatkit.loading import CHAT_TEMPLATES
+    from qatkit.models.loading import CHAT_TEMPLATES
 
     r = validate_recipe(_with(model={"name_or_path": "x/y", "chat_template": "gemma3"}))
     assert r.model.chat_template in CHAT_TEMPLATES
@@ -147,39 +147,33 @@ def test_unset_optional_fields_do_not_change_the_digest():
 
 
 def test_quantize_lm_head_override():
-    from qatkit import schemes
-
-    default = validate_recipe(_with(qat={"scheme": "int8-int4"})).qat
-    off = validate_recipe(_with(qat={"scheme": "int8-int4", "quantize_lm_head": False, "group_size": 64})).qat
-    assert schemes.for_recipe(default).quantize_lm_head and not schemes.for_recipe(off).quantize_lm_head
-    assert schemes.for_recipe(off).name == "int8-int4"
+    default = validate_recipe(_with(qat={"scheme": "int8-int4"})).quant
+    off = validate_recipe(_with(qat={"scheme": "int8-int4", "quantize_lm_head": False, "group_size": 64})).quant
+    assert default.quantize_lm_head and not off.quantize_lm_head
+    assert off.name == "int8-int4"
     # cached PTQ baselines are keyed by this: an override must never reuse the plain scheme's results
-    assert schemes.quantization_id(default) == "int8-int4"
-    assert schemes.quantization_id(off) == "int8-int4 group_size=64 quantize_lm_head=False"
+    assert default.cache_id == "int8-int4"
+    assert off.cache_id == "int8-int4 group_size=64 quantize_lm_head=False"
 
 
 def test_group_size_only_for_schemes_whose_granularity_is_configurable():
-    from qatkit import schemes
-
     assert "fixed granularity (group size 128)" in _problems(_with(qat={"scheme": "fp8-int4", "group_size": 64}))
     assert "fixed granularity (one scale per row)" in _problems(_with(qat={"scheme": "fp8-fp8", "group_size": 64}))
-    per_group = validate_recipe(_with(qat={"scheme": "w4-channel", "group_size": 32})).qat  # per channel -> groups
-    assert schemes.for_recipe(per_group).group_size(per_group.group_size) == 32
+    per_group = validate_recipe(_with(qat={"scheme": "w4-channel", "group_size": 32})).quant  # per channel -> groups
+    assert per_group.group_size == 32
 
 
 def test_learn_scales_only_for_schemes_with_intx_scales():
-    from qatkit import schemes
-
-    qat = validate_recipe(_with(qat={"scheme": "w4-channel", "learn_scales": True})).qat
-    assert schemes.for_recipe(qat).learn_scales
-    assert schemes.quantization_id(qat) == "w4-channel"  # PTQ computes scales from the weights either way
+    qat = validate_recipe(_with(qat={"scheme": "w4-channel", "learn_scales": True})).quant
+    assert qat.learn_scales
+    assert qat.cache_id == "w4-channel"  # PTQ computes scales from the weights either way
     problems = _problems(_with(qat={"scheme": "int4", "learn_scales": True}))
     assert "qat.learn_scales" in problems and "w4-channel" in problems
     assert "qat.learn_scales is not" in _problems(_with(qat={"scheme": "int8", "scale_lr": 1e-4}))
     assert "qat.scale_init is set" in _problems(_with(qat={"scheme": "int8", "scale_init": "mse"}))
-    mse = validate_recipe(_with(qat={"scheme": "int8", "learn_scales": True, "scale_init": "mse"})).qat
-    assert schemes.for_recipe(mse).scale_init == "mse"
-    assert schemes.for_recipe(qat).scale_init == "absmax"
+    mse = validate_recipe(_with(qat={"scheme": "int8", "learn_scales": True, "scale_init": "mse"})).quant
+    assert mse.scale_init == "mse"
+    assert qat.scale_init == "absmax"
 
 
 def test_training_mode_and_default_valued_fields_keep_the_digest():

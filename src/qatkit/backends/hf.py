@@ -2,157 +2,23 @@
 
 from __future__ import annotations
 
-import json
-import logging
-import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit import distributed, interrupts, schemes
-from qatkit.backends.base import TrainResult, trained_dir
-from qatkit.errors import Interrupted, RecipeError
-from qatkit.loading import load_finetuned, load_model_and_tokenizer, require_chat_template
-from qatkit.lora_qat import use_merged_lora_forward
+from qatkit.backends.trainer import check_train_dataset, qat_trainer_class, sft_config, train_and_save
+from qatkit.core import distributed
+from qatkit.models.assembly import attach_lora, load_finetuned
+from qatkit.models.loading import load_model_and_tokenizer, require_chat_template
+from qatkit.quant.apply import prepare
+from qatkit.quant.patches import cache_frozen_weight_fake_quant, signature
+from qatkit.quant.plan import non_language_modules
+from qatkit.quant.scales import learned_scales
+from qatkit.run.layout import FinetuneDir
+from qatkit.run.records import QatPlanRecord, TrainResult
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
-
-log = logging.getLogger(__name__)
-
-LEARNED_SCALES = "learned_scales.safetensors"  # beside the adapter (and in each checkpoint) with qat.learn_scales
-
-
-def lora_config(recipe: Recipe, exclude_modules: str | None = None):
-    from peft import LoraConfig
-
-    return LoraConfig(
-        r=recipe.lora.r,
-        lora_alpha=recipe.lora.alpha,
-        lora_dropout=recipe.lora.dropout,
-        target_modules=list(recipe.lora.target_modules),
-        exclude_modules=exclude_modules,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-
-
-def prepare_for_qat(recipe: Recipe, model) -> schemes.Plan:
-    """Fake quantizers go on the base linears first; LoRA modules are added after and never quantized."""
-    return schemes.prepare(model, schemes.for_recipe(recipe.qat), recipe.qat.group_size)
-
-
-def attach_lora(recipe: Recipe, model, adapter_dir: Path | None = None, trainable: bool = False):
-    """Wrap a QAT-prepared model with LoRA: new adapters, or trained ones from `adapter_dir`."""
-    from peft import PeftModel, get_peft_model
-
-    if adapter_dir is None:  # text-only training: no adapters on vision/audio towers
-        model = get_peft_model(model, lora_config(recipe, schemes.lora_exclude_pattern(model)))
-    else:
-        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable)
-    if recipe.qat.lora == "merged":
-        use_merged_lora_forward(model)
-    return model
-
-
-def load_trained(recipe: Recipe, trained: Path):
-    """Rebuild the model exactly as it was trained: base + fake quant + LoRA (in the recipe's mode), or the
-    fully fine-tuned weights + fake quant."""
-    full = recipe.train.full_finetuning
-    model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(trained) if full else None)
-    plan = prepare_for_qat(recipe, model)
-    if not full:
-        model = attach_lora(recipe, model, trained)
-
-    if recipe.qat.learn_scales:
-        schemes.load_learned_scales(model, trained / LEARNED_SCALES)
-    return model, tokenizer, plan
-
-
-def distill_loss(student_logits, teacher_logits, scored, temperature: float = 1.0, num_items=None):
-    """KL(teacher || student) summed over the positions `scored` marks (bool, one fewer than the logits along the
-    sequence: position t predicts token t + 1, like the shifted cross-entropy), times temperature² (Hinton et al.),
-    divided by `num_items` when given, else by the scored positions."""
-    import torch.nn.functional as F
-
-    student = F.log_softmax(student_logits[:, :-1][scored].float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits[:, :-1][scored].float() / temperature, dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="sum") * temperature**2
-    return kl / (num_items if num_items is not None else scored.sum().clamp(min=1))
-
-
-def _trainer_class(model, scale_lr: float | None = None, teacher=None, distill=None):
-    """SFTTrainer, or a subclass with what QAT needs of it:
-
-    - a fake-quantized lm_head: the loss runs the model's own lm_head. TRL fuses lm_head into a chunked
-      log-prob kernel that reads `lm_head.weight` directly, which would silently skip the lm_head's fake
-      quantizers (int8-int4 quantizes lm_head): train and deploy would differ.
-    - learned scales: they get their own optimizer group, at `scale_lr` (default: the adapters' lr) and
-      without weight decay (decay would shrink every scale toward zero).
-    - distillation (`teacher` model, the recipe's `distill` section): the loss mixes cross-entropy with
-      KL(teacher || student) on the same tokens.
-    """
-    import torch
-    from transformers import Trainer
-    from trl import SFTTrainer
-
-    overrides = {}
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ce, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
-            with torch.no_grad():
-                teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-                teacher_logits = teacher.to(outputs.logits.device)(**teacher_inputs, use_cache=False).logits
-            # normalized like Trainer normalizes the cross-entropy: per token of the accumulated batch when the model
-            # takes num_items_in_batch (Trainer then leaves the loss as is), else per token of this batch (Trainer
-            # divides it by the accumulation steps)
-            per_accumulated_batch = self.model_accepts_loss_kwargs and num_items_in_batch is not None
-            if distill.tokens == "completion":
-                scored = inputs["labels"][:, 1:] != -100
-                kd = distill_loss(
-                    outputs.logits,
-                    teacher_logits,
-                    scored,
-                    distill.temperature,
-                    num_items_in_batch if per_accumulated_batch else None,
-                )
-                if per_accumulated_batch and self.args.average_tokens_across_devices:
-                    kd = kd * self.accelerator.num_processes  # num_items counts every process's tokens
-            else:  # every real token: num_items_in_batch counts only the answers', so average over this batch
-                scored = inputs["attention_mask"][:, 1:].bool()
-                kd = distill_loss(outputs.logits, teacher_logits, scored, distill.temperature)
-                if per_accumulated_batch:
-                    kd = kd / self.current_gradient_accumulation_steps
-            loss = (1 - distill.weight) * ce + distill.weight * kd
-
-            return (loss, outputs) if return_outputs else loss
-
-        overrides["compute_loss"] = compute_loss
-    elif getattr(model.get_output_embeddings(), "weight_fake_quantizer", None) is not None:
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-
-        overrides["compute_loss"] = compute_loss
-    scales = list(schemes.learned_scales(model).values())
-    if scales:
-
-        def create_optimizer(self, model=None):
-            if self.optimizer is not None:
-                return self.optimizer
-            optimizer = SFTTrainer.create_optimizer(self, model)
-            ids = {id(p) for p in scales}
-            for group in optimizer.param_groups:
-                group["params"] = [p for p in group["params"] if id(p) not in ids]
-            optimizer.add_param_group(
-                {"params": scales, "lr": scale_lr or self.args.learning_rate, "weight_decay": 0.0}
-            )
-            return optimizer
-
-        overrides["create_optimizer"] = create_optimizer
-    return type("QatSFTTrainer", (SFTTrainer,), overrides) if overrides else SFTTrainer
 
 
 def load_teacher(recipe: Recipe, control: Path | None):
@@ -170,131 +36,6 @@ def _control_output(control: Path | None, setting: str) -> Path:
     if control is None or not control.exists():
         raise RuntimeError(f"{setting}: control, but the control run's output {control} is missing")
     return control
-
-
-def _learned_scales_callback():
-    """Writes the learned scales into each trainer checkpoint (peft checkpoints hold only the adapter)."""
-    from transformers import TrainerCallback
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    class SaveLearnedScales(TrainerCallback):
-        def on_save(self, args, state, control, model=None, **kwargs):
-            if state.is_world_process_zero:
-                ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-                schemes.save_learned_scales(model, ckpt / LEARNED_SCALES)
-
-    return SaveLearnedScales()
-
-
-def _last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> str | None:
-    """The newest complete checkpoint. A process killed while writing one leaves it without trainer_state.json
-    (the Trainer writes it last) or without the files `needs` names (written after it, by callbacks)."""
-    from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    steps = {}
-    for ckpt in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = ckpt.name.rsplit("-", 1)[1]
-        if step.isdigit() and all((ckpt / name).exists() for name in (TRAINER_STATE_NAME, *needs)):
-            steps[int(step)] = str(ckpt)
-    return steps[max(steps)] if steps else None
-
-
-def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool, **extra):
-    """The trainer settings both backends share, from the recipe's `train` section (and qat.lr / qat.max_steps for
-    a QAT run)."""
-    import torch
-    from trl import SFTConfig
-
-    t = recipe.train
-    return SFTConfig(
-        output_dir=str(ckpt_dir),
-        max_steps=(recipe.qat.max_steps or t.max_steps) if qat else t.max_steps,
-        per_device_train_batch_size=t.batch_size,
-        gradient_accumulation_steps=t.grad_accum,
-        learning_rate=(recipe.qat.lr or t.lr) if qat else t.lr,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        lr_scheduler_type=t.lr_scheduler,
-        optim=t.optim,
-        seed=t.seed,
-        data_seed=t.seed,
-        logging_steps=t.logging_steps,
-        save_steps=t.save_steps,
-        save_total_limit=2,
-        max_length=recipe.model.max_seq_length,
-        completion_only_loss=True,  # loss on the answer only, like Unsloth's train_on_responses_only
-        packing=False,
-        bf16=not use_cpu and model.dtype == torch.bfloat16,
-        fp16=not use_cpu and model.dtype == torch.float16,
-        use_cpu=use_cpu,
-        report_to="none",
-        dataloader_num_workers=0,
-        **extra,
-    )
-
-
-def check_train_dataset(trainer, given: int) -> None:
-    """TRL truncates each example to max_length and drops those with no answer token left: refuse a run that would
-    train on nothing, and say how many examples were lost."""
-    kept, max_length = len(trainer.train_dataset), trainer.args.max_length
-    if kept == 0:
-        raise RecipeError(f"model.max_seq_length {max_length} cuts off the answer of every training example: raise it")
-    if kept < given:
-        log.warning(
-            "%d of %d training examples dropped: their answers start beyond model.max_seq_length %d",
-            given - kept,
-            given,
-            max_length,
-        )
-
-
-def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: bool, t0: float) -> TrainResult:
-    """Train (resuming from the last checkpoint when asked), save what was trained (adapter or full weights)
-    into `out`, and the trainer state + loss history into `work`.
-
-    Ctrl-C (inside `interrupts.deferred()`, as the finetune stage runs) ends training at the step boundary with a
-    checkpoint, so `--resume` continues from exactly there.
-    """
-    ckpt_dir = Path(trainer.args.output_dir)
-    learns_scales = bool(schemes.learned_scales(model))
-    resume_from = _last_checkpoint(ckpt_dir, (LEARNED_SCALES,) if learns_scales else ()) if resume else None
-
-    if learns_scales:
-        trainer.add_callback(_learned_scales_callback())
-    if resume_from:
-        log.info("resuming training from %s", resume_from)
-        if learns_scales:
-            schemes.load_learned_scales(model, Path(resume_from) / LEARNED_SCALES)
-    if interrupts.requested():  # while the model and trainer were being built: nothing trained yet
-        raise Interrupted("interrupted before training started")
-    trainer.add_callback(interrupts.stop_at_step_end_callback())
-    trainer.train(resume_from_checkpoint=resume_from)
-    if interrupts.requested() and trainer.state.global_step < trainer.state.max_steps:
-        raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}")
-    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
-    # Every process calls save_model (under FSDP it gathers the full state dict); the main one writes.
-    trainer.save_model(str(out))
-    distributed.barrier()  # every process is done with the checkpoints
-    if distributed.is_main():
-        if learns_scales:
-            schemes.save_learned_scales(model, out / LEARNED_SCALES)
-        (out / "training_args.bin").unlink(missing_ok=True)
-        tokenizer.save_pretrained(str(out))
-        trainer.state.save_to_json(str(work / "trainer_state.json"))
-        (work / "loss.json").write_text(json.dumps(losses))
-
-        shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return TrainResult(
-        steps=trainer.state.global_step,
-        first_loss=losses[0]["loss"] if losses else None,
-        final_loss=losses[-1]["loss"] if losses else None,
-        seconds=round(time.time() - t0, 2),
-        loss_history=losses,
-        fake_quantized_modules=len(schemes.fake_quantizers(model)),
-        lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
-        resumed_from_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None,
-    )
 
 
 class HFBackend:
@@ -324,31 +65,29 @@ class HFBackend:
         if examples and isinstance(examples[0].get("prompt"), list):
             require_chat_template(tokenizer, recipe.model)
         if qat:
-            plan = prepare_for_qat(recipe, model)
-            qat_record = {**plan.to_dict(), "lora_mode": recipe.training_mode, "signature": schemes.signature(model)}
-
+            plan = prepare(model, recipe.quant)
             if distributed.is_main():
-                (work / "qat_plan.json").write_text(json.dumps(qat_record, indent=2))
+                QatPlanRecord.from_plan(plan, recipe.training_mode, signature(model)).save(FinetuneDir(work).qat_plan)
         if full:  # text-only training: vision/audio towers stay frozen
-            for fqn in schemes.non_language_modules(model):
+            for fqn in non_language_modules(model):
                 model.get_submodule(fqn).requires_grad_(False)
         else:
             model = attach_lora(recipe, model, start, trainable=True)
-            for scale in schemes.learned_scales(model).values():  # peft froze everything but the adapters
+            for scale in learned_scales(model).values():  # peft froze everything but the adapters
                 scale.requires_grad_(True)
 
         on_cuda = torch.cuda.is_available()
         cache = recipe.qat.cache_frozen_fake_quant
         if not full and (cache or (cache is None and not on_cuda)):  # full finetuning has no frozen weights
-            schemes.cache_frozen_weight_fake_quant(model)
+            cache_frozen_weight_fake_quant(model)
         if recipe.train.gradient_checkpointing:
             model.enable_input_require_grads()
 
         extra = {"gradient_checkpointing": True} if recipe.train.gradient_checkpointing else {}
-        args = sft_config(recipe, work / "checkpoints", model, use_cpu=not on_cuda, qat=qat, **extra)
+        args = sft_config(recipe, FinetuneDir(work).checkpoints, model, use_cpu=not on_cuda, qat=qat, **extra)
         teacher = load_teacher(recipe, control) if qat and recipe.distill else None
-        trainer = _trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill)(
+        trainer = qat_trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill)(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
         check_train_dataset(trainer, len(examples))
-        return train_and_save(trainer, model, tokenizer, work, trained_dir(recipe, work), resume, t0)
+        return train_and_save(trainer, model, tokenizer, work, FinetuneDir(work).trained(full), resume, t0)

@@ -11,7 +11,7 @@ in_features >= 128, which includes lm_head and the LoRA A matrices, and for `int
 silently switches to int4. qatkit's convert stage rebuilds the trained forward from qatkit's own module
 plan, so the string would train a different set of quantizers than the one converted. Instead this
 backend passes Unsloth's own `TorchAOConfig` (which `qat_scheme` accepts) built from the qatkit scheme:
-the same torchao base configs, restricted to exactly the modules of `schemes.plan_modules`. After setup
+the same torchao base configs, restricted to exactly the modules of `quant.plan.plan_modules`. After setup
 it checks that those fake quantizers really are in the model, because Unsloth drops `qat_scheme`
 without a word on CPU and on some paths (FastLanguageModel.get_peft_model for FastModel families).
 """
@@ -20,17 +20,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import json
 import logging
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit import distributed, schemes
-from qatkit.backends.base import TrainResult, trained_dir
-from qatkit.backends.hf import check_train_dataset, sft_config, train_and_save
-from qatkit.errors import EnvError, RecipeError
+from qatkit.backends.support import check_unsloth_recipe
+from qatkit.backends.trainer import check_train_dataset, sft_config, train_and_save
+from qatkit.core import distributed
+from qatkit.core.errors import EnvError
+from qatkit.models.loading import check_model_available, materialize_gguf, resolve_model, torch_dtype
+from qatkit.quant.patches import cache_frozen_weight_fake_quant, fake_quantizers, signature, use_straight_through_fp8
+from qatkit.quant.plan import Plan, plan_modules, stable_fqn
+from qatkit.run.layout import FinetuneDir
+from qatkit.run.records import QatPlanRecord, TrainResult
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
@@ -46,34 +50,6 @@ PATCHED_BY_UNSLOTH = ("transformers", "peft", "trl")
 def entry_point(model_type: str) -> str:
     """The Unsloth class to load `model_type` with: FastLanguageModel for the families it patches, else FastModel."""
     return "FastLanguageModel" if model_type in FAST_LANGUAGE_MODEL_TYPES else "FastModel"
-
-
-def check_recipe(recipe: Recipe) -> None:
-    """What Unsloth cannot train faithfully; raised before anything loads."""
-    scheme = schemes.for_recipe(recipe.qat)
-    if recipe.qat.lora == "merged":
-        raise RecipeError(
-            "backend unsloth trains LoRA unmerged (its fused LoRA kernels compute fq(W)x + s·BAx): "
-            "set qat.lora: unmerged, or use backend: hf for qat.lora: merged"
-        )
-    if recipe.train.full_finetuning:
-        raise RecipeError(
-            "qatkit's Unsloth backend trains LoRA adapters only: use backend: hf for train.full_finetuning"
-        )
-    if recipe.qat.learn_scales:
-        raise RecipeError(
-            "backend unsloth applies its qat_scheme's fake quantizers itself (scales computed every step): "
-            "use backend: hf for qat.learn_scales"
-        )
-    if recipe.distill is not None:
-        raise RecipeError("qatkit's Unsloth backend trains with cross-entropy only: use backend: hf for distill")
-    if recipe.qat.init_from != "base":
-        raise RecipeError("qatkit's Unsloth backend starts QAT from the base model: use backend: hf for qat.init_from")
-    if scheme.quantize_lm_head or scheme.embedding_config is not None:
-        raise RecipeError(
-            f"scheme {scheme.name} fake-quantizes lm_head/embeddings, but Unsloth's fused cross-entropy reads "
-            "lm_head.weight directly and would skip that fake quantizer: use backend: hf for this scheme"
-        )
 
 
 def import_unsloth():
@@ -98,20 +74,20 @@ def qat_rules(recipe: Recipe) -> tuple[list[tuple[object, object]], object, dict
     step="prepare"), filter_fn)` for each pair; the hook computes qatkit's module plan on that model
     (into `state["plan"]`), and the filters select exactly the plan's linears: the base layers of LoRA
     modules and the other linears the scheme covers, never LoRA A/B, never modules outside the
-    language model. `check_recipe` has refused schemes that quantize lm_head or embeddings.
+    language model. `check_unsloth_recipe` has refused schemes that quantize lm_head or embeddings.
     """
-    scheme = schemes.for_recipe(recipe.qat)
+    spec = recipe.quant
     state: dict = {}
 
     def plan_on(model) -> None:
-        plan = schemes.plan_modules(model, scheme, recipe.qat.group_size)
+        plan = plan_modules(model, spec)
         state["plan"] = plan
         state["linears"] = {m.fqn for m in plan.quantized if m.kind == "linear"}
 
     def selected(module, fqn: str) -> bool:
         return fqn in state.get("linears", ())
 
-    return [(scheme.linear_config(scheme.group_size(recipe.qat.group_size)), selected)], plan_on, state
+    return [(spec.linear_config(), selected)], plan_on, state
 
 
 def unsloth_qat_config(recipe: Recipe) -> tuple[object, dict]:
@@ -126,16 +102,16 @@ def unsloth_qat_config(recipe: Recipe) -> tuple[object, dict]:
     ), state
 
 
-def verify_fake_quant(model, plan: schemes.Plan | None) -> dict[str, str]:
+def verify_fake_quant(model, plan: Plan | None) -> dict[str, str]:
     """The fake quantizers really are in the model, on exactly the planned modules; returns the signature."""
-    if not schemes.fake_quantizers(model) or plan is None:
-        what = "without any fake quantizer" if not schemes.fake_quantizers(model) else "without qatkit's TorchAOConfig"
+    if not fake_quantizers(model) or plan is None:
+        what = "without any fake quantizer" if not fake_quantizers(model) else "without qatkit's TorchAOConfig"
         raise EnvError(
             f"Unsloth set the model up {what}: qat_scheme was dropped (Unsloth does that on CPU and for some "
             "model families), so this would not train the planned QAT; use backend: hf"
         )
-    found = schemes.signature(model)
-    expected = {schemes.stable_fqn(m.fqn) for m in plan.quantized}
+    found = signature(model)
+    expected = {stable_fqn(m.fqn) for m in plan.quantized}
     if set(found) != expected:
         extra, missing = sorted(set(found) - expected), sorted(expected - set(found))
         raise EnvError(
@@ -147,8 +123,6 @@ def verify_fake_quant(model, plan: schemes.Plan | None) -> dict[str, str]:
 
 def _model_path(recipe: Recipe) -> str:
     """A local directory or cached hub id (GGUF files are dequantized once, like the hf backend does)."""
-    from qatkit.loading import check_model_available, materialize_gguf, resolve_model
-
     source = resolve_model(recipe.model.name_or_path)
     check_model_available(source)
     return materialize_gguf(source).path
@@ -169,13 +143,11 @@ class UnslothBackend:
         """Train LoRA adapters into `work` like the hf backend (same files, so convert works unchanged); no
         distillation (check_recipe refuses it), so `control` is unused."""
 
-        check_recipe(recipe)
+        check_unsloth_recipe(recipe)
         unsloth = import_unsloth()  # before transformers/peft/trl
         from datasets import Dataset
         from transformers import AutoConfig
         from trl import SFTTrainer
-
-        from qatkit.loading import torch_dtype
 
         t0 = time.time()
         path = _model_path(recipe)
@@ -212,19 +184,20 @@ class UnslothBackend:
             peft_args["qat_scheme"], state = unsloth_qat_config(recipe)
         model = entry.get_peft_model(model, **peft_args)
         if qat:
-            signature = verify_fake_quant(model, state.get("plan"))
-            record = {**state["plan"].to_dict(), "lora_mode": recipe.qat.lora, "signature": signature}
+            trained_signature = verify_fake_quant(model, state.get("plan"))
             if distributed.is_main():
-                (work / "qat_plan.json").write_text(json.dumps(record, indent=2))
-            scheme = schemes.for_recipe(recipe.qat)
-            if scheme.straight_through_fp8:
-                schemes._use_straight_through_fp8(model)
+                record = QatPlanRecord.from_plan(state["plan"], recipe.qat.lora, trained_signature)
+                record.save(FinetuneDir(work).qat_plan)
+            if recipe.quant.scheme.straight_through_fp8:
+                use_straight_through_fp8(model)
             if recipe.qat.cache_frozen_fake_quant:
-                schemes.cache_frozen_weight_fake_quant(model)
+                cache_frozen_weight_fake_quant(model)
 
-        args = sft_config(recipe, work / "checkpoints", model, use_cpu=False, qat=qat)
+        args = sft_config(recipe, FinetuneDir(work).checkpoints, model, use_cpu=False, qat=qat)
         trainer = SFTTrainer(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
         check_train_dataset(trainer, len(examples))
-        return train_and_save(trainer, model, tokenizer, work, trained_dir(recipe, work), resume, t0)
+        return train_and_save(
+            trainer, model, tokenizer, work, FinetuneDir(work).trained(full_finetuning=False), resume, t0
+        )

@@ -10,7 +10,7 @@ from qatkit.bench.common import (
     load_kwargs,
     quiet,
 )
-from qatkit.metrics import unique_param_count
+from qatkit.core.metrics import unique_param_count
 
 
 def save_converted(model_dir: str | Path, scheme_name: str, out: str | Path) -> dict:
@@ -20,16 +20,18 @@ def save_converted(model_dir: str | Path, scheme_name: str, out: str | Path) -> 
     """
     from transformers import AutoModelForCausalLM
 
-    from qatkit import schemes
+    from qatkit.quant.apply import attach_hf_quantizer, quantize_ptq
+    from qatkit.quant.plan import plan_modules
+    from qatkit.quant.spec import QuantSpec
 
     quiet()
-    scheme = schemes.get_scheme(scheme_name)
+    spec = QuantSpec.named(scheme_name)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **load_kwargs())
     params = unique_param_count(model)
-    plan = schemes.plan_modules(model, scheme)
+    plan = plan_modules(model, spec)
     tied_out = model.get_output_embeddings().weight.numel() if plan.untie_embeddings else 0
-    converted = schemes.quantize_ptq(model, scheme)
-    schemes.attach_hf_quantizer(model, converted)
+    converted = quantize_ptq(model, spec)
+    attach_hf_quantizer(model, converted)
     model.save_pretrained(str(out))
     try:
         from transformers import AutoTokenizer
@@ -78,7 +80,7 @@ def size_floor(plan, params: int, untied_lm_head_params: int, scheme_name: str, 
     """The scheme's theoretical checkpoint size: quantized weights at their bit width, one 16-bit scale
     per group (or per output channel), no zero points (the schemes are symmetric), and every other
     parameter at `other_bytes` bytes (2: bf16)."""
-    from qatkit.validate import WEIGHT_BITS
+    from qatkit.quant.registry import get_scheme
 
     quantized_params = weight_bytes = scales = 0
     for m in plan.quantized:
@@ -88,7 +90,7 @@ def size_floor(plan, params: int, untied_lm_head_params: int, scheme_name: str, 
             weight_bytes += rows * cols * 8 / 8
             scales += rows
         else:
-            weight_bytes += rows * cols * WEIGHT_BITS[scheme_name] / 8
+            weight_bytes += rows * cols * get_scheme(scheme_name).weight_bits / 8
             scales += rows * (math.ceil(cols / plan.group_size) if plan.group_size else 1)
     other = params + untied_lm_head_params - quantized_params
     return {

@@ -10,9 +10,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatkit.errors import RecipeError
-from qatkit.metrics import unique_param_count
-from qatkit.pipeline import proc_status_mb
+from qatkit.core.env import proc_status_mb
+from qatkit.core.errors import RecipeError
+from qatkit.core.metrics import unique_param_count
 
 DEFAULT_SCHEMES = ("int8-int4", "int8")
 LORA_MODES = ("merged", "unmerged")
@@ -108,7 +108,7 @@ def sync() -> None:
 
 
 def train_dtype():
-    from qatkit.loading import torch_dtype
+    from qatkit.models.loading import torch_dtype
 
     return torch_dtype("auto")  # what the hf backend trains in: fp32 on CPU, bf16 on CUDA
 
@@ -202,8 +202,8 @@ def build_variant(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from qatkit import schemes
-    from qatkit.backends.hf import attach_lora, prepare_for_qat
+    from qatkit.models.assembly import attach_lora, prepare_for_qat
+    from qatkit.quant.patches import cache_frozen_weight_fake_quant, fake_quantizers
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=train_dtype())
     recipe = bench_recipe(scheme or DEFAULT_SCHEMES[0], lora_mode or "unmerged", lora_r)
@@ -211,13 +211,13 @@ def build_variant(
         prepare_for_qat(recipe, model)
     torch.manual_seed(seed)  # LoRA init draws from the global RNG: same adapters in every variant
     model = attach_lora(recipe, model)
-    cached = schemes.cache_frozen_weight_fake_quant(model) if cache else 0
+    cached = cache_frozen_weight_fake_quant(model) if cache else 0
     model.to(device())
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     info = {
-        "fake_quantized_modules": len(schemes.fake_quantizers(model)),
+        "fake_quantized_modules": len(fake_quantizers(model)),
         "lora_layers": sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
         "cached_fake_quantizers": cached,
         "trainable_params": sum(p.numel() for p in params),

@@ -23,7 +23,7 @@ from qatkit.bench.common import (
     rss_mb,
     sync,
 )
-from qatkit.pipeline import peak_rss_mb
+from qatkit.core.env import peak_rss_mb
 
 # --- decode latency (one persistent worker per model, interleaved) -------------------------------
 

@@ -58,7 +58,7 @@ def _cpu_model() -> str:
 def machine() -> dict:
     import torch
 
-    from qatkit.pipeline import package_versions
+    from qatkit.core.env import package_versions
 
     mem_gb = None
     try:

@@ -13,7 +13,8 @@ import math
 import statistics
 from pathlib import Path
 
-from qatkit.pipeline import run_recipe, write_json_atomic
+from qatkit.core.io import write_json_atomic
+from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
 
 VARIANTS = ("bf16", "ptq", "ft-bf16", "ft-ptq", "qat")
@@ -215,7 +216,7 @@ def recovery_command(
 ) -> None:
     from rich.table import Table
 
-    from qatkit.log import console
+    from qatkit.core.log import console
     from qatkit.validate import preflight
 
     preflight(load_recipe(recipe, overrides))

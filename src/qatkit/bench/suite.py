@@ -175,7 +175,7 @@ def _md_step_time(st: dict) -> list[str]:
         f"batch {ss['batch_size']} × {ss['seq_len']} tokens, LoRA r={ss['lora_r']} on all linear projections, "
         f"{ss['dtype']} on {ss['device']}, {ss['timed_steps']} timed steps per variant after {ss['warmup_steps']} "
         f"warm-up, {ss['torch_threads']} torch threads. fq cache: "
-        "`schemes.cache_frozen_weight_fake_quant` (fq(W) of frozen weights computed once).",
+        "`quant.patches.cache_frozen_weight_fake_quant` (fq(W) of frozen weights computed once).",
         "",
         "| variant | qat.lora | fq cache | s/step (median) | min–max | × plain | cache on = off (logits) |",
         "|---|---|---|---:|---|---:|---|",
@@ -239,7 +239,7 @@ def _md_checkpoint_size(sizes: dict) -> list[str]:
         "",
         "## Converted checkpoint size",
         "",
-        "PTQ through the convert stage's path (`schemes.quantize_ptq` + `attach_hf_quantizer` + "
+        "PTQ through the convert stage's path (`quant.apply.quantize_ptq` + `attach_hf_quantizer` + "
         "`save_pretrained`). bf16 = 2 bytes/parameter of the original. Floor = quantized weights at the "
         "scheme's bit width + one 16-bit scale per group/channel + every other parameter at 16 bits; "
         "floor@dtype counts the unquantized parameters and scales at the saved dtype.",

@@ -25,7 +25,7 @@ from qatkit.bench.common import (
     variant_name,
     variant_specs,
 )
-from qatkit.pipeline import peak_rss_mb
+from qatkit.core.env import peak_rss_mb
 
 # --- step time ----------------------------------------------------------------------------------
 

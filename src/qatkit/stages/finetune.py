@@ -3,41 +3,43 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import shutil
 from pathlib import Path
 
-from qatkit import distributed, interrupts, schemes
-from qatkit.backends.base import TrainResult, select_backend, trained_dir
-from qatkit.data import read_jsonl
-from qatkit.pipeline import RunDir
+from qatkit.backends.base import select_backend
+from qatkit.core import distributed, interrupts
+from qatkit.core.cache import cache_key, cache_lock, cache_root, code_fingerprint
+from qatkit.core.io import DONE, is_done, publish_dir, read_json, read_jsonl, write_json_atomic
+from qatkit.evaluation.variants import CONTROL_BASELINES
+from qatkit.quant.hardware import require_hardware
 from qatkit.recipe import Recipe
+from qatkit.run.layout import FinetuneDir
+from qatkit.run.records import TrainResult, TrainSummary
+from qatkit.run.rundir import RunDir
 
 
 def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> dict:
     with interrupts.deferred():  # Ctrl-C stops training at a step boundary, with a checkpoint
-        schemes.require_hardware(schemes.for_recipe(recipe.qat), "train")
+        require_hardware(recipe.quant.scheme, "train")
         backend = select_backend(recipe)
-        examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
+        examples = read_jsonl(run_dir.train_data)
+        files = FinetuneDir(work)
         control = None
         if needs_control_first(recipe):
-            control = _control_run(recipe, backend, examples, work / CONTROL, resume)
-        finished = work / QAT_RESULT  # the QAT run finished before the control was interrupted: not trained again
-        if resume and finished.exists():
-            result = TrainResult(**json.loads(finished.read_text()))
-        else:
-            result = backend.finetune(recipe, examples, work, resume, control=trained_dir(recipe, work / CONTROL))
+            control = _control_run(recipe, backend, examples, files.control.root, resume)
+        # the QAT run finished before the control was interrupted: not trained again
+        result = TrainResult.load(files.qat_result) if resume else None
+        if result is None:
+            trained_control = files.control.trained(recipe.train.full_finetuning)
+            result = backend.finetune(recipe, examples, work, resume, control=trained_control)
             if distributed.is_main():
-                finished.write_text(json.dumps(result.__dict__))
-        summary = {"backend": backend.name, **result.summary()}
+                result.save(files.qat_result)
         if control is None and needs_control_run(recipe):
-            control = _control_run(recipe, backend, examples, work / CONTROL, resume)
-        if control is not None:
-            summary["control"] = control
+            control = _control_run(recipe, backend, examples, files.control.root, resume)
+        summary = TrainSummary(backend=backend.name, **result.summary(), control=control)
         if distributed.is_main():
-            (work / "train_summary.json").write_text(json.dumps(summary, indent=2))
-        return summary
+            summary.save(files.train_summary)
+        return summary.to_dict()
 
 
 def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, resume: bool) -> dict:
@@ -47,8 +49,6 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
     reused from the qatkit cache by every run that shares them (e.g. one run per scheme).
     Under a multi-process launcher every process trains it; the main process writes the cache.
     """
-    from qatkit.loading import cache_lock, cache_root, code_fingerprint
-
     # settings left at their defaults are left out, so adding a setting does not retrain every cached control
     sections = [recipe.model, recipe.lora, recipe.train]
     key_parts = [*(s.model_dump(exclude_defaults=True) for s in sections), examples, backend.name, code_fingerprint()]
@@ -56,30 +56,23 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
     if distributed.world_size() > 1:  # the global batch grows with the number of processes
         key_parts.append({"processes": distributed.world_size()})
 
-    key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:20]
+    key = cache_key(key_parts)
     cached = cache_root() / "control" / key
     # another run on this machine training the same control holds the lock: wait for it, then reuse its result
     with cache_lock(cached) if distributed.is_main() else contextlib.nullcontext():
         distributed.barrier()  # every process sees the same cache state
-        if not (cached / "DONE").exists():
+        if not is_done(cached):
             tmp = cached.with_name(f"{key}.partial")
             tmp.mkdir(parents=True, exist_ok=True)
             result = backend.finetune(recipe, examples, tmp, resume, qat=False)
             if distributed.is_main():
-                (tmp / "train_summary.json").write_text(json.dumps(result.summary(), indent=2))
-                (tmp / "DONE").touch()
-                if cached.exists():
-                    shutil.rmtree(cached)
-                tmp.rename(cached)
+                write_json_atomic(FinetuneDir(tmp).train_summary, result.summary())
+                publish_dir(tmp, cached)
         distributed.barrier()
 
     if distributed.is_main():
-        shutil.copytree(cached, target, ignore=shutil.ignore_patterns("DONE"), dirs_exist_ok=True)
-    return {**json.loads((cached / "train_summary.json").read_text()), "cache_key": key}
-
-
-CONTROL = "control"
-QAT_RESULT = "qat_result.json"
+        shutil.copytree(cached, target, ignore=shutil.ignore_patterns(DONE), dirs_exist_ok=True)
+    return {**read_json(FinetuneDir(cached).train_summary), "cache_key": key}
 
 
 def needs_control_first(recipe: Recipe) -> bool:
@@ -88,4 +81,4 @@ def needs_control_first(recipe: Recipe) -> bool:
 
 
 def needs_control_run(recipe: Recipe) -> bool:
-    return bool({"ft-bf16", "ft-ptq"} & set(recipe.eval.baselines))
+    return bool(set(CONTROL_BASELINES) & set(recipe.eval.baselines))

@@ -13,18 +13,19 @@ Sources (a local .jsonl or `pkg:<package>/<file>`):
   with two stray CSV header rows that are dropped;
 - cais/mmlu rows: question, subject, choices, answer (an index).
 
-Write a task dir for a recipe's `eval.include_path` with `python -m qatkit.stages.mmlu_local SOURCE OUT_DIR`.
+Write a task dir for a recipe's `eval.include_path` with `python -m qatkit.evaluation.mmlu_local SOURCE OUT_DIR`.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
 from pathlib import Path
 
-from qatkit.errors import QatkitError, RecipeError
+from qatkit.core.cache import cache_root, file_digest
+from qatkit.core.errors import QatkitError, RecipeError
+from qatkit.core.io import atomic_dir, is_done, numbered_jsonl, write_jsonl
+from qatkit.core.paths import resolve_path
 
 LETTERS = "ABCD"
 # lm-eval's mmlu subjects and their category groups (lm_eval/tasks/mmlu/_generate_configs.py)
@@ -126,19 +127,11 @@ def _row(raw: dict, where: str) -> dict | None:
 
 def read_mmlu(source: str) -> dict[str, list[dict]]:
     """subject -> items, in file order."""
-    from qatkit.loading import resolve_path
-
     path = resolve_path(source)
     if not path.is_file():
         raise RecipeError(f"--mmlu-from {source}: no such file")
     by_subject: dict[str, list[dict]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            raw = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RecipeError(f"{path}:{n}: malformed JSON line ({e.msg})") from None
+    for n, raw in numbered_jsonl(path):
         row = _row(raw, f"{path}:{n}")
         if row is not None:
             by_subject.setdefault(row["subject"], []).append(row)
@@ -155,22 +148,24 @@ def _yaml(path: Path, data: dict) -> None:
 
 def write_mmlu_tasks(source: str, out_dir: Path | None = None) -> Path:
     """Write the task dir (default: in qatkit's cache, keyed by the file's hash) and return it."""
-    from qatkit.loading import cache_root, file_digest, resolve_path
-
     path = resolve_path(source)
     if not path.is_file():
         raise RecipeError(f"--mmlu-from {source}: no such file")
     digest = file_digest(path)
     out_dir = (out_dir or cache_root() / "tasks" / f"mmlu-{digest[:16]}").resolve()
-    if (out_dir / "DONE").exists() and json.loads((out_dir / "SOURCE.json").read_text())["sha256"] == digest:
+    if is_done(out_dir) and json.loads((out_dir / "SOURCE.json").read_text())["sha256"] == digest:
         return out_dir
     by_subject = read_mmlu(source)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "data").mkdir(parents=True)
+    with atomic_dir(out_dir) as tmp:
+        _write_tasks(tmp, out_dir, by_subject, {"source": source, "path": str(path), "sha256": digest})
+    return out_dir
+
+
+def _write_tasks(tmp: Path, out_dir: Path, by_subject: dict[str, list[dict]], source_info: dict) -> None:
+    """One lm-eval task per subject (data files referenced at their final place, `out_dir`), a group per category."""
     for subject, rows in sorted(by_subject.items()):
         docs = tmp / "data" / f"mmlu_{subject}.jsonl"
-        docs.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        write_jsonl(docs, rows)
         _yaml(
             tmp / f"mmlu_{subject}.yaml",
             {
@@ -210,19 +205,8 @@ def write_mmlu_tasks(source: str, out_dir: Path | None = None) -> Path:
         },
     )
     counts = {s: len(rows) for s, rows in sorted(by_subject.items())}
-    source_info = {
-        "source": source,
-        "path": str(path),
-        "sha256": digest,
-        "items": sum(counts.values()),
-        "subjects": counts,
-    }
+    source_info = {**source_info, "items": sum(counts.values()), "subjects": counts}
     (tmp / "SOURCE.json").write_text(json.dumps(source_info, indent=2))
-    (tmp / "DONE").touch()
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return out_dir
 
 
 def local_mmlu_tasks(source: str, tasks: list[str], num_fewshot: int = 0) -> Path:
@@ -246,7 +230,7 @@ def local_mmlu_tasks(source: str, tasks: list[str], num_fewshot: int = 0) -> Pat
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) not in (1, 2):
-        print("usage: python -m qatkit.stages.mmlu_local SOURCE [OUT_DIR]", file=sys.stderr)
+        print("usage: python -m qatkit.evaluation.mmlu_local SOURCE [OUT_DIR]", file=sys.stderr)
         return 2
     try:
         out = write_mmlu_tasks(args[0], Path(args[1]) if len(args) == 2 else None)

@@ -14,6 +14,8 @@ import logging
 import signal
 import threading
 
+from qatkit.core import distributed
+
 log = logging.getLogger(__name__)
 
 _requested = threading.Event()
@@ -53,8 +55,6 @@ def stop_at_step_end_callback():
     """A TrainerCallback that ends training with a checkpoint at the step where Ctrl-C was requested (every process
     of a multi-process run at the same step: the request is all-reduced)."""
     from transformers import TrainerCallback
-
-    from qatkit import distributed
 
     class StopAtStepEnd(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):

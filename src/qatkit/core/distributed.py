@@ -12,7 +12,7 @@ import os
 import socket
 import sys
 
-from qatkit.errors import EnvError, RecipeError
+from qatkit.core.errors import EnvError, RecipeError
 
 _LAUNCH_VARS = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK", "MASTER_PORT")
 

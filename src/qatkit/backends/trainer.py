@@ -1,0 +1,246 @@
+"""The training loop both backends share: TRL's SFTTrainer with what QAT needs of it (lm_head fake quant in the
+loss, learned scales in their own optimizer group, distillation), checkpoints with learned scales, resume, and
+saving what was trained."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qatkit.core import distributed, interrupts
+from qatkit.core.errors import Interrupted, RecipeError
+from qatkit.quant.patches import fake_quantizers
+from qatkit.quant.scales import learned_scales, load_learned_scales, save_learned_scales
+from qatkit.run.layout import LEARNED_SCALES, FinetuneDir
+from qatkit.run.records import TrainResult
+
+if TYPE_CHECKING:
+    from qatkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+
+def distill_loss(student_logits, teacher_logits, scored, temperature: float = 1.0, num_items=None):
+    """KL(teacher || student) summed over the positions `scored` marks (bool, one fewer than the logits along the
+    sequence: position t predicts token t + 1, like the shifted cross-entropy), times temperature² (Hinton et al.),
+    divided by `num_items` when given, else by the scored positions."""
+    import torch.nn.functional as F
+
+    student = F.log_softmax(student_logits[:, :-1][scored].float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1][scored].float() / temperature, dim=-1)
+    kl = F.kl_div(student, teacher, log_target=True, reduction="sum") * temperature**2
+    return kl / (num_items if num_items is not None else scored.sum().clamp(min=1))
+
+
+def _distill_compute_loss(teacher, distill):
+    """Trainer.compute_loss mixing the cross-entropy with KL(teacher || student) on the same tokens."""
+    import torch
+    from transformers import Trainer
+
+    teacher.eval().requires_grad_(False)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ce, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+        with torch.no_grad():
+            teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
+            teacher_logits = teacher.to(outputs.logits.device)(**teacher_inputs, use_cache=False).logits
+        # normalized like Trainer normalizes the cross-entropy: per token of the accumulated batch when the model
+        # takes num_items_in_batch (Trainer then leaves the loss as is), else per token of this batch (Trainer
+        # divides it by the accumulation steps)
+        per_accumulated_batch = self.model_accepts_loss_kwargs and num_items_in_batch is not None
+        if distill.tokens == "completion":
+            scored = inputs["labels"][:, 1:] != -100
+            kd = distill_loss(
+                outputs.logits,
+                teacher_logits,
+                scored,
+                distill.temperature,
+                num_items_in_batch if per_accumulated_batch else None,
+            )
+            if per_accumulated_batch and self.args.average_tokens_across_devices:
+                kd = kd * self.accelerator.num_processes  # num_items counts every process's tokens
+        else:  # every real token: num_items_in_batch counts only the answers', so average over this batch
+            scored = inputs["attention_mask"][:, 1:].bool()
+            kd = distill_loss(outputs.logits, teacher_logits, scored, distill.temperature)
+            if per_accumulated_batch:
+                kd = kd / self.current_gradient_accumulation_steps
+        loss = (1 - distill.weight) * ce + distill.weight * kd
+        return (loss, outputs) if return_outputs else loss
+
+    return compute_loss
+
+
+def _model_lm_head_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    """Trainer's own loss (the model's forward, its lm_head included), not TRL's fused one."""
+    from transformers import Trainer
+
+    return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+
+
+def _scales_create_optimizer(scales: list, scale_lr: float | None):
+    """SFTTrainer.create_optimizer with the learned scales in their own group, never weight-decayed."""
+    from trl import SFTTrainer
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        optimizer = SFTTrainer.create_optimizer(self, model)
+        ids = {id(p) for p in scales}
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+        optimizer.add_param_group({"params": scales, "lr": scale_lr or self.args.learning_rate, "weight_decay": 0.0})
+        return optimizer
+
+    return create_optimizer
+
+
+def qat_trainer_class(model, scale_lr: float | None = None, teacher=None, distill=None):
+    """SFTTrainer, or a subclass with what QAT needs of it:
+
+    - a fake-quantized lm_head: the loss runs the model's own lm_head. TRL fuses lm_head into a chunked
+      log-prob kernel that reads `lm_head.weight` directly, which would silently skip the lm_head's fake
+      quantizers (int8-int4 quantizes lm_head): train and deploy would differ.
+    - learned scales: they get their own optimizer group, at `scale_lr` (default: the adapters' lr) and
+      without weight decay (decay would shrink every scale toward zero).
+    - distillation (`teacher` model, the recipe's `distill` section): the loss mixes cross-entropy with
+      KL(teacher || student) on the same tokens.
+    """
+    from trl import SFTTrainer
+
+    overrides = {}
+    if teacher is not None:
+        overrides["compute_loss"] = _distill_compute_loss(teacher, distill)
+    elif getattr(model.get_output_embeddings(), "weight_fake_quantizer", None) is not None:
+        overrides["compute_loss"] = _model_lm_head_compute_loss
+    if scales := list(learned_scales(model).values()):
+        overrides["create_optimizer"] = _scales_create_optimizer(scales, scale_lr)
+    return type("QatSFTTrainer", (SFTTrainer,), overrides) if overrides else SFTTrainer
+
+
+def _learned_scales_callback():
+    """Writes the learned scales into each trainer checkpoint (peft checkpoints hold only the adapter)."""
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    class SaveLearnedScales(TrainerCallback):
+        def on_save(self, args, state, control, model=None, **kwargs):
+            if state.is_world_process_zero:
+                ckpt = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+                save_learned_scales(model, ckpt / LEARNED_SCALES)
+
+    return SaveLearnedScales()
+
+
+def _last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> str | None:
+    """The newest complete checkpoint. A process killed while writing one leaves it without trainer_state.json
+    (the Trainer writes it last) or without the files `needs` names (written after it, by callbacks)."""
+    from transformers.trainer import TRAINER_STATE_NAME
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    steps = {}
+    for ckpt in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = ckpt.name.rsplit("-", 1)[1]
+        if step.isdigit() and all((ckpt / name).exists() for name in (TRAINER_STATE_NAME, *needs)):
+            steps[int(step)] = str(ckpt)
+    return steps[max(steps)] if steps else None
+
+
+def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool, **extra):
+    """The trainer settings both backends share, from the recipe's `train` section (and qat.lr / qat.max_steps for
+    a QAT run)."""
+    import torch
+    from trl import SFTConfig
+
+    t = recipe.train
+    return SFTConfig(
+        output_dir=str(ckpt_dir),
+        max_steps=(recipe.qat.max_steps or t.max_steps) if qat else t.max_steps,
+        per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum,
+        learning_rate=(recipe.qat.lr or t.lr) if qat else t.lr,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        lr_scheduler_type=t.lr_scheduler,
+        optim=t.optim,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=2,
+        max_length=recipe.model.max_seq_length,
+        completion_only_loss=True,  # loss on the answer only, like Unsloth's train_on_responses_only
+        packing=False,
+        bf16=not use_cpu and model.dtype == torch.bfloat16,
+        fp16=not use_cpu and model.dtype == torch.float16,
+        use_cpu=use_cpu,
+        report_to="none",
+        dataloader_num_workers=0,
+        **extra,
+    )
+
+
+def check_train_dataset(trainer, given: int) -> None:
+    """TRL truncates each example to max_length and drops those with no answer token left: refuse a run that would
+    train on nothing, and say how many examples were lost."""
+    kept, max_length = len(trainer.train_dataset), trainer.args.max_length
+    if kept == 0:
+        raise RecipeError(f"model.max_seq_length {max_length} cuts off the answer of every training example: raise it")
+    if kept < given:
+        log.warning(
+            "%d of %d training examples dropped: their answers start beyond model.max_seq_length %d",
+            given - kept,
+            given,
+            max_length,
+        )
+
+
+def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: bool, t0: float) -> TrainResult:
+    """Train (resuming from the last checkpoint when asked), save what was trained (adapter or full weights)
+    into `out`, and the trainer state + loss history into `work`.
+
+    Ctrl-C (inside `interrupts.deferred()`, as the finetune stage runs) ends training at the step boundary with a
+    checkpoint, so `--resume` continues from exactly there.
+    """
+    ckpt_dir = Path(trainer.args.output_dir)
+    learns_scales = bool(learned_scales(model))
+    resume_from = _last_checkpoint(ckpt_dir, (LEARNED_SCALES,) if learns_scales else ()) if resume else None
+
+    if learns_scales:
+        trainer.add_callback(_learned_scales_callback())
+    if resume_from:
+        log.info("resuming training from %s", resume_from)
+        if learns_scales:
+            load_learned_scales(model, Path(resume_from) / LEARNED_SCALES)
+    if interrupts.requested():  # while the model and trainer were being built: nothing trained yet
+        raise Interrupted("interrupted before training started")
+    trainer.add_callback(interrupts.stop_at_step_end_callback())
+    trainer.train(resume_from_checkpoint=resume_from)
+    if interrupts.requested() and trainer.state.global_step < trainer.state.max_steps:
+        raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}")
+    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    # Every process calls save_model (under FSDP it gathers the full state dict); the main one writes.
+    trainer.save_model(str(out))
+    distributed.barrier()  # every process is done with the checkpoints
+    if distributed.is_main():
+        if learns_scales:
+            save_learned_scales(model, out / LEARNED_SCALES)
+        (out / "training_args.bin").unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(out))
+        trainer.state.save_to_json(str(FinetuneDir(work).trainer_state))
+        FinetuneDir(work).loss.write_text(json.dumps(losses))
+
+        shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return TrainResult(
+        steps=trainer.state.global_step,
+        first_loss=losses[0]["loss"] if losses else None,
+        final_loss=losses[-1]["loss"] if losses else None,
+        seconds=round(time.time() - t0, 2),
+        loss_history=losses,
+        fake_quantized_modules=len(fake_quantizers(model)),
+        lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
+        resumed_from_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None,
+    )

@@ -1,0 +1,90 @@
+"""Apply a QuantSpec to a model: prepare (fake quantizers), convert (real torchao tensors), PTQ, and the
+transformers hook that makes the converted model save as a checkpoint plain `from_pretrained` loads."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from qatkit.core.errors import RecipeError
+from qatkit.quant.hardware import require_hardware
+from qatkit.quant.patches import use_straight_through_fp8
+from qatkit.quant.plan import Plan, plan_modules, untie_embeddings
+from qatkit.quant.scales import init_learned_scales
+
+if TYPE_CHECKING:
+    import torch
+
+    from qatkit.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+def _fqn_filter(fqns: set[str]):
+    return lambda mod, fqn: fqn in fqns
+
+
+def prepare(model: torch.nn.Module, spec: QuantSpec) -> Plan:
+    """Insert fake quantizers (QATConfig step="prepare") into the modules the plan covers."""
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import QATConfig
+
+    plan = plan_modules(model, spec)
+    if plan.untie_embeddings:
+        untie_embeddings(model)
+    for skipped in plan.skipped:
+        if skipped.kind == "linear" and "group size" in skipped.reason:
+            log.warning("not quantizing %s: %s", skipped.fqn, skipped.reason)
+    linears = {m.fqn for m in plan.quantized if m.kind == "linear"}
+    embeddings = {m.fqn for m in plan.quantized if m.kind == "embedding"}
+    if linears:
+        quantize_(model, spec.linear_prepare_config(), _fqn_filter(linears))
+    if embeddings:
+        quantize_(model, QATConfig(spec.embedding_config(), step="prepare"), _fqn_filter(embeddings))
+    if spec.scheme.straight_through_fp8:
+        use_straight_through_fp8(model)
+    if spec.learn_scales:
+        init_learned_scales(model, mse=spec.scale_init == "mse")
+    return plan
+
+
+def convert(model: torch.nn.Module, spec: QuantSpec) -> dict[str, object]:
+    """Turn fake-quantized modules into real torchao tensors (QATConfig step="convert").
+
+    Returns the fqn -> torchao config map of what was converted (needed to save the checkpoint).
+    """
+    from torchao.quantization import quantize_
+    from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
+
+    require_hardware(spec.scheme, "convert")
+    converted: dict[str, object] = {}
+    for cls, build in ((FakeQuantizedLinear, spec.linear_config), (FakeQuantizedEmbedding, spec.embedding_config)):
+        fqns = {n for n, m in model.named_modules() if isinstance(m, cls)}
+        if fqns:
+            cfg = build()
+            quantize_(model, QATConfig(cfg, step="convert"), _fqn_filter(fqns))
+            converted.update(dict.fromkeys(sorted(fqns), cfg))
+    if not converted:
+        raise RecipeError("convert found no fake-quantized modules: the model was not prepared for QAT")
+    return converted
+
+
+def quantize_ptq(model: torch.nn.Module, spec: QuantSpec) -> dict[str, object]:
+    """Post-training quantization through the exact same path as QAT convert (scales from the weights)."""
+    spec = spec.for_ptq()
+    prepare(model, spec)
+    return convert(model, spec)
+
+
+def attach_hf_quantizer(model: torch.nn.Module, converted: dict[str, object]) -> None:
+    """Make `save_pretrained` write a checkpoint that plain `from_pretrained` loads (torchao format)."""
+    from torchao.quantization import FqnToConfig
+    from transformers import TorchAoConfig
+    from transformers.quantizers import AutoHfQuantizer
+
+    has_embedding = any(type(c).__name__ == "IntxWeightOnlyConfig" and "embed" in f for f, c in converted.items())
+    cfg = TorchAoConfig(
+        FqnToConfig(dict(converted)), modules_to_not_convert=[], include_input_output_embeddings=has_embedding
+    )
+    model.hf_quantizer = AutoHfQuantizer.from_config(cfg, pre_quantized=True)
+    model.config.quantization_config = model.hf_quantizer.quantization_config

@@ -1,0 +1,102 @@
+"""Changes to torchao's fake quantizers (same forward, better training) and inspection of a prepared model."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qatkit.quant.plan import stable_fqn
+
+if TYPE_CHECKING:
+    import torch
+
+
+def fake_quantizers(model: torch.nn.Module) -> dict[str, tuple[str | None, str | None]]:
+    """fqn -> (activation fake-quantizer class, weight fake-quantizer class) for every prepared module."""
+    out = {}
+    for fqn, mod in model.named_modules():
+        wfq = getattr(mod, "weight_fake_quantizer", None)
+        if wfq is None:
+            continue
+        afq = getattr(mod, "activation_fake_quantizer", None)
+        out[fqn] = (type(afq).__name__ if afq is not None else None, type(wfq).__name__)
+    return out
+
+
+def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
+    """Compute fq(W) once for frozen weights instead of every step (same values, so parity is unchanged).
+
+    With LoRA the base weights never change, so their fake-quantized copy is a constant. Any change of
+    the weight's values (e.g. a LoRA merge) invalidates it; a weight that requires grad (full finetuning),
+    the merged-LoRA input W + s·BA, or a weight with a learned scale is never cached. Costs two extra copies
+    of each cached weight.
+    Returns the number of fake quantizers wrapped.
+    """
+    import torch
+
+    count = 0
+
+    for mod in model.modules():
+        fq = getattr(mod, "weight_fake_quantizer", None)
+        if (
+            fq is None
+            or getattr(fq, "_qatkit_cache", None) is not None
+            or getattr(fq, "input_changes_every_step", False)
+            or getattr(fq.config, "range_learning", False)
+        ):
+            continue
+
+        fq._qatkit_cache = {}
+        original = fq.forward
+
+        def forward(w, _orig=original, _cache=fq._qatkit_cache):
+            if w.requires_grad:
+                return _orig(w)
+            # a private copy of the source: `.data` updates (peft's merge) bypass the version counter, so
+            # only comparing values is safe; one comparison costs far less than the fake quant it replaces
+            source = _cache.get("source")
+            if source is None or source.shape != w.shape or source.dtype != w.dtype or not torch.equal(source, w):
+                _cache["source"], _cache["value"] = w.detach().clone(), _orig(w).detach()
+            return _cache["value"]
+
+        fq.forward = forward
+        count += 1
+    return count
+
+
+def signature(model: torch.nn.Module) -> dict[str, str]:
+    """fqn -> the exact fake-quantize configs in the forward; used to prove convert rebuilt what was trained."""
+    out = {}
+    for fqn, mod in model.named_modules():
+        wfq = getattr(mod, "weight_fake_quantizer", None)
+        if wfq is not None:
+            afq = getattr(mod, "activation_fake_quantizer", None)
+            act = repr(getattr(afq, "config", None)) if afq is not None else "None"
+            out[stable_fqn(fqn)] = f"act={act} weight={getattr(wfq, 'config', None)!r}"
+    return out
+
+
+def use_straight_through_fp8(model: torch.nn.Module) -> None:
+    """Wrap fp8 fake quantizers in a straight-through estimator.
+
+    torchao 0.18 casts the gradient of its fp8 fake quant to fp8 without a scale, which zeroes almost
+    all of it; the STE passes the gradient through unchanged while the forward stays bit-identical.
+    """
+    import torch
+
+    class _STE(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, fq):
+            with torch.no_grad():
+                return fq(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad, None
+
+    for mod in model.modules():
+        for attr in ("activation_fake_quantizer", "weight_fake_quantizer"):
+            fq = getattr(mod, attr, None)
+            if fq is not None and "Float8" in type(fq).__name__ and not getattr(fq, "_qatkit_ste", False):
+                original = fq.forward
+                fq.forward = lambda x, _orig=original: _STE.apply(x, _orig)
+                fq._qatkit_ste = True

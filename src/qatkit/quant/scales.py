@@ -1,0 +1,86 @@
+"""Learned weight scales (LSQ-style, torchao range learning): their start (absmax or MSE clip search), and saving
+them beside the adapter so convert and --resume use exactly the trained ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qatkit.core.errors import RecipeError
+from qatkit.quant.plan import stable_fqn
+
+if TYPE_CHECKING:
+    import torch
+
+
+MSE_CLIP_RATIOS = tuple(round(0.5 + 0.02 * i, 2) for i in range(26))  # scale / absmax scale, 0.5 .. 1.0
+
+
+def init_learned_scales(model: torch.nn.Module, mse: bool = False) -> None:
+    """Compute each learnable weight scale from its weight now (torchao's initialize_fake_quantizers does this with a
+    forward pass; the weight is all a weight scale needs): absmax, or with `mse` the clipped scale that minimises
+    each group's squared rounding + clipping error (searched over MSE_CLIP_RATIOS, like GPTQ/AWQ clip search)."""
+    import torch
+
+    with torch.no_grad():
+        for mod in model.modules():
+            fq = getattr(mod, "weight_fake_quantizer", None)
+            if getattr(getattr(fq, "config", None), "range_learning", False) and fq.scale is None:
+                fq._initialized = True
+                fq(mod.weight)
+                if mse:
+                    clip_search(fq, mod.weight)
+
+
+def clip_search(fq, weight: torch.Tensor) -> None:
+    """Per group, keep the scale (a ratio of the absmax one) whose fake-quantized weight is closest to `weight`."""
+    import torch
+
+    absmax_scale = fq.scale.detach().clone()
+    groups = absmax_scale.shape  # (out features, groups per row)
+
+    def group_error() -> torch.Tensor:
+        return (fq(weight) - weight).pow(2).reshape(*groups, -1).sum(-1)
+
+    best_scale, best_err = absmax_scale.clone(), group_error()
+    for ratio in MSE_CLIP_RATIOS[:-1]:
+        fq.scale.copy_(absmax_scale * ratio)
+        err = group_error()
+        better = err < best_err
+        best_scale = torch.where(better, fq.scale, best_scale)
+        best_err = torch.where(better, err, best_err)
+    fq.scale.copy_(best_scale)
+
+
+def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Module fqn -> its trainable weight scale (empty unless the scheme learns scales)."""
+    import torch
+
+    return {
+        stable_fqn(fqn): mod.weight_fake_quantizer.scale
+        for fqn, mod in model.named_modules()
+        if isinstance(getattr(getattr(mod, "weight_fake_quantizer", None), "scale", None), torch.nn.Parameter)
+    }
+
+
+def save_learned_scales(model: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({fqn: p.detach().contiguous() for fqn, p in learned_scales(model).items()}, str(path))
+
+
+def load_learned_scales(model: torch.nn.Module, path: Path) -> None:
+    """Put trained scales back into a model prepared with the same scheme (refuses a partial match)."""
+    import torch
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise RecipeError(f"{path} is missing: the run was trained with qat.learn_scales, its scales are needed")
+    saved, scales = load_file(str(path)), learned_scales(model)
+    if saved.keys() != scales.keys():
+        raise RecipeError(
+            f"{path} holds scales for other modules than this model learns ({len(saved)} vs {len(scales)})"
+        )
+    with torch.no_grad():
+        for fqn, p in scales.items():
+            p.copy_(saved[fqn])

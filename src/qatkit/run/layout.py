@@ -1,0 +1,154 @@
+"""Where everything in a run directory lives. Stages, report and benchmarks take paths from here, never by hand.
+
+<out>/
+  recipe.resolved.yaml  manifest.json  report.md  report.json  loss.png  accuracy.png
+  data/{train,eval}.jsonl              the split, made once per run dir
+  finetune/  adapter/ (or model/ with full fine-tuning), control/ (the no-QAT fine-tune), qat_plan.json,
+             train_summary.json, loss.json, trainer_state.json
+  convert/   the quantized checkpoint (safetensors, config.json with quantization_config, tokenizer),
+             README.md (model card), parity.json, qat_plan.json
+  eval/      results.json, variants/<name>.json (each variant's scores as soon as they exist), tasks/
+  .<stage>.partial/                    a stage in progress (DONE is written into a stage dir before it is renamed)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LEARNED_SCALES = "learned_scales.safetensors"  # beside a trained adapter / model (and in each trainer checkpoint)
+
+
+@dataclass(frozen=True)
+class FinetuneDir:
+    root: Path
+
+    def trained(self, full_finetuning: bool) -> Path:
+        """What the fine-tune trained: the LoRA adapter, or the full weights."""
+        return self.root / ("model" if full_finetuning else "adapter")
+
+    @property
+    def control(self) -> FinetuneDir:
+        """The no-QAT control fine-tune (same data, seed and steps), kept beside the QAT run."""
+        return FinetuneDir(self.root / "control")
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def qat_plan(self) -> Path:
+        return self.root / "qat_plan.json"
+
+    @property
+    def train_summary(self) -> Path:
+        return self.root / "train_summary.json"
+
+    @property
+    def qat_result(self) -> Path:
+        """The QAT run's result, written as soon as it finishes (a resumed stage does not train it again)."""
+        return self.root / "qat_result.json"
+
+    @property
+    def loss(self) -> Path:
+        return self.root / "loss.json"
+
+    @property
+    def trainer_state(self) -> Path:
+        return self.root / "trainer_state.json"
+
+
+@dataclass(frozen=True)
+class ConvertDir:
+    root: Path
+
+    @property
+    def parity(self) -> Path:
+        return self.root / "parity.json"
+
+    @property
+    def qat_plan(self) -> Path:
+        return self.root / "qat_plan.json"
+
+    @property
+    def model_card(self) -> Path:
+        return self.root / "README.md"
+
+    def weights_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.root.glob("*.safetensors"))
+
+
+@dataclass(frozen=True)
+class EvalDir:
+    root: Path
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+    @property
+    def variants(self) -> Path:
+        return self.root / "variants"
+
+    @property
+    def tasks(self) -> Path:
+        return self.root / "tasks"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    root: Path
+
+    def stage(self, name: str) -> Path:
+        return self.root / name
+
+    def partial(self, name: str) -> Path:
+        return self.root / f".{name}.partial"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def resolved_recipe(self) -> Path:
+        return self.root / "recipe.resolved.yaml"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+    @property
+    def loss_plot(self) -> Path:
+        return self.root / "loss.png"
+
+    @property
+    def accuracy_plot(self) -> Path:
+        return self.root / "accuracy.png"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def train_data(self) -> Path:
+        return self.data / "train.jsonl"
+
+    @property
+    def eval_data(self) -> Path:
+        return self.data / "eval.jsonl"
+
+    @property
+    def finetune(self) -> FinetuneDir:
+        return FinetuneDir(self.stage("finetune"))
+
+    @property
+    def convert(self) -> ConvertDir:
+        return ConvertDir(self.stage("convert"))
+
+    @property
+    def eval(self) -> EvalDir:
+        return EvalDir(self.stage("eval"))
