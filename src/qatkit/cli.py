@@ -93,7 +93,8 @@ def _run(
     if num_processes > 1:
         code = _guard(launch_command, recipe_path, overrides or [], sys.argv[1:], num_processes, only)
         raise typer.Exit(code)
-    _guard(run_command, recipe_path, out, overrides or [], resume=resume, force=force, only=only)
+    root = _guard(run_command, recipe_path, out, overrides or [], resume=resume, force=force, only=only)
+    _show("run_summary", root)
 
 
 @app.command()
@@ -145,7 +146,7 @@ def convert(
     """
     from qatkit.commands import convert_command
 
-    _guard(convert_command, recipe, out, set_ or [], from_, scheme)
+    _show("run_summary", _guard(convert_command, recipe, out, set_ or [], from_, scheme))
 
 
 @app.command(name="eval")
@@ -174,7 +175,7 @@ def eval_(
     """
     from qatkit.commands import eval_command
 
-    _guard(
+    results = _guard(
         eval_command,
         model_dir,
         [t for t in tasks.split(",") if t],
@@ -185,6 +186,7 @@ def eval_(
         output,
         mmlu_from,
     )
+    _show("eval_results", model_dir, results)
 
 
 @app.command()
@@ -195,7 +197,7 @@ def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """
     from qatkit.commands import validate_command
 
-    _guard(validate_command, recipe, set_ or [])
+    _show("validation", recipe, _guard(validate_command, recipe, set_ or []))
 
 
 @app.command()
@@ -206,7 +208,7 @@ def schemes() -> None:
     """
     from qatkit.commands import schemes_command
 
-    _guard(schemes_command)
+    _show("schemes", _guard(schemes_command))
 
 
 @app.command()
@@ -217,7 +219,7 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory.
     """
     from qatkit.commands import report_command
 
-    _guard(report_command, run_dir)
+    _show("run_summary", _guard(report_command, run_dir))
 
 
 @app.command()
@@ -295,6 +297,13 @@ def bench(
 
     section_list = [s for s in sections.split(",") if s.strip()]
     _guard(bench_command, model, tiny, scheme_list, out, quick, threads, modes, section_list, arch)
+
+
+def _show(view: str, *result) -> None:
+    """Print a command's result with `render.<view>`."""
+    from qatkit import render
+
+    _guard(getattr(render, view), *result)
 
 
 def main() -> None:

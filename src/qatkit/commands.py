@@ -1,4 +1,4 @@
-"""What each CLI command does, with its rich output. cli.py only parses and maps errors."""
+"""What each CLI command does; each returns its result, which `render` shows. cli.py only parses and maps errors."""
 
 from __future__ import annotations
 
@@ -18,7 +18,8 @@ def _out_dir(recipe: Recipe, out: Path | None) -> Path:
 
 def run_command(
     recipe_path: Path, out: Path | None, overrides: list[str], *, resume: bool, force: bool, only: list[str] | None
-) -> None:
+) -> Path | None:
+    """Run the recipe's stages (or `only` some) and return the run dir."""
     from qatkit.backends.base import backend_name
     from qatkit.pipeline import run_recipe
     from qatkit.validate import preflight
@@ -53,8 +54,7 @@ def run_command(
         )
     except Interrupted as e:
         raise Interrupted(f"{e}. Resume with: {resume_cmd}") from None
-    if run is not None:  # None: a secondary training process, done after the finetune stage
-        print_summary(run.root)
+    return run.root if run is not None else None  # None: a secondary training process, done after finetune
 
 
 def launch_command(
@@ -71,7 +71,7 @@ def launch_command(
 
 def convert_command(
     recipe_path: Path | None, out: Path | None, overrides: list[str], from_: Path | None, scheme: str | None
-) -> None:
+) -> Path | None:
     if (recipe_path is None) == (from_ is None):
         raise RecipeError("give either a RECIPE or --from MODEL_DIR --scheme NAME")
     if recipe_path is not None:
@@ -94,8 +94,7 @@ def convert_command(
     )
     preflight(recipe)
     target = out or Path(f"runs/{recipe.name}")
-    run = run_recipe(recipe, target, force=False, only=["convert"])
-    print_summary(run.root)
+    return run_recipe(recipe, target, force=False, only=["convert"]).root
 
 
 def eval_command(
@@ -107,7 +106,8 @@ def eval_command(
     include_path: Path | None,
     output: Path | None,
     mmlu_from: str | None = None,
-) -> None:
+) -> dict:
+    """lm-eval scores of a model directory: task -> metrics."""
     from qatkit.evaluation.lmeval import check_tasks_available, evaluate_model
     from qatkit.models.loading import load_model_and_tokenizer
     from qatkit.recipe import EvalSpec, ModelSpec
@@ -125,13 +125,6 @@ def eval_command(
     spec = EvalSpec(tasks=tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size)
     model, tokenizer = load_model_and_tokenizer(ModelSpec(name_or_path=str(model_dir)), path=str(model_dir))
     results = evaluate_model(model.eval(), tokenizer, tasks, spec, includes)
-    table = Table("task", "metric", "value", "stderr", title=f"lm-eval: {model_dir}")
-    for task, metrics in results.items():
-        for name, value in metrics.items():
-            if not name.endswith("_stderr") and isinstance(value, int | float):  # not per_item lists
-                err = metrics.get(f"{name}_stderr")
-                table.add_row(task, name, f"{value:.4f}", f"{err:.4f}" if isinstance(err, float) else "—")
-    console.print(table)
     if output:
         output.write_text(
             json.dumps(
@@ -139,93 +132,30 @@ def eval_command(
                 indent=2,
             )
         )
+    return results
 
 
-def validate_command(recipe_path: Path, overrides: list[str]) -> None:
+def validate_command(recipe_path: Path, overrides: list[str]):
+    """Everything checkable before a model loads, and the module plan (a `validate.Validation`)."""
     from qatkit.validate import validate
 
-    recipe = load_recipe(recipe_path, overrides)
-    v = validate(recipe)
-    console.print(
-        f"[green]✓[/] {recipe_path}: recipe is valid; scheme [cyan]{recipe.qat.scheme}[/], "
-        f"backend {recipe.backend}, stages {', '.join(recipe.stages)}; model {v.source.describe()}"
-    )
-    table = Table("module type", "count", "action", title="QAT plan (per module type)")
-    for key, counter in sorted(v.by_type.items()):
-        for action, count in counter.items():
-            table.add_row(
-                key, str(count), "[green]fake-quantize[/]" if action == "quantize" else f"[yellow]skip[/]: {action}"
-            )
-    console.print(table)
-    if v.plan.untie_embeddings:
-        console.print("lm_head is tied to the input embedding: it will be untied so each can be quantized on its own.")
-
-    console.print(
-        f"Estimated checkpoint size: {v.size_quantized_mb} MB converted vs {v.size_bf16_mb} MB in bf16 "
-        f"({v.size_quantized_mb / v.size_bf16_mb:.0%})."
-    )
+    return validate(load_recipe(recipe_path, overrides))
 
 
-def schemes_command() -> None:
+def schemes_command() -> list:
     from qatkit.quant.registry import list_schemes
 
-    short = {"cpu": "CPU/GPU", "cuda": "CUDA", "cuda-sm89": "CUDA sm89+", "cuda-sm100": "Blackwell"}
-    table = Table("scheme", "what it is", "trains on", "converts on", "learn_scales", title="qatkit schemes")
-    for s in list_schemes():
-        name = s.name + (f"\n({', '.join(s.aliases)})" if s.aliases else "")
-        table.add_row(name, s.summary, short[s.train_on], short[s.convert_on], "yes" if s.learnable_scales else "")
-
-    console.print(table)
-    for s in list_schemes():
-        extra = "; ".join(x for x in (s.notes, f"on CPU use {s.cpu_alternatives}" if s.cpu_alternatives else "") if x)
-        console.print(f"[bold]{s.name}[/]: {s.configs}" + (f" — {extra}" if extra else ""), soft_wrap=True)
+    return list_schemes()
 
 
-def report_command(run_dir: Path) -> None:
+def report_command(run_dir: Path) -> Path:
     from qatkit.report.build import build_report
     from qatkit.run.rundir import RunDir
 
     if not (run_dir / "manifest.json").exists():
         raise RecipeError(f"{run_dir}: not a qatkit run dir (no manifest.json)")
     build_report(RunDir(run_dir.resolve()))
-    print_summary(run_dir)
-
-
-def print_summary(root: Path) -> None:
-    rep_path = root / "report.json"
-    if not rep_path.exists():
-        return
-    rep = json.loads(rep_path.read_text())
-    stages = Table("stage", "status", "seconds", title="stages")
-    for name, s in rep["stages"].items():
-        stages.add_row(name, s["status"] or "", f"{s['seconds']:.1f}" if s["seconds"] else "")
-    console.print(stages)
-    if rep.get("training"):
-        t = rep["training"]
-        console.print(f"training: {t['steps']} steps, loss {t['first_loss']:.4f} → {t['final_loss']:.4f}")
-    if rep.get("quality"):
-        from qatkit.evaluation import variants
-
-        q = Table("task", "variant", "accuracy", "± stderr", "norm. degradation", title="quality")
-        for r in rep["quality"]:
-            q.add_row(
-                f"{r['task']} ({r['metric']})",
-                variants.label(r["variant"]),
-                "—" if r["value"] is None else f"{100 * r['value']:.2f}",
-                "—" if r["stderr"] is None else f"{100 * r['stderr']:.2f}",
-                "—" if r["normalized_degradation"] is None else f"{100 * r['normalized_degradation']:+.1f}%",
-            )
-        console.print(q)
-    if rep.get("parity") and rep["parity"].get("as_trained_vs_converted"):
-        console.print(
-            f"parity: converted vs as-trained SQNR {rep['parity']['as_trained_vs_converted']['sqnr_db']:.1f} dB"
-        )
-    if (root / "convert" / "DONE").exists():
-        console.print(
-            f"checkpoint: [bold]{root / 'convert'}[/] ({rep['checkpoint_mb']} MB) — loads with "
-            "AutoModelForCausalLM.from_pretrained"
-        )
-    console.print(f"report: {root / 'report.md'}")
+    return run_dir
 
 
 def bench_command(

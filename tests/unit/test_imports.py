@@ -25,7 +25,7 @@ LAYERS = [
     {"report"},
     {"pipeline", "validate"},
     {"bench"},
-    {"commands"},
+    {"commands", "render"},
     {"cli", "__main__"},
 ]
 LAYER_OF = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -1,0 +1,96 @@
+"""What the CLI shows: every table and summary the commands' results are printed as (rich), in one place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.table import Table
+
+from qatkit.core.log import console
+from qatkit.evaluation import variants
+
+
+def _pct(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.2f}"
+
+
+def run_summary(root: Path | None) -> None:
+    """Stages, training, quality, parity and where the checkpoint is, from a run dir's report.json."""
+    rep_path = root / "report.json" if root else None
+    if rep_path is None or not rep_path.exists():
+        return
+    rep = json.loads(rep_path.read_text())
+    stages = Table("stage", "status", "seconds", title="stages")
+    for name, s in rep["stages"].items():
+        stages.add_row(name, s["status"] or "", f"{s['seconds']:.1f}" if s["seconds"] else "")
+    console.print(stages)
+    if t := rep.get("training"):
+        console.print(f"training: {t['steps']} steps, loss {t['first_loss']:.4f} → {t['final_loss']:.4f}")
+    if rep.get("quality"):
+        q = Table("task", "variant", "accuracy", "± stderr", "norm. degradation", title="quality")
+        for r in rep["quality"]:
+            nd = r["normalized_degradation"]
+            q.add_row(
+                f"{r['task']} ({r['metric']})",
+                variants.label(r["variant"]),
+                _pct(r["value"]),
+                _pct(r["stderr"]),
+                "—" if nd is None else f"{100 * nd:+.1f}%",
+            )
+        console.print(q)
+    if rep.get("parity") and rep["parity"].get("as_trained_vs_converted"):
+        console.print(
+            f"parity: converted vs as-trained SQNR {rep['parity']['as_trained_vs_converted']['sqnr_db']:.1f} dB"
+        )
+    if (root / "convert" / "DONE").exists():
+        console.print(
+            f"checkpoint: [bold]{root / 'convert'}[/] ({rep['checkpoint_mb']} MB) — loads with "
+            "AutoModelForCausalLM.from_pretrained"
+        )
+    console.print(f"report: {root / 'report.md'}")
+
+
+def eval_results(model_dir: Path, results: dict) -> None:
+    table = Table("task", "metric", "value", "stderr", title=f"lm-eval: {model_dir}")
+    for task, metrics in results.items():
+        for name, value in metrics.items():
+            if not name.endswith("_stderr") and isinstance(value, int | float):  # not per_item lists
+                err = metrics.get(f"{name}_stderr")
+                table.add_row(task, name, f"{value:.4f}", f"{err:.4f}" if isinstance(err, float) else "—")
+    console.print(table)
+
+
+def validation(recipe_path: Path, v) -> None:
+    """A `validate.Validation`: the recipe's resolved quantization, the module plan per type, the size estimate."""
+    recipe = v.recipe
+    console.print(
+        f"[green]✓[/] {recipe_path}: recipe is valid; scheme [cyan]{recipe.qat.scheme}[/], "
+        f"backend {recipe.backend}, stages {', '.join(recipe.stages)}; model {v.source.describe()}"
+    )
+    console.print(f"quantization: {recipe.quant.describe()}")
+    table = Table("module type", "count", "action", title="QAT plan (per module type)")
+    for key, counter in sorted(v.by_type.items()):
+        for action, count in counter.items():
+            table.add_row(
+                key, str(count), "[green]fake-quantize[/]" if action == "quantize" else f"[yellow]skip[/]: {action}"
+            )
+    console.print(table)
+    if v.plan.untie_embeddings:
+        console.print("lm_head is tied to the input embedding: it will be untied so each can be quantized on its own.")
+    console.print(
+        f"Estimated checkpoint size: {v.size_quantized_mb} MB converted vs {v.size_bf16_mb} MB in bf16 "
+        f"({v.size_quantized_mb / v.size_bf16_mb:.0%})."
+    )
+
+
+def schemes(entries: list) -> None:
+    short = {"cpu": "CPU/GPU", "cuda": "CUDA", "cuda-sm89": "CUDA sm89+", "cuda-sm100": "Blackwell"}
+    table = Table("scheme", "what it is", "trains on", "converts on", "learn_scales", title="qatkit schemes")
+    for s in entries:
+        name = s.name + (f"\n({', '.join(s.aliases)})" if s.aliases else "")
+        table.add_row(name, s.summary, short[s.train_on], short[s.convert_on], "yes" if s.learnable_scales else "")
+    console.print(table)
+    for s in entries:
+        extra = "; ".join(x for x in (s.notes, f"on CPU use {s.cpu_alternatives}" if s.cpu_alternatives else "") if x)
+        console.print(f"[bold]{s.name}[/]: {s.configs}" + (f" — {extra}" if extra else ""), soft_wrap=True)
