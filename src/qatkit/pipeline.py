@@ -10,6 +10,8 @@ from qatkit.core import distributed
 from qatkit.core.env import device_description, package_versions
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import is_done, publish_dir, write_json_atomic
+from qatkit.data import load_splits, write_splits
+from qatkit.models.loading import model_fingerprint
 from qatkit.recipe import Recipe
 from qatkit.report.build import build_report
 from qatkit.run.rundir import RunDir, open_run_dir
@@ -30,8 +32,6 @@ def run_stage(run: RunDir, name: str, fn: StageFn, recipe: Recipe, *, resume: bo
 
 def prepare_data(recipe: Recipe, run: RunDir) -> dict | None:
     """Split the recipe's data once per run dir (train / held-out), recorded with a hash."""
-    from qatkit.data import load_splits, write_splits
-
     if recipe.data is None:
         return None
     if is_done(run.data):
@@ -60,8 +60,6 @@ def _check_prerequisites(recipe: Recipe, out: Path, stages: list[str], force: bo
 
 def _open(recipe: Recipe, out: Path, stages: list[str], *, resume: bool, force: bool, single: bool) -> None:
     """The main process creates or reopens the run dir and records what the run starts from."""
-    from qatkit.models.loading import model_fingerprint
-
     reuse = single and RunDir(out.resolve()).manifest_path.exists()
     run = open_run_dir(out, recipe, resume=resume or reuse, force=force, same_recipe=not reuse)
     prepare_data(recipe, run)

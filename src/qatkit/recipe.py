@@ -10,15 +10,14 @@ import functools
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from qatkit.core.errors import RecipeError
-
-if TYPE_CHECKING:
-    from qatkit.quant.spec import QuantSpec
+from qatkit.quant.registry import canonical_name, get_scheme, list_schemes
+from qatkit.quant.spec import QuantSpec
 
 STAGES = ("finetune", "convert", "eval")
 
@@ -93,14 +92,10 @@ class QatSpec(Strict):
     @field_validator("scheme")
     @classmethod
     def _known_scheme(cls, v: str) -> str:
-        from qatkit.quant.registry import canonical_name
-
         return canonical_name(v)
 
     @model_validator(mode="after")
     def _fits_the_scheme(self) -> QatSpec:
-        from qatkit.quant.registry import get_scheme, list_schemes
-
         scheme = get_scheme(self.scheme)
         if self.group_size is not None and scheme.fixed_granularity:
             fixed = f"group size {scheme.default_group_size}" if scheme.default_group_size else "one scale per row"
@@ -251,8 +246,6 @@ class Recipe(Strict):
     @functools.cached_property
     def quant(self) -> QuantSpec:
         """The `qat` section resolved once: scheme, group size, lm_head choice, learned-scale options."""
-        from qatkit.quant.spec import QuantSpec
-
         q = self.qat
         return QuantSpec.resolve(q.scheme, q.group_size, q.quantize_lm_head, q.learn_scales, q.scale_init)
 
