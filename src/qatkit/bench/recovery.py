@@ -124,7 +124,7 @@ def by_source(run: dict) -> list[dict]:
     return sources
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.1f}%"
 
 
@@ -162,10 +162,10 @@ def render(summary: dict) -> str:
             )
         lines += [
             "",
-            f"- normalized degradation vs base (cards' definition): accuracy {_pct(f['acc_nd_vs_base'])}, "
-            f"gold NLL {_pct(f['nll_nd_vs_base'])}",
-            f"- vs fine-tuned without QAT (what QAT adds): accuracy {_pct(f['acc_nd_vs_ft'])}, "
-            f"gold NLL {_pct(f['nll_nd_vs_ft'])} (recovery {_pct(None if f['nll_nd_vs_ft'] is None else 1 + f['nll_nd_vs_ft'])})",
+            f"- normalized degradation vs base (cards' definition): accuracy {pct(f['acc_nd_vs_base'])}, "
+            f"gold NLL {pct(f['nll_nd_vs_base'])}",
+            f"- vs fine-tuned without QAT (what QAT adds): accuracy {pct(f['acc_nd_vs_ft'])}, "
+            f"gold NLL {pct(f['nll_nd_vs_ft'])} (recovery {pct(None if f['nll_nd_vs_ft'] is None else 1 + f['nll_nd_vs_ft'])})",
             f"- QAT minus fine-tuned-then-PTQ accuracy: {f['qat_minus_ft_ptq_in_stderr']:.2f} standard errors "
             f"({run['variants']['qat']['n']} items; paired over the same items: {_num(f['qat_minus_ft_ptq_paired_in_stderr'])})",
             *(
@@ -211,29 +211,12 @@ def _plot(summary: dict, path: Path) -> None:
 
 
 def recovery_command(
-    recipe: Path, out: Path, schemes: list[str], lora_modes: list[str], overrides: list[str], resume: bool
-) -> None:
-    from rich.table import Table
-
-    from qatkit.log import console
+    recipe: Path, out: Path | None, schemes: list[str], lora_modes: list[str], overrides: list[str], resume: bool
+) -> tuple[dict, Path]:
+    """`qatkit bench recovery`: check the base recipe, run every (scheme, LoRA mode); the summary and where it is
+    (default: benchmarks/recovery-<recipe name>). `render.recovery_summary` prints it."""
     from qatkit.validate import preflight
 
+    target = out or Path("benchmarks") / f"recovery-{recipe.stem}"
     preflight(load_recipe(recipe, overrides))
-    summary = run_recovery(recipe, out, schemes, lora_modes, overrides, resume)
-    table = Table(
-        "run", "QAT acc", "ft-PTQ acc", "nd vs base", "nd vs ft (acc)", "NLL recovery vs ft", title="recovery"
-    )
-    for name, run in summary["runs"].items():
-        f = figures(run)
-        v = run["variants"]
-        recovery = None if f["nll_nd_vs_ft"] is None else 1 + f["nll_nd_vs_ft"]
-        table.add_row(
-            name,
-            f"{100 * v['qat']['acc']:.1f}",
-            f"{100 * v['ft-ptq']['acc']:.1f}",
-            _pct(f["acc_nd_vs_base"]),
-            _pct(f["acc_nd_vs_ft"]),
-            _pct(recovery),
-        )
-    console.print(table)
-    console.print(f"results: {out / 'recovery.md'}")
+    return run_recovery(recipe, target, schemes, lora_modes, overrides, resume), target

@@ -1,7 +1,8 @@
-"""`qatkit bench` (perf): every section on one model, written as bench.json and bench.md."""
+"""`qatkit bench perf`: every section on one model, written as bench.json and bench.md."""
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -156,6 +157,27 @@ def _close_load(load: dict, start: Snapshot) -> None:
     load["after"] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
     load["whole_run"] = load_between(start, end)
     load["shared_with_other_jobs"] = _shared(load)
+
+
+def perf_command_line(
+    model_args: Sequence[str],
+    schemes: Sequence[str],
+    out: Path,
+    quick: bool,
+    threads: int | None,
+    sections: Sequence[str],
+    lora_modes: Sequence[str],
+) -> str:
+    """The `qatkit bench perf` command line of a run (recorded in bench.json and bench.md); the default sections and
+    LoRA modes are left out."""
+    extra = [*(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
+    if list(sections) != list(SECTIONS):
+        extra += ["--sections", ",".join(sections)]
+    if list(lora_modes) != list(LORA_MODES):
+        extra += ["--lora-modes", ",".join(lora_modes)]
+    return shlex.join(
+        ["qatkit", "bench", "perf", *model_args, "--schemes", ",".join(schemes), "--out", str(out), *extra]
+    )
 
 
 def _shared(load: dict) -> bool:
