@@ -15,7 +15,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python3 -m pytest -q -rs tests/gpu 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
-python3 -m qatkit bench --arch configs/arch/qwen3-8b.json --schemes int4 --sections checkpoint_size,decode_latency \
+python3 -m qatkit bench perf --arch configs/arch/qwen3-8b.json --schemes int4 --sections checkpoint_size,decode_latency \
   --out "$out/qwen3-8b-random" 2>&1 | tee "$out/bench.log"
 bench=${PIPESTATUS[0]}
 exit $((tests || bench))

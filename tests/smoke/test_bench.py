@@ -1,4 +1,4 @@
-"""`qatkit bench --tiny --quick` end to end through the CLI: every section present, numbers positive, parity holds.
+"""`qatkit bench perf --tiny --quick` end to end through the CLI: every section present, numbers positive, parity holds.
 
 No timed assertions: on a shared CI machine only the presence and sanity of the figures is checked.
 """
@@ -20,7 +20,7 @@ def positive(x) -> bool:
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny"
-    proc = run_cli("bench", "--tiny", "--quick", "--out", str(out), timeout=300)
+    proc = run_cli("bench", "perf", "--tiny", "--quick", "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "bench.json").read_text()), proc
 
@@ -100,8 +100,9 @@ def test_markdown_report(bench_run):
     assert "bench.json" in proc.stdout
 
 
-def test_bench_help_has_an_example():
-    out = run_cli("bench", "--help")
+@pytest.mark.parametrize("command", [(), ("perf",), ("recovery",)])
+def test_bench_help_has_an_example(command):
+    out = run_cli("bench", *command, "--help")
     assert out.returncode == 0, out.stderr
     assert "Example" in out.stdout
 
@@ -123,7 +124,7 @@ def test_bad_input_exits_cleanly(args, code, message, tmp_path):
 
     if code == 3 and torch.cuda.is_available():
         pytest.skip("int4 converts on CUDA")
-    out = run_cli("bench", *args, "--out", str(tmp_path / "b"))
+    out = run_cli("bench", "perf", *args, "--out", str(tmp_path / "b"))
     assert out.returncode == code, out.stderr
     assert message in out.stderr
     assert "Traceback" not in out.stderr
@@ -167,7 +168,7 @@ def test_bench_recovery_on_the_tiny_recipe(tiny_model_dir, tmp_path):
 def test_a_subset_of_sections_and_modes(tmp_path):
     out = tmp_path / "subset"
     args = ("--sections", "step_time,checkpoint_size", "--lora-modes", "merged", "--schemes", "int8")
-    proc = run_cli("bench", "--tiny", "--quick", *args, "--out", str(out), timeout=300)
+    proc = run_cli("bench", "perf", "--tiny", "--quick", *args, "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "bench.json").read_text())
     assert r["sections"] == ["step_time", "checkpoint_size"]
@@ -186,7 +187,7 @@ def test_an_architecture_with_random_weights(tmp_path):
     (tmp_path / "qwen3-small.json").write_text(json.dumps(config | small))
     out = tmp_path / "arch"
     args = ("--sections", "checkpoint_size", "--schemes", "int8-int4", "--out", str(out))
-    proc = run_cli("bench", "--arch", str(tmp_path / "qwen3-small.json"), "--quick", *args, timeout=300)
+    proc = run_cli("bench", "perf", "--arch", str(tmp_path / "qwen3-small.json"), "--quick", *args, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((out / "bench.json").read_text())
     assert "with random weights" in r["model"] and "--arch" in r["command"]

@@ -1,4 +1,4 @@
-"""`qatkit bench`: what QAT costs in training and what convert buys at deployment, as ratios.
+"""`qatkit bench perf`: what QAT costs in training and what convert buys at deployment, as ratios.
 
 Every figure is a ratio measured inside one run (variants interleaved A, B, A, B, ... and medians
 taken), because absolute times on a shared machine mean little. Sections:
@@ -12,8 +12,9 @@ taken), because absolute times on a shared machine mean little. Sections:
 - cli_startup      `python -m qatkit --help` vs `python -c pass`.
 
 Modules: training (step_time, cache_parity, train_memory), checkpoint, decode, host (machine, load,
-CLI start-up), suite (run_all, markdown), recovery (`qatkit bench recovery`). Heavy libraries are
-imported inside the functions. Worker processes run `python -m qatkit.bench _memory|_decode <json>`.
+CLI start-up), suite (run_all, markdown), recovery (`qatkit bench recovery`), render (what both commands
+print). Heavy libraries are imported inside the functions. Worker processes run
+`python -m qatkit.bench _memory|_decode <json>`.
 """
 
 from qatkit.bench.common import TINY_TEXTS

@@ -10,7 +10,7 @@ from qatkit.bench.training import memory_worker
 
 def _main(argv: list[str]) -> int:
     if len(argv) != 2 or argv[0] not in ("_memory", "_decode"):
-        print("usage: python -m qatkit.bench _memory|_decode '<json args>'  (internal; use `qatkit bench`)")
+        print("usage: python -m qatkit.bench _memory|_decode '<json args>'  (internal; use `qatkit bench perf`)")
         return 2
     args = json.loads(argv[1])
     if argv[0] == "_memory":

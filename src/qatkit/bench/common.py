@@ -185,7 +185,7 @@ def variant_name(scheme: str | None, lora_mode: str | None = None, cache: bool |
 
 
 @dataclass
-class Variant:
+class TrainVariant:
     name: str
     scheme: str | None
     lora_mode: str | None
@@ -197,7 +197,7 @@ class Variant:
 
 def build_variant(
     model_dir: str, scheme: str | None, lora_mode: str | None, cache: bool | None, lora_r: int, seed: int = SEED
-) -> Variant:
+) -> TrainVariant:
     """Load the model fresh and set it up exactly like the hf backend: fake quant first, then LoRA."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -222,10 +222,10 @@ def build_variant(
         "cached_fake_quantizers": cached,
         "trainable_params": sum(p.numel() for p in params),
     }
-    return Variant(variant_name(scheme, lora_mode, cache), scheme, lora_mode, cache, model, optimizer, info)
+    return TrainVariant(variant_name(scheme, lora_mode, cache), scheme, lora_mode, cache, model, optimizer, info)
 
 
-def train_step(v: Variant, ids) -> float:
+def train_step(v: TrainVariant, ids) -> float:
     loss = v.model(input_ids=ids, labels=ids).loss
     loss.backward()
     v.optimizer.step()

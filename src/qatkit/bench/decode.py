@@ -163,42 +163,18 @@ def decode_latency_many(
     Original: fp32 on CPU, bf16 on CUDA; converted: the checkpoint `save_converted` writes (what
     convert writes), reloaded with plain from_pretrained. The same random prompt in every worker.
     """
-    tmp = Path(tempfile.mkdtemp(prefix="qatkit-bench-decode-"))
-    workers: list[_DecodeWorker] = []
-    labels = ["original", *schemes]
-    try:
-        dirs = dict(converted_dirs or {})
-        for sc in schemes:
-            if sc not in dirs:
-                dirs[sc] = tmp / sc
-                save_converted(model_dir, sc, dirs[sc])
-        n = threads or 0  # 0: torch's default in the worker
-        workers = [_DecodeWorker("original", str(model_dir), prompt_len, new_tokens, n, tmp)] + [
-            _DecodeWorker(f"converted-{sc}", str(dirs[sc]), prompt_len, new_tokens, n, tmp) for sc in schemes
-        ]
-        ready = [w.read() for w in workers]  # they load (and warm up) concurrently
-        runs: list[list[dict]] = [[] for _ in workers]
-        for r in range(repeats):
-            for i in range(len(workers)):
-                j = (i + r) % len(workers)
-                runs[j].append(workers[j].ask("run"))
-        final = [w.ask("quit") for w in workers]
-    finally:
-        for w in workers:
-            w.close()
-        shutil.rmtree(tmp, ignore_errors=True)
+    ready, runs, final = _decode_rounds(model_dir, schemes, prompt_len, new_tokens, repeats, converted_dirs, threads)
 
     def summary(i: int) -> dict:
         secs = [x["seconds"] for x in runs[i]]
         med = median(secs)
         return {"median_s": med, "tokens_per_s": new_tokens / med, "times_s": secs, **ready[i], **final[i]}
 
-    stats = {label: summary(i) for i, label in enumerate(labels)}
-    orig = stats["original"]
+    orig = summary(0)
     mem_key = "cuda_peak_mb" if orig.get("cuda_peak_mb") is not None else "peak_above_baseline_mb"
     out = {}
     for i, sc in enumerate(schemes, start=1):
-        conv = stats[sc]
+        conv = summary(i)
         out[sc] = {
             "scheme": sc,
             "prompt_len": prompt_len,
@@ -221,3 +197,40 @@ def decode_latency_many(
             ),
         }
     return out
+
+
+def _decode_rounds(
+    model_dir: str | Path,
+    schemes: Sequence[str],
+    prompt_len: int,
+    new_tokens: int,
+    repeats: int,
+    converted_dirs: dict[str, str | Path] | None,
+    threads: int | None,
+) -> tuple[list[dict], list[list[dict]], list[dict]]:
+    """One worker for the original model, then one per scheme (converting what `converted_dirs` lacks); `repeats`
+    rounds, the order rotating. Returns, per worker (original first): its ready message, its runs, its last word."""
+    tmp = Path(tempfile.mkdtemp(prefix="qatkit-bench-decode-"))
+    workers: list[_DecodeWorker] = []
+    try:
+        dirs = dict(converted_dirs or {})
+        for sc in schemes:
+            if sc not in dirs:
+                dirs[sc] = tmp / sc
+                save_converted(model_dir, sc, dirs[sc])
+        n = threads or 0  # 0: torch's default in the worker
+        workers = [_DecodeWorker("original", str(model_dir), prompt_len, new_tokens, n, tmp)] + [
+            _DecodeWorker(f"converted-{sc}", str(dirs[sc]), prompt_len, new_tokens, n, tmp) for sc in schemes
+        ]
+        ready = [w.read() for w in workers]  # they load (and warm up) concurrently
+        runs: list[list[dict]] = [[] for _ in workers]
+        for r in range(repeats):
+            for i in range(len(workers)):
+                j = (i + r) % len(workers)
+                runs[j].append(workers[j].ask("run"))
+        final = [w.ask("quit") for w in workers]
+    finally:
+        for w in workers:
+            w.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    return ready, runs, final

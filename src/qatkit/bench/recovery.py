@@ -8,16 +8,17 @@ measured by qatkit's own eval stage on the same held-out items.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 from pathlib import Path
 
 from qatkit.core.io import write_json_atomic
+from qatkit.core.metrics import normalized_degradation
+from qatkit.evaluation import variants as variant_info
 from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
-
-VARIANTS = ("bf16", "ptq", "ft-bf16", "ft-ptq", "qat")
+from qatkit.run.records import EvalResults, Parity
+from qatkit.run.rundir import RunDir
 
 
 def run_recovery(
@@ -41,7 +42,7 @@ def run_recovery(
                 "scheme": scheme,
                 "lora_mode": mode,
                 "seconds": round(sum(s.get("seconds", 0) for s in stages), 1),  # across resumes too
-                **_collect(out / name),
+                **_collect(run),
             }
 
     summary = {"base_recipe": str(base_recipe), "overrides": overrides, "runs": runs}
@@ -51,11 +52,11 @@ def run_recovery(
     return summary
 
 
-def _collect(run_dir: Path) -> dict:
-    results = json.loads((run_dir / "eval" / "results.json").read_text())
-    metric = results.get("primary_metric", {}).get("heldout", "acc")
+def _collect(run_dir: RunDir) -> dict:
+    results = EvalResults.load(run_dir.eval.results)
+    metric = results.primary_metric.get("heldout", "acc")
     variants = {}
-    for name, v in results["variants"].items():
+    for name, v in results.variants.items():
         held = v["tasks"]["heldout"]
         variants[name] = {
             "acc": held[metric],
@@ -65,20 +66,14 @@ def _collect(run_dir: Path) -> dict:
             "n": held.get("sample_len"),
             "per_item": held.get("per_item", {}).get(metric),
         }
-    parity = json.loads((run_dir / "convert" / "parity.json").read_text())
-    data = json.loads((run_dir / "manifest.json").read_text()).get("data") or {}
+    parity = Parity.load(run_dir.convert.parity)
+    data = run_dir.manifest().get("data") or {}
     return {
         "metric": metric,
         "variants": variants,
         "eval_sources": data.get("eval_sources", []),
-        "parity_as_trained_sqnr_db": parity["as_trained_vs_converted"]["sqnr_db"],
+        "parity_as_trained_sqnr_db": parity.as_trained_vs_converted["sqnr_db"],
     }
-
-
-def _nd(x: float, ref: float, bad: float, lower_is_better: bool = False) -> float | None:
-    if lower_is_better:
-        x, ref, bad = -x, -ref, -bad
-    return None if ref == bad else (x - ref) / (ref - bad)
 
 
 def paired_difference_in_stderr(a: list[float] | None, b: list[float] | None) -> float | None:
@@ -96,10 +91,12 @@ def figures(run: dict) -> dict:
     qat, ft, ftq, base, ptq = (v[k] for k in ("qat", "ft-bf16", "ft-ptq", "bf16", "ptq"))
     se = math.sqrt((qat["stderr"] or 0) ** 2 + (ftq["stderr"] or 0) ** 2)
     return {
-        "acc_nd_vs_base": _nd(qat["acc"], base["acc"], ptq["acc"]),
-        "acc_nd_vs_ft": _nd(qat["acc"], ft["acc"], ftq["acc"]),
-        "nll_nd_vs_base": _nd(qat["gold_nll"], base["gold_nll"], ptq["gold_nll"], lower_is_better=True),
-        "nll_nd_vs_ft": _nd(qat["gold_nll"], ft["gold_nll"], ftq["gold_nll"], lower_is_better=True),
+        "acc_nd_vs_base": normalized_degradation(qat["acc"], base["acc"], ptq["acc"]),
+        "acc_nd_vs_ft": normalized_degradation(qat["acc"], ft["acc"], ftq["acc"]),
+        "nll_nd_vs_base": normalized_degradation(
+            qat["gold_nll"], base["gold_nll"], ptq["gold_nll"], lower_is_better=True
+        ),
+        "nll_nd_vs_ft": normalized_degradation(qat["gold_nll"], ft["gold_nll"], ftq["gold_nll"], lower_is_better=True),
         "qat_minus_ft_ptq_in_stderr": (qat["acc"] - ftq["acc"]) / se if se else None,
         "qat_minus_ft_ptq_paired_in_stderr": paired_difference_in_stderr(qat.get("per_item"), ftq.get("per_item")),
     }
@@ -125,7 +122,7 @@ def by_source(run: dict) -> list[dict]:
     return sources
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.1f}%"
 
 
@@ -155,7 +152,7 @@ def render(summary: dict) -> str:
             f"| variant | {run['metric']} | ± stderr | gold NLL/token | held-out text NLL/token |",
             "|---|---|---|---|---|",
         ]
-        for key in VARIANTS:
+        for key in variant_info.VARIANT_NAMES:
             v = run["variants"][key]
             text = "—" if v["text_nll"] is None else f"{v['text_nll']:.4f}"
             lines.append(
@@ -163,10 +160,10 @@ def render(summary: dict) -> str:
             )
         lines += [
             "",
-            f"- normalized degradation vs base (cards' definition): accuracy {_pct(f['acc_nd_vs_base'])}, "
-            f"gold NLL {_pct(f['nll_nd_vs_base'])}",
-            f"- vs fine-tuned without QAT (what QAT adds): accuracy {_pct(f['acc_nd_vs_ft'])}, "
-            f"gold NLL {_pct(f['nll_nd_vs_ft'])} (recovery {_pct(None if f['nll_nd_vs_ft'] is None else 1 + f['nll_nd_vs_ft'])})",
+            f"- normalized degradation vs base (cards' definition): accuracy {pct(f['acc_nd_vs_base'])}, "
+            f"gold NLL {pct(f['nll_nd_vs_base'])}",
+            f"- vs fine-tuned without QAT (what QAT adds): accuracy {pct(f['acc_nd_vs_ft'])}, "
+            f"gold NLL {pct(f['nll_nd_vs_ft'])} (recovery {pct(None if f['nll_nd_vs_ft'] is None else 1 + f['nll_nd_vs_ft'])})",
             f"- QAT minus fine-tuned-then-PTQ accuracy: {f['qat_minus_ft_ptq_in_stderr']:.2f} standard errors "
             f"({run['variants']['qat']['n']} items; paired over the same items: {_num(f['qat_minus_ft_ptq_paired_in_stderr'])})",
             *(
@@ -189,21 +186,24 @@ def _plot(summary: dict, path: Path) -> None:
 
     runs = summary["runs"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
-    colors = {"bf16": "#777777", "ptq": "#cc6644", "ft-bf16": "#999999", "ft-ptq": "#dd9977", "qat": "#3366aa"}
     for ax, key, label in (
         (axes[0], "acc", "accuracy (%)"),
         (axes[1], "gold_nll", "gold NLL / token (lower is better)"),
     ):
-        width = 0.8 / len(VARIANTS)
-        for i, variant in enumerate(VARIANTS):
+        width = 0.8 / len(variant_info.VARIANT_NAMES)
+        for i, variant in enumerate(variant_info.VARIANT_NAMES):
             xs = [j + i * width for j in range(len(runs))]
             scale = 100 if key == "acc" else 1
             ys = [scale * r["variants"][variant][key] for r in runs.values()]
             err = [100 * (r["variants"][variant]["stderr"] or 0) for r in runs.values()] if key == "acc" else None
-            ax.bar(xs, ys, width, yerr=err, label=variant, color=colors[variant], capsize=2)
+            ax.bar(xs, ys, width, yerr=err, label=variant, color=variant_info.colour(variant), capsize=2)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(runs))], list(runs), fontsize=8)
         ax.set_ylabel(label)
-        values = [(100 if key == "acc" else 1) * r["variants"][v][key] for r in runs.values() for v in VARIANTS]
+        values = [
+            (100 if key == "acc" else 1) * r["variants"][v][key]
+            for r in runs.values()
+            for v in variant_info.VARIANT_NAMES
+        ]
         ax.set_ylim(min(values) * 0.95, max(values) * 1.03)
     axes[0].legend(fontsize=7, ncol=3)
     fig.tight_layout()
@@ -212,29 +212,12 @@ def _plot(summary: dict, path: Path) -> None:
 
 
 def recovery_command(
-    recipe: Path, out: Path, schemes: list[str], lora_modes: list[str], overrides: list[str], resume: bool
-) -> None:
-    from rich.table import Table
-
-    from qatkit.core.log import console
+    recipe: Path, out: Path | None, schemes: list[str], lora_modes: list[str], overrides: list[str], resume: bool
+) -> tuple[dict, Path]:
+    """`qatkit bench recovery`: check the base recipe, run every (scheme, LoRA mode); the summary and where it is
+    (default: benchmarks/recovery-<recipe name>). `render.bench_recovery` prints it."""
     from qatkit.validate import preflight
 
+    target = out or Path("benchmarks") / f"recovery-{recipe.stem}"
     preflight(load_recipe(recipe, overrides))
-    summary = run_recovery(recipe, out, schemes, lora_modes, overrides, resume)
-    table = Table(
-        "run", "QAT acc", "ft-PTQ acc", "nd vs base", "nd vs ft (acc)", "NLL recovery vs ft", title="recovery"
-    )
-    for name, run in summary["runs"].items():
-        f = figures(run)
-        v = run["variants"]
-        recovery = None if f["nll_nd_vs_ft"] is None else 1 + f["nll_nd_vs_ft"]
-        table.add_row(
-            name,
-            f"{100 * v['qat']['acc']:.1f}",
-            f"{100 * v['ft-ptq']['acc']:.1f}",
-            _pct(f["acc_nd_vs_base"]),
-            _pct(f["acc_nd_vs_ft"]),
-            _pct(recovery),
-        )
-    console.print(table)
-    console.print(f"results: {out / 'recovery.md'}")
+    return run_recovery(recipe, target, schemes, lora_modes, overrides, resume), target

@@ -1,7 +1,8 @@
-"""`qatkit bench` (perf): every section on one model, written as bench.json and bench.md."""
+"""`qatkit bench perf`: every section on one model, written as bench.json and bench.md."""
 
 import json
 import os
+import shlex
 import shutil
 import tempfile
 from collections.abc import Callable, Sequence
@@ -15,10 +16,11 @@ from qatkit.bench.common import (
     LORA_MODES,
     QUICK,
     SECTIONS,
+    Settings,
     quiet,
 )
 from qatkit.bench.decode import decode_latency_many
-from qatkit.bench.host import auto_threads, cli_startup, load_between, machine, snapshot
+from qatkit.bench.host import Snapshot, auto_threads, cli_startup, load_between, machine, snapshot
 from qatkit.bench.training import step_time, train_memory
 
 # --- everything --------------------------------------------------------------------------------
@@ -50,10 +52,40 @@ def run_all(
     command = (
         command or f"python -c 'from qatkit.bench import run_all; run_all({model_dir!r}, {str(out_dir)!r}, {quick})'"
     )
-    result: dict = {
+    result = _header(model_dir, quick, settings, schemes, lora_modes, sections, model_label or model_dir, command)
+    threads, why = auto_threads() if threads is None else (threads, {"policy": "given"})
+    result["threads"] = {"timed_sections": threads, **why}
+    say(f"torch threads for the timed sections: {threads} ({why['policy']})")
+    start = snapshot()
+    ckpt_root = Path(tempfile.mkdtemp(prefix="qatkit-bench-"))  # checkpoint_size's checkpoints, reused by decode
+    try:
+        jobs = _section_jobs(model_dir, settings, schemes, lora_modes, threads, ckpt_root, say)
+        for name, job in jobs.items():
+            if name in sections:
+                _run_section(result, name, job, say)
+    finally:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    _close_load(result["load"], start)
+    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "bench.md").write_text(render_markdown(result))
+    return result
+
+
+def _header(
+    model_dir: str,
+    quick: bool,
+    settings: Settings,
+    schemes: Sequence[str],
+    lora_modes: Sequence[str],
+    sections: Sequence[str],
+    model_label: str,
+    command: str,
+) -> dict:
+    """bench.json before any section: what runs, on which machine, and the load before it starts."""
+    return {
         "qatkit_bench": 1,
         "command": command,
-        "model": model_label or model_dir,
+        "model": model_label,
         "model_dir": model_dir,
         "quick": quick,
         "schemes": list(schemes),
@@ -63,83 +95,89 @@ def run_all(
         "machine": machine(),
         "load": {"before": {"loadavg": [round(x, 2) for x in os.getloadavg()]}, "sections": {}},
     }
-    if threads is None:
-        threads, why = auto_threads()
-    else:
-        why = {"policy": "given"}
-    result["threads"] = {"timed_sections": threads, **why}
-    say(f"torch threads for the timed sections: {threads} ({why['policy']})")
-    start = snapshot()
-    s = settings
 
-    def section(name: str, fn: Callable[[], dict]) -> None:
-        if name not in sections:
-            return
-        say(f"▶ {name}")
-        a = snapshot()
-        result[name] = fn()
-        result["load"]["sections"][name] = load_between(a, snapshot())
 
-    section("cli_startup", lambda: cli_startup(s.startup_repeats))
-    section(
-        "step_time",
-        lambda: step_time(
-            model_dir,
-            schemes,
-            lora_modes,
-            s.batch_size,
-            s.seq_len,
-            s.steps,
-            s.lora_r,
-            warmup=s.warmup,
-            parity_steps=s.parity_steps,
-            parity_batch=s.parity_batch,
-            parity_seq_len=s.parity_seq_len,
-            threads=threads,
-            time_budget_s=s.step_time_budget_s,
-            max_steps=s.max_steps,
-            progress=lambda m: say(f"  step_time: {m}"),
+def _section_jobs(
+    model_dir: str,
+    s: Settings,
+    schemes: Sequence[str],
+    lora_modes: Sequence[str],
+    threads: int,
+    ckpt_root: Path,
+    say: Callable[[str], None],
+) -> dict[str, Callable[[], dict]]:
+    """Every section as a call, in the order they run (the order of SECTIONS)."""
+
+    def converted_dirs() -> dict[str, Path]:  # what checkpoint_size left, if it ran
+        return {sc: ckpt_root / sc for sc in schemes if (ckpt_root / sc).is_dir()}
+
+    memory_modes, caches = (lora_modes, (False, True)) if s.memory_all_variants else (lora_modes[:1], (True,))
+    jobs: dict[str, Callable[[], dict]] = {
+        "cli_startup": lambda: cli_startup(s.startup_repeats),
+        "step_time": lambda: step_time(
+            model_dir, schemes, lora_modes, s, threads=threads, progress=lambda m: say(f"  step_time: {m}")
         ),
-    )
-    section(
-        "train_memory",
-        lambda: train_memory(
+        "train_memory": lambda: train_memory(
             model_dir,
             schemes,
-            lora_modes if s.memory_all_variants else lora_modes[:1],
+            memory_modes,
             s.batch_size,
             s.seq_len,
             s.memory_steps,
             s.lora_r,
-            caches=(False, True) if s.memory_all_variants else (True,),
+            caches=caches,
             progress=lambda m: say(f"  train_memory: {m}"),
         ),
-    )
-    ckpt_root = Path(tempfile.mkdtemp(prefix="qatkit-bench-"))
-    try:
-        section("checkpoint_size", lambda: {sc: checkpoint_size(model_dir, sc, ckpt_root / sc) for sc in schemes})
-        section(
-            "decode_latency",
-            lambda: decode_latency_many(
-                model_dir,
-                schemes,
-                s.prompt_len,
-                s.new_tokens,
-                repeats=s.decode_repeats,
-                converted_dirs={sc: ckpt_root / sc for sc in schemes if (ckpt_root / sc).is_dir()},
-                threads=threads,
-            ),
-        )
+        "checkpoint_size": lambda: {sc: checkpoint_size(model_dir, sc, ckpt_root / sc) for sc in schemes},
+        "decode_latency": lambda: decode_latency_many(
+            model_dir,
+            schemes,
+            s.prompt_len,
+            s.new_tokens,
+            repeats=s.decode_repeats,
+            converted_dirs=converted_dirs(),
+            threads=threads,
+        ),
+    }
+    assert tuple(jobs) == SECTIONS
+    return jobs
 
-    finally:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
+
+def _run_section(result: dict, name: str, job: Callable[[], dict], say: Callable[[str], None]) -> None:
+    """Run one section into `result[name]`, with the CPU load of the machine during it."""
+    say(f"▶ {name}")
+    before = snapshot()
+    result[name] = job()
+    result["load"]["sections"][name] = load_between(before, snapshot())
+
+
+def _close_load(load: dict, start: Snapshot) -> None:
+    """The load after the run, over the whole run, and whether other jobs shared the machine."""
     end = snapshot()
-    result["load"]["after"] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
-    result["load"]["whole_run"] = load_between(start, end)
-    result["load"]["shared_with_other_jobs"] = _shared(result["load"])
-    (out_dir / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out_dir / "bench.md").write_text(render_markdown(result))
-    return result
+    load["after"] = {"loadavg": [round(x, 2) for x in os.getloadavg()]}
+    load["whole_run"] = load_between(start, end)
+    load["shared_with_other_jobs"] = _shared(load)
+
+
+def perf_command_line(
+    model_args: Sequence[str],
+    schemes: Sequence[str],
+    out: Path,
+    quick: bool,
+    threads: int | None,
+    sections: Sequence[str],
+    lora_modes: Sequence[str],
+) -> str:
+    """The `qatkit bench perf` command line of a run (recorded in bench.json and bench.md); the default sections and
+    LoRA modes are left out."""
+    extra = [*(["--quick"] if quick else []), *(["--threads", str(threads)] if threads else [])]
+    if list(sections) != list(SECTIONS):
+        extra += ["--sections", ",".join(sections)]
+    if list(lora_modes) != list(LORA_MODES):
+        extra += ["--lora-modes", ",".join(lora_modes)]
+    return shlex.join(
+        ["qatkit", "bench", "perf", *model_args, "--schemes", ",".join(schemes), "--out", str(out), *extra]
+    )
 
 
 def _shared(load: dict) -> bool:

@@ -1,15 +1,19 @@
 """Training cost of QAT: step time (variants interleaved), fq-cache parity, peak memory per variant."""
 
+import contextlib
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from qatkit.bench.common import (
     DEFAULT_SCHEMES,
+    FULL,
     LORA_MODES,
     SEED,
+    Settings,
     build_variant,
     device,
     free_memory,
@@ -34,18 +38,9 @@ def step_time(
     model_dir: str | Path,
     schemes: Sequence[str] = DEFAULT_SCHEMES,
     lora_modes: Sequence[str] = LORA_MODES,
-    batch_size: int = 8,
-    seq_len: int = 96,
-    steps: int = 4,
-    lora_r: int = 16,
+    settings: Settings = FULL,
     *,
-    warmup: int = 1,
-    parity_steps: int = 4,
-    parity_batch: int = 2,
-    parity_seq_len: int = 32,
     threads: int | None = None,
-    time_budget_s: float = 0.0,
-    max_steps: int | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Seconds per LoRA training step, plain vs QAT, fq cache off/on; variants interleaved per round.
@@ -53,31 +48,66 @@ def step_time(
     Every variant is loaded fresh from `model_dir`, trains on the same random-token batch from the same
     LoRA init, and all of them are held in memory at once (1 + 4 × len(schemes) models with both
     LoRA modes). Round r runs every variant once, starting at a rotating offset; the figures are the
-    median s/step and the median over rounds of the per-round ratio to plain LoRA. At least `steps`
-    timed rounds run, more (up to `max_steps`) while the timed rounds took less than `time_budget_s`
-    (a small model gets many rounds, a big one `steps`). `threads` sets torch's intra-op threads
-    (default: torch's own choice).
+    median s/step and the median over rounds of the per-round ratio to plain LoRA. At least
+    `settings.steps` timed rounds run, more (up to `settings.max_steps`) while the timed rounds took
+    less than `settings.step_time_budget_s` (a small model gets many rounds, a big one `steps`), after
+    `settings.warmup` untimed ones; then `cache_parity` per scheme and mode. `threads` sets torch's
+    intra-op threads (default: torch's own choice).
     """
-    import torch
-
     quiet()
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    used_threads = torch.get_num_threads()
+    say = progress or (lambda msg: None)
     model_dir = str(model_dir)
     specs = variant_specs(schemes, lora_modes, (False, True))
+    with _torch_threads(threads) as used_threads:
+        timing = _time_variants(model_dir, specs, settings, say)
+        free_memory()  # the models went with _time_variants' frame
+        return {
+            "settings": _step_time_settings(settings, timing, used_threads),
+            "variants": _variant_figures(specs, timing),
+            "cache_speedup": _cache_speedups(schemes, lora_modes, timing.times),
+            "parity": _parity_all(model_dir, schemes, lora_modes, settings, say),
+        }
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: int | None) -> Iterator[int]:
+    """torch's intra-op threads set to `threads` (None: left as they are) inside; yields the number in use."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """What the interleaved rounds measured: seconds and losses per variant name (in spec order), its setup info."""
+
+    times: dict[str, list[float]]
+    losses: dict[str, list[float]]
+    infos: dict[str, dict]
+    rounds: int  # warm-up rounds included
+
+
+def _time_variants(model_dir: str, specs: list[tuple], s: Settings, say: Callable[[str], None]) -> _Timing:
+    """Build every variant, then run the rounds: each variant one training step per round, the order rotating.
+
+    The models live only in this frame: they are dropped when it returns (the caller frees the memory)."""
     variants = []
     for spec in specs:
-        variants.append(build_variant(model_dir, *spec, lora_r=lora_r))
-        progress and progress(f"built {variants[-1].name}")
+        variants.append(build_variant(model_dir, *spec, lora_r=s.lora_r))
+        say(f"built {variants[-1].name}")
     vocab = variants[0].model.get_output_embeddings().weight.shape[0]
-    ids = random_ids(vocab, batch_size, seq_len, SEED).to(device())
+    ids = random_ids(vocab, s.batch_size, s.seq_len, SEED).to(device())
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     losses: dict[str, list[float]] = {v.name: [] for v in variants}
     timed = 0.0
     r = 0
-    while r < warmup + steps or (timed < time_budget_s and r < warmup + max(steps, max_steps or 0)):
+    while r < s.warmup + s.steps or (timed < s.step_time_budget_s and r < s.warmup + max(s.steps, s.max_steps)):
         order = variants[r % len(variants) :] + variants[: r % len(variants)]
         for v in order:
             sync()
@@ -86,38 +116,36 @@ def step_time(
             sync()
             dt = time.perf_counter() - t0
             losses[v.name].append(loss)
-            if r >= warmup:
+            if r >= s.warmup:
                 times[v.name].append(dt)
                 timed += dt
-        if r < warmup + steps:
-            progress and progress(f"round {r + 1}/{warmup + steps}" + (" (warm-up)" if r < warmup else ""))
+        if r < s.warmup + s.steps:
+            say(f"round {r + 1}/{s.warmup + s.steps}" + (" (warm-up)" if r < s.warmup else ""))
         r += 1
-    infos = {v.name: v.info for v in variants}
-    variants.clear()
-    order.clear()
-    v = None  # the loop variable holds a model too
-    free_memory()
+    return _Timing(times, losses, {v.name: v.info for v in variants}, r)
 
-    plain = times["plain"]
-    out: dict = {
-        "settings": {
-            "batch_size": batch_size,
-            "seq_len": seq_len,
-            "timed_steps": r - warmup,
-            "warmup_steps": warmup,
-            "lora_r": lora_r,
-            "dtype": str(train_dtype()).removeprefix("torch."),
-            "device": str(device()),
-            "torch_threads": used_threads,
-            "batch": "random token ids (seeded), labels = inputs",
-        },
-        "variants": {},
-        "cache_speedup": {},
-        "parity": {},
+
+def _step_time_settings(s: Settings, timing: _Timing, used_threads: int) -> dict:
+    return {
+        "batch_size": s.batch_size,
+        "seq_len": s.seq_len,
+        "timed_steps": timing.rounds - s.warmup,
+        "warmup_steps": s.warmup,
+        "lora_r": s.lora_r,
+        "dtype": str(train_dtype()).removeprefix("torch."),
+        "device": str(device()),
+        "torch_threads": used_threads,
+        "batch": "random token ids (seeded), labels = inputs",
     }
-    for (scheme, mode, cache), name in zip(specs, times, strict=True):
-        t = times[name]
-        out["variants"][name] = {
+
+
+def _variant_figures(specs: list[tuple], timing: _Timing) -> dict:
+    """Per variant: median s/step, the times, the median per-round ratio to plain LoRA, losses, setup info."""
+    plain = timing.times["plain"]
+    figures = {}
+    for (scheme, mode, cache), name in zip(specs, timing.times, strict=True):
+        t = timing.times[name]
+        figures[name] = {
             "scheme": scheme,
             "lora_mode": mode,
             "fq_cache": cache,
@@ -125,26 +153,38 @@ def step_time(
             "times_s": t,
             "ratio_vs_plain": median([a / b for a, b in zip(t, plain, strict=True)]),
             "ratio_of_medians_vs_plain": median(t) / median(plain),
-            "loss_first": losses[name][0],
-            "loss_last": losses[name][-1],
-            **infos[name],
+            "loss_first": timing.losses[name][0],
+            "loss_last": timing.losses[name][-1],
+            **timing.infos[name],
         }
+    return figures
+
+
+def _cache_speedups(schemes: Sequence[str], lora_modes: Sequence[str], times: dict[str, list[float]]) -> dict:
+    """Per scheme and mode: the median per-round ratio of s/step with the fq cache off to on."""
+    speedups = {}
     for scheme in schemes:
         for mode in lora_modes:
             off, on = times[variant_name(scheme, mode, False)], times[variant_name(scheme, mode, True)]
-            out["cache_speedup"][f"{scheme}/{mode}"] = {
+            speedups[f"{scheme}/{mode}"] = {
                 "nocache_over_cache": median([a / b for a, b in zip(off, on, strict=True)]),
                 "median_s_nocache": median(off),
                 "median_s_cache": median(on),
             }
+    return speedups
+
+
+def _parity_all(
+    model_dir: str, schemes: Sequence[str], lora_modes: Sequence[str], s: Settings, say: Callable[[str], None]
+) -> dict:
+    parity = {}
     for scheme in schemes:
         for mode in lora_modes:
-            out["parity"][f"{scheme}/{mode}"] = cache_parity(
-                model_dir, scheme, mode, lora_r, parity_batch, parity_seq_len, parity_steps
+            parity[f"{scheme}/{mode}"] = cache_parity(
+                model_dir, scheme, mode, s.lora_r, s.parity_batch, s.parity_seq_len, s.parity_steps
             )
-            progress and progress(f"parity {scheme}/{mode}")
-    torch.set_num_threads(previous_threads)
-    return out
+            say(f"parity {scheme}/{mode}")
+    return parity
 
 
 def cache_parity(

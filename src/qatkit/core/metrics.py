@@ -25,7 +25,14 @@ def compare(reference, other) -> dict:
     }
 
 
-def normalized_degradation(acc: float, acc_bf16: float, acc_ptq: float) -> float | None:
-    """The seed cards' metric: (acc - acc_bf16) / (acc_bf16 - acc_ptq). 0 = bf16 quality, -1 = as bad as PTQ."""
+def normalized_degradation(
+    acc: float, acc_bf16: float, acc_ptq: float, *, lower_is_better: bool = False
+) -> float | None:
+    """The seed cards' metric: (acc - acc_bf16) / (acc_bf16 - acc_ptq). 0 = bf16 quality, -1 = as bad as PTQ.
+
+    `lower_is_better` (a loss, e.g. NLL): the same with the signs turned, so -1 still means as bad as PTQ.
+    """
+    if lower_is_better:
+        acc, acc_bf16, acc_ptq = -acc, -acc_bf16, -acc_ptq
     gap = acc_bf16 - acc_ptq
     return None if gap == 0 else (acc - acc_bf16) / gap

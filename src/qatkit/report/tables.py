@@ -52,7 +52,7 @@ def quality_rows(results: dict) -> list[dict]:
 def _nll_nd(m: dict, ref: dict | None, ptq: dict | None) -> float | None:
     """Normalized degradation of gold NLL (lower is better): 0 = reference quality, -1 = as bad as its PTQ."""
     values = [d.get("gold_nll") if d else None for d in (m, ref, ptq)]
-    return None if None in values else normalized_degradation(*(-v for v in values))
+    return None if None in values else normalized_degradation(*values, lower_is_better=True)
 
 
 def _combined_stderr(a: float | None, b: float | None) -> float | None:
