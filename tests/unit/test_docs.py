@@ -1,10 +1,12 @@
 """The documentation stays true to the code: docs/recipe-keys.md is what scripts/gen_recipe_docs.py generates from
-the recipe models."""
+the recipe models, and the relative links of the Markdown pages point at files that exist."""
 
 import importlib.util
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "README.md", *(ROOT / "docs").glob("*.md")]
 
 
 def _generator():
@@ -30,3 +32,15 @@ def test_every_recipe_key_has_a_description():
         if not (field.description or "").strip()
     ]
     assert not missing, f"add a Field(description=...) in src/qatkit/recipe.py for: {missing}"
+
+
+def test_relative_links_point_at_files():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            path = target.split("#")[0]
+            if not path or re.match(r"[a-z]+:", path):  # an anchor on the page, or a URL
+                continue
+            if not (page.parent / path).exists():
+                broken.append(f"{page.relative_to(ROOT)}: {target}")
+    assert not broken, f"links to missing files: {broken}"
