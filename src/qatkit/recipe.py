@@ -260,7 +260,7 @@ class EvalSpec(Strict):
 
     include_path: str | None = Field(
         None,
-        description="Directory of local lm-eval task YAMLs (e.g. written by qatkit.stages.mmlu_local), relative to "
+        description="Directory of local lm-eval task YAMLs (e.g. an MMLU task dir written from a local file), relative to "
         "the recipe.",
     )
     text_path: str | None = Field(None, description="Held-out running text (jsonl) for a per-token NLL metric.")
