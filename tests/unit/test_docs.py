@@ -31,7 +31,7 @@ def test_every_recipe_key_has_a_description():
         for name, field in model.model_fields.items()
         if not (field.description or "").strip()
     ]
-    assert not missing, f"add a Field(description=...) in src/qatkit/recipe.py for: {missing}"
+    assert not missing, f"add a Field(description=...) in src/qatkit/recipe/schema.py for: {missing}"
 
 
 def test_relative_links_point_at_files():
