@@ -35,3 +35,6 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TORCHDYNAMO_VERBOSE", "0")
+    from qatkit.progress import quiet_known_warnings
+
+    quiet_known_warnings(debug)  # torch's register_constant warnings at torchao's import; kept under --debug

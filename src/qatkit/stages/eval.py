@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from qatkit import schemes
+from qatkit import progress, schemes
 from qatkit.backends.base import trained_dir
 from qatkit.data import chat_prompt, read_items, read_jsonl
 from qatkit.errors import EnvError, RecipeError
@@ -151,6 +151,7 @@ def evaluate_model(
         batch_size=spec.batch_size,
         max_length=model.config.max_position_embeddings,
     )
+    progress.quiet_requests(lm)  # lm-eval's per-request bars, unless --verbose
     out = simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -321,7 +322,7 @@ def run(recipe, run_dir, work: Path, resume: bool = False) -> dict:
     results, timings = {}, {}
     scored = work / "variants"  # each variant's scores as soon as they exist: `--resume` after a kill keeps them
     scored.mkdir(exist_ok=True)
-    for variant in variants_for(recipe, run_dir):
+    for variant in progress.each_variant(variants_for(recipe, run_dir), timings):  # shows i/N and time
         key = _cache_key(
             variant,
             spec,

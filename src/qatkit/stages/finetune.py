@@ -8,7 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
-from qatkit import distributed, interrupts, schemes
+from qatkit import distributed, interrupts, progress, schemes
 from qatkit.backends.base import TrainResult, select_backend, trained_dir
 from qatkit.data import read_jsonl
 from qatkit.pipeline import RunDir
@@ -16,7 +16,8 @@ from qatkit.recipe import Recipe
 
 
 def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> dict:
-    with interrupts.deferred():  # Ctrl-C stops training at a step boundary, with a checkpoint
+    # Ctrl-C stops training at a step boundary, with a checkpoint; model-loading and data-prep bars off (not --verbose)
+    with interrupts.deferred(), progress.quiet_library_bars():
         schemes.require_hardware(schemes.for_recipe(recipe.qat), "train")
         backend = select_backend(recipe)
         examples = read_jsonl(run_dir.root / "data" / "train.jsonl")
