@@ -6,7 +6,7 @@ import importlib
 from collections.abc import Callable
 from pathlib import Path
 
-from qatkit.core import distributed
+from qatkit.core import distributed, progress
 from qatkit.core.env import device_description, package_versions
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import is_done, publish_dir, write_json_atomic
@@ -21,7 +21,8 @@ STAGE_NEEDS = {"convert": ["finetune"], "eval": ["convert"]}  # when the recipe 
 
 
 def run_stage(run: RunDir, name: str, fn: StageFn, recipe: Recipe, *, resume: bool) -> dict:
-    with run.atomic_stage(name, resume=resume) as work:
+    """One stage in its atomic work dir; the libraries' own progress bars are off (qatkit shows its own)."""
+    with run.atomic_stage(name, resume=resume) as work, progress.quiet_library_bars():
         summary = fn(recipe, run, work, resume)
         if distributed.is_main():
             write_json_atomic(work / "stage.json", {"stage": name, "summary": summary, "versions": package_versions()})

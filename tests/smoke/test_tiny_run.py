@@ -1,6 +1,7 @@
 """The tiny recipe end to end through the real CLI, in a subprocess, offline."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -86,6 +87,21 @@ def test_results_and_report(tiny_run):
     assert manifest["data"]["sha256_16"] and manifest["parity"]["reloaded_vs_in_memory"]["max_abs_diff"] == 0
 
     assert "quality" in result.stdout and "checkpoint:" in result.stdout
+
+
+def test_output_shows_progress_lines_not_raw_dicts_bars_or_warnings(tiny_run):
+    """Piped (no terminal): qatkit's own short lines; not the Trainer's dicts, lm-eval's bars or torch's warnings."""
+    _, result = tiny_run
+    out = result.stdout + result.stderr
+    assert "{'loss'" not in out and "'train_runtime'" not in out
+    assert re.search(r"^✓ QAT training: 12/12 steps, loss \d+\.\d{4} → \d+\.\d{4}, [\d.]+ s$", result.stdout, re.M)
+    assert [line.split(" — ")[0] for line in result.stdout.splitlines() if line.startswith("✓ eval")] == [
+        "✓ eval 1/3 qat",
+        "✓ eval 2/3 ptq",
+        "✓ eval 3/3 bf16",
+    ]
+    assert "Running loglikelihood requests" not in out and "Tokenizing train dataset" not in out
+    assert "register_constant" not in out
 
 
 def test_report_rebuilds_without_rerunning(tiny_run):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit.core import distributed, interrupts
+from qatkit.core import distributed, interrupts, progress
 from qatkit.core.errors import Interrupted, RecipeError
 from qatkit.quant.patches import fake_quantizers
 from qatkit.quant.scales import learned_scales, load_learned_scales, save_learned_scales
@@ -218,7 +218,8 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
     if interrupts.requested():  # while the model and trainer were being built: nothing trained yet
         raise Interrupted("interrupted before training started")
     trainer.add_callback(interrupts.stop_at_step_end_callback())
-    trainer.train(resume_from_checkpoint=resume_from)
+    with progress.training(trainer, qat=bool(fake_quantizers(model))):  # a bar instead of raw dicts
+        trainer.train(resume_from_checkpoint=resume_from)
     if interrupts.requested() and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}")
     losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]

@@ -35,3 +35,27 @@ def setup(verbose: bool = False, debug: bool = False) -> None:
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TORCHDYNAMO_VERBOSE", "0")
+    quiet_known_warnings(debug)  # torch's register_constant warnings at torchao's import; kept under --debug
+
+
+class _KnownHarmless(logging.Filter):
+    """torch 2.13 logs a deprecation warning (logger torch.utils._pytree, through torch's own handler: a line
+    "W<date> ... torch/utils/_pytree.py:630] <enum ...> is an Enum subclass ...") for each Enum class registered
+    with register_constant(). torchao 0.18 registers two as it is imported (torchao.utils.register_as_pytree_constant
+    on KernelPreference and, in prototype/mx_formats, ScaleCalculationMode): torchao's to change, nothing a qatkit
+    user can act on. Every other record of that logger passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "register_constant() on Enum subclasses is deprecated" not in str(record.msg)
+
+
+_KNOWN_HARMLESS = {"torch.utils._pytree": _KnownHarmless()}
+
+
+def quiet_known_warnings(debug: bool = False) -> None:
+    """Drop the known-harmless library warnings above (torch need not be imported yet); --debug keeps them."""
+    for name, known in _KNOWN_HARMLESS.items():
+        if debug:
+            logging.getLogger(name).removeFilter(known)
+        else:
+            logging.getLogger(name).addFilter(known)

@@ -7,6 +7,7 @@ import functools
 import json
 from pathlib import Path
 
+from qatkit.core import progress
 from qatkit.core.errors import EnvError, RecipeError
 from qatkit.data import chat_prompt, read_items
 from qatkit.recipe import EvalSpec
@@ -106,6 +107,7 @@ def evaluate_model(
         batch_size=spec.batch_size,
         max_length=model.config.max_position_embeddings,
     )
+    progress.quiet_requests(lm)  # lm-eval's per-request bars, unless --verbose
     out = simple_evaluate(
         model=lm,
         tasks=tasks,

@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from qatkit.core import progress
 from qatkit.core.cache import cache_key, cache_lock, cache_root, code_fingerprint
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import DONE, read_json, read_jsonl, write_json_atomic
+from qatkit.evaluation import variants as variant_info
 from qatkit.evaluation.lmeval import HELDOUT, check_tasks_available, evaluate_model, primary_metric, write_heldout_task
 from qatkit.evaluation.nll import gold_nll, load_texts, text_nll
 from qatkit.models.assembly import load_finetuned
@@ -169,7 +171,7 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
         include.append(str(heldout.task_dir))
     files.variants.mkdir(exist_ok=True)
     results, timings = {}, {}
-    for target in targets_for(recipe, run_dir):
+    for target in progress.each_variant(targets_for(recipe, run_dir), timings, variant_info.label):  # i/N, time
         key = _cache_key(target, recipe, heldout.digest if heldout else "")
         # a converted model is identified by its finished stage (a re-run convert writes a new DONE)
         resume_key = [key, target.path and (Path(target.path) / DONE).stat().st_mtime_ns]
