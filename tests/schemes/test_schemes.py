@@ -36,6 +36,8 @@ EXPECTED_FQ = {
     "w4-channel": (None, "IntxFakeQuantizer"),
     "fp8-int4": ("Float8FakeQuantizer", "Int4WeightFakeQuantizer"),
     "fp8-fp8": ("Float8FakeQuantizer", "Float8FakeQuantizer"),
+    "q4_0": (None, "GGUFFakeQuantizer"),
+    "q8_0": (None, "GGUFFakeQuantizer"),
 }
 
 
@@ -83,7 +85,7 @@ def train_steps(model, steps=4, lr=5e-3):
 
 
 def test_registry_covers_the_required_schemes():
-    for name in ("int4", "int8", "fp8-int4", "int8-int4", "fp8-fp8", "w4-intx", "nvfp4", "mxfp8"):
+    for name in ("int4", "int8", "fp8-int4", "int8-int4", "fp8-fp8", "w4-intx", "nvfp4", "mxfp8", "q4_0", "q8_0"):
         assert name in ALL
     assert canonical_name("8da4w") == "int8-int4"
 

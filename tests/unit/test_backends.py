@@ -99,6 +99,10 @@ def test_unsloth_refuses_what_it_cannot_train_faithfully():
         check_unsloth_recipe(recipe("unsloth", "int8-int4", "unmerged"))
     with pytest.raises(RecipeError, match="learn_scales"):
         check_unsloth_recipe(recipe("unsloth", "w4-channel", "unmerged", learn_scales=True))
+    # the GGUF grids are qatkit's own fake quantizer, which Unsloth's torchao qat_scheme cannot apply
+    for scheme in ("q4_0", "q8_0"):
+        with pytest.raises(RecipeError, match=r"own weight fake quantizer.*backend: hf"):
+            check_unsloth_recipe(recipe("unsloth", scheme, "unmerged"))
     full = recipe("unsloth", "int8", "unmerged").model_copy(update={"train": TrainSpec(full_finetuning=True)})
     with pytest.raises(RecipeError, match="full_finetuning"):
         check_unsloth_recipe(full)

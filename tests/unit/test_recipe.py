@@ -161,12 +161,16 @@ def test_group_size_only_for_schemes_whose_granularity_is_configurable():
     assert "fixed granularity (one scale per row)" in _problems(_with(qat={"scheme": "fp8-fp8", "group_size": 64}))
     per_group = validate_recipe(_with(qat={"scheme": "w4-channel", "group_size": 32})).quant  # per channel -> groups
     assert per_group.group_size == 32
+    # a fixed granularity accepts its own group size (the smoke recipe sets group_size: 32 for any scheme)
+    assert validate_recipe(_with(qat={"scheme": "q4_0", "group_size": 32})).quant.group_size == 32
+    assert "fixed granularity (group size 32)" in _problems(_with(qat={"scheme": "q8_0", "group_size": 64}))
 
 
 def test_learn_scales_only_for_schemes_with_intx_scales():
     qat = validate_recipe(_with(qat={"scheme": "w4-channel", "learn_scales": True})).quant
     assert qat.learn_scales
     assert qat.cache_id == "w4-channel"  # PTQ computes scales from the weights either way
+    assert "has no learnable intx scales" in _problems(_with(qat={"scheme": "q4_0", "learn_scales": True}))
     problems = _problems(_with(qat={"scheme": "int4", "learn_scales": True}))
     assert "qat.learn_scales" in problems and "w4-channel" in problems
     assert "qat.learn_scales is not" in _problems(_with(qat={"scheme": "int8", "scale_lr": 1e-4}))

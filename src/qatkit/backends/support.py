@@ -44,6 +44,11 @@ def check_unsloth_recipe(recipe: Recipe) -> None:
         raise RecipeError("qatkit's Unsloth backend trains with cross-entropy only: use backend: hf for distill")
     if recipe.qat.init_from != "base":
         raise RecipeError("qatkit's Unsloth backend starts QAT from the base model: use backend: hf for qat.init_from")
+    if spec.scheme.weight_fake_quantizer is not None:
+        raise RecipeError(
+            f"scheme {spec.name} trains with qatkit's own weight fake quantizer, which Unsloth's qat_scheme (torchao's "
+            "fake quantizers) cannot apply: use backend: hf for this scheme"
+        )
     if spec.quantize_lm_head or spec.quantizes_embeddings:
         raise RecipeError(
             f"scheme {spec.name} fake-quantizes lm_head/embeddings, but Unsloth's fused cross-entropy reads "

@@ -25,7 +25,8 @@ def _fqn_filter(fqns: set[str]):
 
 
 def prepare(model: torch.nn.Module, spec: QuantSpec) -> Plan:
-    """Insert fake quantizers (QATConfig step="prepare") into the modules the plan covers."""
+    """Insert fake quantizers (QATConfig step="prepare", or the scheme's own weight fake quantizer on torchao's
+    FakeQuantizedLinear) into the modules the plan covers."""
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
@@ -37,7 +38,9 @@ def prepare(model: torch.nn.Module, spec: QuantSpec) -> Plan:
             log.warning("not quantizing %s: %s", skipped.fqn, skipped.reason)
     linears = {m.fqn for m in plan.quantized if m.kind == "linear"}
     embeddings = {m.fqn for m in plan.quantized if m.kind == "embedding"}
-    if linears:
+    if linears and spec.scheme.weight_fake_quantizer is not None:
+        _prepare_own_weight_fake_quant(model, linears, spec.scheme.weight_fake_quantizer)
+    elif linears:
         quantize_(model, spec.linear_prepare_config(), _fqn_filter(linears))
     if embeddings:
         quantize_(model, QATConfig(spec.embedding_config(), step="prepare"), _fqn_filter(embeddings))
@@ -48,8 +51,51 @@ def prepare(model: torch.nn.Module, spec: QuantSpec) -> Plan:
     return plan
 
 
+def _prepare_own_weight_fake_quant(model: torch.nn.Module, fqns: set[str], build) -> None:
+    """torchao's FakeQuantizedLinear (so LoRA, merge, inspection and convert see the usual module) carrying the
+    scheme's own weight fake quantizer, and no activation fake quantizer."""
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    for fqn in sorted(fqns):
+        linear = FakeQuantizedLinear.from_linear(model.get_submodule(fqn))
+        linear.weight_fake_quantizer = build()
+        model.set_submodule(fqn, linear)
+
+
+def _convert_own_weight_fake_quant(model: torch.nn.Module, fqns: set[str], cfg, scheme: str) -> None:
+    """Each linear's weight as torchao's IntxUnpackedToInt8Tensor holding exactly its fake quantizer's integers and
+    scales (zero point 0), so the converted forward is the fake-quantized one and plain `from_pretrained` loads it."""
+    import torch
+    from torchao.quantization import IntxUnpackedToInt8Tensor, PerGroup
+
+    if not isinstance(cfg.granularity, PerGroup):
+        raise TypeError(f"scheme {scheme}: its own fake quantizer converts to PerGroup intx weights, got {cfg}")
+    for fqn in sorted(fqns):
+        module = model.get_submodule(fqn)
+        fq = module.weight_fake_quantizer
+        if not callable(getattr(fq, "quantize", None)):
+            raise RecipeError(
+                f"convert with scheme {scheme}: {fqn} was prepared with {type(fq).__name__}, not the scheme's own "
+                "fake quantizer; convert with the scheme the model was trained with"
+            )
+        qdata, scale = fq.quantize(module.weight)
+        weight = IntxUnpackedToInt8Tensor(
+            qdata=qdata,
+            scale=scale,
+            zero_point=torch.zeros_like(scale, dtype=torch.int8),
+            target_dtype=cfg.weight_dtype,
+            block_size=(1, cfg.granularity.group_size),
+            dtype=module.weight.dtype,
+            activation_quantization=None,
+        )
+        linear = module.to_linear()
+        linear.weight = torch.nn.Parameter(weight, requires_grad=False)
+        model.set_submodule(fqn, linear)
+
+
 def convert(model: torch.nn.Module, spec: QuantSpec) -> dict[str, object]:
-    """Turn fake-quantized modules into real torchao tensors (QATConfig step="convert").
+    """Turn fake-quantized modules into real torchao tensors (QATConfig step="convert"; for a scheme with its own
+    weight fake quantizer, intx tensors of exactly that quantizer's integers and scales).
 
     Returns the fqn -> torchao config map of what was converted (needed to save the checkpoint).
     """
@@ -62,7 +108,10 @@ def convert(model: torch.nn.Module, spec: QuantSpec) -> dict[str, object]:
         fqns = {n for n, m in model.named_modules() if isinstance(m, cls)}
         if fqns:
             cfg = build()
-            quantize_(model, QATConfig(cfg, step="convert"), _fqn_filter(fqns))
+            if cls is FakeQuantizedLinear and spec.scheme.weight_fake_quantizer is not None:
+                _convert_own_weight_fake_quant(model, fqns, cfg, spec.name)
+            else:
+                quantize_(model, QATConfig(cfg, step="convert"), _fqn_filter(fqns))
             converted.update(dict.fromkeys(sorted(fqns), cfg))
     if not converted:
         raise RecipeError("convert found no fake-quantized modules: the model was not prepared for QAT")

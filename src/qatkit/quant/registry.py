@@ -36,6 +36,11 @@ class Scheme:
     straight_through_fp8: bool = False  # torchao casts fp8 fake-quant grads unscaled; use STE
     fixed_granularity: bool = False  # the torchao config sets its own groups/rows: qat.group_size cannot change them
     learnable_scales: bool = False  # intx weights: torchao range learning and convert with custom scales work
+    # qatkit's own weight fake quantizer for the linears instead of the one torchao derives from linear_config: a
+    # factory of a torch Module with `quantize(w) -> (int8 qdata, scales)`. prepare puts it on torchao's
+    # FakeQuantizedLinear; convert stores exactly those integers and scales in linear_config's intx tensor
+    # (an IntxWeightOnlyConfig with PerGroup granularity), zero point 0
+    weight_fake_quantizer: Callable[[], object] | None = None
 
 
 _SCHEMES: dict[str, Scheme] = {}

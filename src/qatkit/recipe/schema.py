@@ -51,7 +51,11 @@ class ModelSpec(Strict):
 
 class QatSpec(Strict):
     scheme: str = Field(description="Scheme name; see `qatkit schemes`.")
-    group_size: int | None = Field(None, gt=0, description="Override the scheme's weight group size.")
+    group_size: int | None = Field(
+        None,
+        gt=0,
+        description="Override the scheme's weight group size (a scheme with a fixed granularity accepts only its own).",
+    )
     cache_frozen_fake_quant: bool | None = Field(
         None, description="Compute fq(W) of frozen weights once (default: on without CUDA; costs a weight copy)."
     )
@@ -103,7 +107,7 @@ class QatSpec(Strict):
     @model_validator(mode="after")
     def _fits_the_scheme(self) -> QatSpec:
         scheme = get_scheme(self.scheme)
-        if self.group_size is not None and scheme.fixed_granularity:
+        if self.group_size is not None and scheme.fixed_granularity and self.group_size != scheme.default_group_size:
             fixed = f"group size {scheme.default_group_size}" if scheme.default_group_size else "one scale per row"
             raise ValueError(f"qat.group_size: scheme {self.scheme} has a fixed granularity ({fixed})")
         if self.learn_scales and not scheme.learnable_scales:
