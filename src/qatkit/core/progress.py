@@ -135,7 +135,8 @@ class _TrainProgress:
             return
         now = time.time()
         last_step, last_time = self.last_report
-        if (self.step - last_step) >= REPORT_EVERY * self.max_steps and now - last_time >= REPORT_MIN_SECONDS:
+        due = (self.step - last_step) >= REPORT_EVERY * self.max_steps and now - last_time >= REPORT_MIN_SECONDS
+        if due and self.step < self.max_steps:  # the last step gets the summary line instead
             self.last_report = (self.step, now)
             self.console.print(
                 f"{self.label}: step {self.step}/{self.max_steps}, loss {_loss(self.last_loss)}, "
