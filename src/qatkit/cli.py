@@ -69,7 +69,7 @@ def _fail(e: BaseException) -> typer.Exit:
 def _guard(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
-    except typer.Exit:
+    except (typer.Exit, SystemExit):  # SystemExit: rich's way out when the reader of stdout went away (`| head`)
         raise
     except BaseException as e:
         if _state["debug"] and not isinstance(e, KeyboardInterrupt):

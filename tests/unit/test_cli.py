@@ -51,6 +51,25 @@ def test_schemes_lists_every_registered_scheme():
         assert s.name in out.stdout
 
 
+def test_output_cut_short_by_the_reader_is_not_an_internal_error():
+    """`qatkit schemes | head -1`: the reader is gone before the output is written; rich exits 1 quietly, qatkit
+    adds no 'internal error' (a pipe whose read end is already closed makes every write fail, as it would)."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "qatkit", "schemes"], stdout=write_end, stderr=subprocess.PIPE, timeout=120
+        )
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 1
+    assert b"internal error" not in proc.stderr, proc.stderr.decode()
+
+
 def test_num_processes_is_stripped_from_the_relaunched_command_line():
     from qatkit.core.distributed import strip_num_processes
 
