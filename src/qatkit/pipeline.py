@@ -64,7 +64,6 @@ def _open(recipe: Recipe, out: Path, stages: list[str], *, resume: bool, force: 
     reuse = single and RunDir(out.resolve()).manifest_path.exists()
     run = open_run_dir(out, recipe, resume=resume or reuse, force=force, same_recipe=not reuse)
     prepare_data(recipe, run)
-    run.update_manifest(quantization=recipe.quant.to_dict())
     if "model" not in run.manifest():
         run.update_manifest(model=model_fingerprint(recipe.model.name_or_path), device=device_description())
     if "finetune" in stages:

@@ -206,8 +206,7 @@ def training(trainer, qat: bool) -> Iterator[None]:
     bar = train_callback(train_label(qat))
     trainer.add_callback(bar)
     try:
-        with quiet_library_bars():
-            yield
+        yield
     finally:
         bar.close()
         trainer.remove_callback(bar)

@@ -26,22 +26,6 @@ def _intx_weight_only(bits: int):
     return build
 
 
-def _gguf_linear(qtype: str):
-    """IntxWeightOnlyConfig with the GGUF block as its group: what a GGUF-grid linear converts to (its scales and
-    integers come from the fake quantizer, not from torchao's own choice); qat.group_size cannot change the block."""
-
-    def build(group_size: int | None):
-        import torch
-        from torchao.quantization import IntxWeightOnlyConfig, PerGroup
-
-        from qatkit.quant.gguf_grid import BITS, BLOCK_SIZE
-
-        dtype = {4: torch.int4, 8: torch.int8}[BITS[qtype]]
-        return IntxWeightOnlyConfig(weight_dtype=dtype, granularity=PerGroup(BLOCK_SIZE))
-
-    return build
-
-
 def _gguf_fake_quantizer(qtype: str):
     def build():
         from qatkit.quant.gguf_grid import GGUFFakeQuantizeConfig, GGUFFakeQuantizer
@@ -211,7 +195,7 @@ register_scheme(
         weight_bits=4,
         summary="llama.cpp GGUF Q4_0 on the linears: int4 blocks of 32, fp16 scale; bit-exact with gguf-py",
         configs="GGUF Q4_0 fake quantizer (qatkit) -> IntxWeightOnlyConfig(int4, PerGroup(32)) with the GGUF scales",
-        linear_config=_gguf_linear("Q4_0"),
+        linear_config=_intx_weight_only(4),  # at default_group_size: the GGUF block
         default_group_size=32,
         fixed_granularity=True,
         weight_fake_quantizer=_gguf_fake_quantizer("Q4_0"),
@@ -224,7 +208,7 @@ register_scheme(
         weight_bits=8,
         summary="llama.cpp GGUF Q8_0 on the linears: int8 blocks of 32, fp16 scale; bit-exact with gguf-py",
         configs="GGUF Q8_0 fake quantizer (qatkit) -> IntxWeightOnlyConfig(int8, PerGroup(32)) with the GGUF scales",
-        linear_config=_gguf_linear("Q8_0"),
+        linear_config=_intx_weight_only(8),
         default_group_size=32,
         fixed_granularity=True,
         weight_fake_quantizer=_gguf_fake_quantizer("Q8_0"),

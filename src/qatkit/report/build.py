@@ -34,7 +34,7 @@ def build_report(run_dir: RunDir) -> dict:
     train, parity = TrainSummary.load(run_dir.finetune.train_summary), Parity.load(run_dir.convert.parity)
     plan = QatPlanRecord.load(run_dir.convert.qat_plan)
     rows = quality_rows(results) if results else []
-    weights = run_dir.convert.weights_bytes() if run_dir.convert.root.exists() else 0
+    weights = run_dir.convert.weights_bytes()  # 0 without a convert stage
     report = {
         "name": recipe["name"],
         "model": recipe["model"]["name_or_path"],

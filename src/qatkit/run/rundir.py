@@ -110,6 +110,7 @@ def open_run_dir(out: Path, recipe: Recipe, *, resume: bool, force: bool, same_r
         recipe_name=recipe.name,
         recipe_hash=recipe.digest(),
         recipe=recipe.model_dump(),
+        quantization=recipe.quant.to_dict(),
         versions=package_versions(),
         host=host_description(),
         trust_remote_code=recipe.model.trust_remote_code,
