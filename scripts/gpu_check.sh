@@ -1,21 +1,33 @@
 #!/usr/bin/env bash
-# The GPU checks in one command, for a CUDA machine (no network needed): the GPU tests, then the Qwen3-8B
-# architecture with random weights, bf16 vs the cards' int4: checkpoint size, decode latency and peak memory.
-# Wheels in .whl/ (scripts/gpu_wheels.sh) are installed first, for an image that lacks qatkit's dependencies.
-# Results go to $OUT (default: gpu-check/). Usage: bash scripts/gpu_check.sh
+# The GPU checks in one command, for a CUDA machine (no network needed): the GPU tests (CUDA converts, the int4
+# card recipe on a tiny Qwen3 with the hf and the unsloth backend), then the Qwen3-8B architecture with random
+# weights, bf16 vs the cards' int4: checkpoint size, decode latency and peak memory.
+# Wheels in .whl/, .whl-mslk/ and .whl-unsloth/ (scripts/gpu_wheels.sh) are installed first, for an image that
+# lacks qatkit's dependencies; every set goes into one folder, so a second call to the same machine can bring another.
+# Results go to $OUT (default: gpu-check/).
+# Usage: bash scripts/gpu_check.sh                 (all GPU tests, then the bench)
+#        bash scripts/gpu_check.sh TEST_PATH...    (only these tests, no bench)
 set -uo pipefail
 out=${OUT:-gpu-check}
+site=/tmp/qatkit-site
 mkdir -p "$out"
-if compgen -G ".whl/*.whl" >/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/qatkit-site \
-    .whl/*.whl || exit 3
-  export PYTHONPATH=/tmp/qatkit-site
-fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+for set in .whl .whl-mslk .whl-unsloth; do
+  if compgen -G "$set/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+      "$set"/*.whl 2>&1 | grep -v "already exists" || true
+  fi
+done
+export PYTHONPATH=$PWD/src:$site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export UNSLOTH_DISABLE_STATISTICS=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python3 -m pytest -q -rs tests/gpu 2>&1 | tee "$out/gpu-tests.log"
+python3 -m pip list 2>/dev/null | grep -iE "^(torch|torchao|transformers|peft|trl|datasets|unsloth|unsloth.zoo|bitsandbytes|mslk.cuda) " \
+  | tee -a "$out/gpu.txt"
+python3 -m pytest -q -rs -p no:cacheprovider "${@:-tests/gpu}" 2>&1 | tee "$out/gpu-tests.log"
 tests=${PIPESTATUS[0]}
-python3 -m qatkit bench perf --arch configs/arch/qwen3-8b.json --schemes int4 --sections checkpoint_size,decode_latency \
-  --out "$out/qwen3-8b-random" 2>&1 | tee "$out/bench.log"
-bench=${PIPESTATUS[0]}
+bench=0
+if [ $# -eq 0 ]; then
+  python3 -m qatkit bench perf --arch configs/arch/qwen3-8b.json --schemes int4 --sections checkpoint_size,decode_latency \
+    --out "$out/qwen3-8b-random" 2>&1 | tee "$out/bench.log"
+  bench=${PIPESTATUS[0]}
+fi
 exit $((tests || bench))
