@@ -2,8 +2,8 @@
 # The GPU checks in one command, for a CUDA machine (no network needed): the GPU tests (CUDA converts, the int4
 # card recipe on a tiny Qwen3 with the hf and the unsloth backend), then the Qwen3-8B architecture with random
 # weights, bf16 vs the cards' int4: checkpoint size, decode latency and peak memory.
-# Wheels in .whl/, .whl-mslk/ and .whl-unsloth/ (scripts/gpu_wheels.sh) are installed first, for an image that
-# lacks qatkit's dependencies; every set goes into one folder, so a second call to the same machine can bring another.
+# Wheels in .whl/ and .whl-unsloth/ and the packed mslk in .whl-mslk/ (scripts/gpu_wheels.sh) are installed first,
+# into one folder, for an image that lacks qatkit's dependencies.
 # Results go to $OUT (default: gpu-check/).
 # Usage: bash scripts/gpu_check.sh                 (all GPU tests, then the bench)
 #        bash scripts/gpu_check.sh TEST_PATH...    (only these tests, no bench)
@@ -11,7 +11,11 @@ set -uo pipefail
 out=${OUT:-gpu-check}
 site=/tmp/qatkit-site
 mkdir -p "$out"
-for set in .whl .whl-mslk .whl-unsloth; do
+mkdir -p "$site"
+for packed in .whl-mslk/*.tar.xz; do
+  [ -e "$packed" ] && tar -C "$site" -xJf "$packed"
+done
+for set in .whl .whl-unsloth; do
   if compgen -G "$set/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
       "$set"/*.whl 2>&1 | grep -v "already exists" || true

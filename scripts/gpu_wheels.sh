@@ -3,11 +3,10 @@
 # torch 2.11 (CUDA 13), transformers 5.17 and peft for Python 3.12, to run scripts/gpu_check.sh.
 #   .whl/          torchao, pydantic, trl, datasets, gguf                                              ~7 MB
 #   .whl-mslk/     mslk, the CUDA int4 kernels int4 and fp8-int4 convert with (mslk-cuda 1.1.0 is the
-#                  release for torch 2.11)                                                           ~44 MB
+#                  release for torch 2.11), installed and xz-compressed: its 254 MB fat binary is 44 MB
+#                  as a wheel, 12 MB as .tar.xz                                                      ~12 MB
 #   .whl-unsloth/  Unsloth, bitsandbytes (the cards' adamw_8bit) and what they need beyond that       ~13 MB
-# A device call carries at most 64 MiB with the working tree: carry .whl and .whl-mslk in one call, .whl and
-# .whl-unsloth in the next to the same machine (gpu_check.sh installs every set into one folder that stays
-# while the machine is held).
+# Together with the working tree they fit the 64 MiB a device call carries.
 # trl/datasets are the newest releases Unsloth 2026.10 accepts (trl <= 1.15, datasets < 5); bitsandbytes and
 # unsloth are repacked without what a CUDA 13 training run never loads (other CUDA/ROCm builds of the
 # bitsandbytes library; Unsloth Studio's web UI), which takes them from 43 and 29 MB to a few.
@@ -21,7 +20,6 @@ download() {
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     "${platforms[@]}" -d "$@"
 }
-download .whl-mslk mslk-cuda==1.1.0
 download .whl torchao==0.18.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
   typing-inspection==0.4.5 trl==1.15.0 datasets==4.8.5 dill==0.4.0 multiprocess==0.70.18 gguf==0.19.0
 download .whl-unsloth bitsandbytes==0.50.2 unsloth==2026.10.9 unsloth-zoo==2026.10.9 cut-cross-entropy==25.1.1 tyro==1.0.17 \
@@ -45,4 +43,8 @@ for wheel in map(Path, sys.argv[1:]):
             dst.writestr(item, data)
     slim.replace(wheel)
 EOF
+download .whl-mslk mslk-cuda==1.1.0
+rm -rf .whl-mslk/tree && python3 -m zipfile -e .whl-mslk/mslk_cuda-*.whl .whl-mslk/tree
+tar -C .whl-mslk/tree -cf - . | xz -T0 -6 > .whl-mslk/mslk-cuda-1.1.0.tar.xz
+rm -rf .whl-mslk/tree .whl-mslk/*.whl
 du -sh .whl .whl-mslk .whl-unsloth

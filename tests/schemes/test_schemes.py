@@ -72,7 +72,7 @@ def train_steps(model, steps=4, lr=5e-3):
     params = [p for p in model.parameters() if p.requires_grad]
     before = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=lr)
-    x = batch()
+    x = batch().to(params[0].device)
     losses = []
     for _ in range(steps):
         loss = model(input_ids=x, labels=x).loss

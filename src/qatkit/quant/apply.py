@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING
 
-from qatkit.core.errors import RecipeError
+from qatkit.core.errors import EnvError, RecipeError
 from qatkit.quant.hardware import require_hardware
 from qatkit.quant.patches import use_straight_through_fp8
 from qatkit.quant.plan import Plan, plan_modules, untie_embeddings
@@ -127,10 +127,21 @@ def quantize_ptq(model: torch.nn.Module, spec: QuantSpec) -> dict[str, object]:
 
 def attach_hf_quantizer(model: torch.nn.Module, converted: dict[str, object]) -> None:
     """Make `save_pretrained` write a checkpoint that plain `from_pretrained` loads (torchao format)."""
+    from torchao.prototype.safetensors.safetensors_utils import ALLOWED_TENSORS_SUBCLASSES
     from torchao.quantization import FqnToConfig
     from transformers import TorchAoConfig
     from transformers.quantizers import AutoHfQuantizer
 
+    unsaveable = {
+        type(p).__name__
+        for p in model.parameters()
+        if type(p).__module__.startswith("torchao") and type(p).__name__ not in ALLOWED_TENSORS_SUBCLASSES
+    }
+    if unsaveable:  # transformers would fail half-way through save_pretrained with "Unsupported tensor type"
+        raise EnvError(
+            f"this torchao cannot save {', '.join(sorted(unsaveable))} in a checkpoint (not on its safetensors "
+            "allow-list, and transformers saves only safetensors); convert with another scheme"
+        )
     has_embedding = any(type(c).__name__ == "IntxWeightOnlyConfig" and "embed" in f for f, c in converted.items())
     cfg = TorchAoConfig(
         FqnToConfig(dict(converted)), modules_to_not_convert=[], include_input_output_embeddings=has_embedding

@@ -142,7 +142,8 @@ register_scheme(
         default_group_size=128,
         convert_on="cuda",
         cpu_alternatives="int8-int4",
-        notes="convert needs torchao's CUDA int4 kernels (mslk)",
+        notes="convert needs torchao's CUDA int4 kernels (mslk); torchao 0.18 cannot save the result "
+        "(Int4PreshuffledTensor is not on its safetensors allow-list), so convert stops with exit 3",
         convert_packages=("mslk",),
         straight_through_fp8=True,
         fixed_granularity=True,

@@ -92,7 +92,9 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     attach_hf_quantizer(model, converted)
     model.save_pretrained(str(work))
     tokenizer.save_pretrained(str(work))
-    reloaded = AutoModelForCausalLM.from_pretrained(str(work))
+    # loaded where the converted model lives: torchao's CUDA tensors (int4, fp8) only run there
+    on_device = {} if model.device.type == "cpu" else {"device_map": {"": model.device}}
+    reloaded = AutoModelForCausalLM.from_pretrained(str(work), **on_device)
     parity = Parity(
         as_trained_vs_converted=compare(as_trained, in_memory) if as_trained is not None else None,
         fake_quant_merged_vs_converted=compare(fake_quant_merged, in_memory),
