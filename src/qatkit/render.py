@@ -135,22 +135,29 @@ def bench_perf(r: dict, out: Path) -> None:
 
 def bench_recovery(summary: dict, out: Path) -> None:
     """QAT against fine-tune-then-PTQ per run of a `run_recovery` summary, and where recovery.md is."""
-    from qatkit.bench.recovery import figures, pct
+    from qatkit.bench.recovery import figures, pct, recovery
 
     table = Table(
-        "run", "QAT acc", "ft-PTQ acc", "nd vs base", "nd vs ft (acc)", "NLL recovery vs ft", title="recovery"
+        "run",
+        "QAT acc",
+        "ft-PTQ acc",
+        "nd vs base",
+        "nd vs ft (acc)",
+        "NLL recovery vs ft",
+        "text NLL recovery vs ft",
+        title="recovery",
     )
     for name, run in summary["runs"].items():
         f = figures(run)
         v = run["variants"]
-        recovery = None if f["nll_nd_vs_ft"] is None else 1 + f["nll_nd_vs_ft"]
         table.add_row(
             name,
             f"{100 * v['qat']['acc']:.1f}",
             f"{100 * v['ft-ptq']['acc']:.1f}",
             pct(f["acc_nd_vs_base"]),
             pct(f["acc_nd_vs_ft"]),
-            pct(recovery),
+            pct(recovery(f["nll_nd_vs_ft"])),
+            pct(recovery(f["text_nll_nd_vs_ft"])),
         )
     console.print(table)
     console.print(f"results: {out / 'recovery.md'}")

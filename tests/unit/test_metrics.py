@@ -55,3 +55,16 @@ def test_the_report_names_the_license_of_every_data_source():
     assert data_licenses(data) == "AFL-3.0, CC-BY-4.0"
     assert data_licenses({"path": "x", "mix": [{"path": "y", "license": "MIT"}]}) == "MIT"
     assert data_licenses(None) is None
+
+
+def test_general_text_table_gives_what_qat_wins_back():
+    from qatkit.evaluation import variants as variant_info
+    from qatkit.report.tables import text_nll_table
+
+    # the committed SIQA run (benchmarks/recovery-smollm2-siqa): QAT wins back 10% of what PTQ adds to the fine-tune
+    nll = {"qat": 3.8301, "bf16": 3.3459, "ptq": 3.7796, "ft-bf16": 3.3845, "ft-ptq": 3.8796}
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in text_nll_table(nll).splitlines()[2:]}
+    assert list(rows) == [variant_info.label(v) for v in ("bf16", "ptq", "ft-bf16", "ft-ptq", "qat")]
+    assert rows[variant_info.label("qat")].endswith("| 3.8301 | -111.6% | -90.0% |")
+    assert rows[variant_info.label("bf16")].endswith("| 3.3459 |  |  |")
+    assert text_nll_table({"qat": 3.0, "bf16": 2.0}).splitlines()[-1].endswith("| 3.0000 |  |  |")  # no PTQ to compare

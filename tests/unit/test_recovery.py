@@ -72,3 +72,18 @@ def test_a_mixed_run_is_also_compared_per_data_source():
     assert "`siqa.jsonl` (4 items): QAT 50.00, fine-tuned-then-PTQ 0.00" in md
     run["eval_sources"] = run["eval_sources"][:1]  # one source: nothing to break down
     assert "piqa.jsonl" not in render({"base_recipe": "r.yaml", "overrides": [], "runs": {"r": run}})
+
+
+def test_general_text_recovery_matches_the_issue_table():
+    """Issue #30's table: the committed SIQA run wins back 10.0% of the held-out XSum NLL that PTQ adds."""
+    import json
+
+    from ..conftest import ROOT
+
+    summary = json.loads((ROOT / "benchmarks" / "recovery-smollm2-siqa" / "recovery.json").read_text())
+    run = summary["runs"]["int8-int4-merged"]
+    f = figures(run)
+    assert 1 + f["text_nll_nd_vs_ft"] == pytest.approx(0.100, abs=0.0005)
+    assert 1 + f["nll_nd_vs_ft"] == pytest.approx(0.835, abs=0.0005)
+    assert "held-out general text (never trained on)" in render(summary) and "(recovery +10.0%)" in render(summary)
+    assert figures(_run())["text_nll_nd_vs_ft"] is None  # a run without held-out text

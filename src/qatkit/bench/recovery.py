@@ -97,9 +97,22 @@ def figures(run: dict) -> dict:
             qat["gold_nll"], base["gold_nll"], ptq["gold_nll"], lower_is_better=True
         ),
         "nll_nd_vs_ft": normalized_degradation(qat["gold_nll"], ft["gold_nll"], ftq["gold_nll"], lower_is_better=True),
+        "text_nll_nd_vs_base": _text_nd(qat, base, ptq),
+        "text_nll_nd_vs_ft": _text_nd(qat, ft, ftq),
         "qat_minus_ft_ptq_in_stderr": (qat["acc"] - ftq["acc"]) / se if se else None,
         "qat_minus_ft_ptq_paired_in_stderr": paired_difference_in_stderr(qat.get("per_item"), ftq.get("per_item")),
     }
+
+
+def _text_nd(qat: dict, reference: dict, quantized: dict) -> float | None:
+    """Normalized degradation of the held-out general-text NLL (None when the run scored no such text)."""
+    values = [v.get("text_nll") for v in (qat, reference, quantized)]
+    return None if None in values else normalized_degradation(*values, lower_is_better=True)
+
+
+def recovery(nd: float | None) -> float | None:
+    """Share of the loss PTQ adds that QAT wins back: 1 + normalized degradation (100% = none of it left)."""
+    return None if nd is None else 1 + nd
 
 
 def by_source(run: dict) -> list[dict]:
@@ -163,7 +176,9 @@ def render(summary: dict) -> str:
             f"- normalized degradation vs base (cards' definition): accuracy {pct(f['acc_nd_vs_base'])}, "
             f"gold NLL {pct(f['nll_nd_vs_base'])}",
             f"- vs fine-tuned without QAT (what QAT adds): accuracy {pct(f['acc_nd_vs_ft'])}, "
-            f"gold NLL {pct(f['nll_nd_vs_ft'])} (recovery {pct(None if f['nll_nd_vs_ft'] is None else 1 + f['nll_nd_vs_ft'])})",
+            f"gold NLL {pct(f['nll_nd_vs_ft'])} (recovery {pct(recovery(f['nll_nd_vs_ft']))})",
+            f"- held-out general text (never trained on): NLL normalized degradation vs base {pct(f['text_nll_nd_vs_base'])}, "
+            f"vs fine-tuned {pct(f['text_nll_nd_vs_ft'])} (recovery {pct(recovery(f['text_nll_nd_vs_ft']))})",
             f"- QAT minus fine-tuned-then-PTQ accuracy: {f['qat_minus_ft_ptq_in_stderr']:.2f} standard errors "
             f"({run['variants']['qat']['n']} items; paired over the same items: {_num(f['qat_minus_ft_ptq_paired_in_stderr'])})",
             *(
@@ -185,11 +200,11 @@ def _plot(summary: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = summary["runs"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=110)
-    for ax, key, label in (
-        (axes[0], "acc", "accuracy (%)"),
-        (axes[1], "gold_nll", "gold NLL / token (lower is better)"),
-    ):
+    panels = [("acc", "accuracy (%)"), ("gold_nll", "gold NLL / token (lower is better)")]
+    if all(v.get("text_nll") is not None for r in runs.values() for v in r["variants"].values()):
+        panels.append(("text_nll", "held-out text NLL / token"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.8), dpi=110)
+    for ax, (key, label) in zip(axes, panels, strict=True):
         width = 0.8 / len(variant_info.VARIANT_NAMES)
         for i, variant in enumerate(variant_info.VARIANT_NAMES):
             xs = [j + i * width for j in range(len(runs))]

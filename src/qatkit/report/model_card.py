@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from qatkit.report.tables import data_sources, quality_table
+from qatkit.report.tables import data_sources, quality_table, text_nll_table
 
 INFERENCE = [
     "# Inference with Transformers",
@@ -124,6 +124,8 @@ def render_model_card(report: dict, recipe: dict) -> str:
         lines += _recipe_section(recipe)
     lines += ["# Model quality", ""]
     lines += [quality_table(report["quality"]), ""] if report["quality"] else ["(not evaluated)", ""]
+    if report.get("text_nll"):
+        lines += ["General text the model never trained on:", "", text_nll_table(report["text_nll"]), ""]
     if report.get("checkpoint_mb"):
         lines += ["# Size", "", f"Checkpoint on disk: {report['checkpoint_mb']} MB.", ""]
     return "\n".join(lines + DISCLAIMER)

@@ -10,6 +10,27 @@ def _primary_metric(metrics: dict) -> str | None:
     return next((m for m in ("acc", "acc_norm", "exact_match") if metrics.get(m) is not None), None)
 
 
+def text_nll_table(text_nll: dict[str, float]) -> str:
+    """Held-out general text (never trained on): NLL per token per variant, with the normalized degradation vs the
+    base model's PTQ loss and vs the fine-tuned model's (what QAT wins back is 100% + the latter)."""
+
+    def nd(variant: str, reference: str, quantized: str) -> str:
+        values = [text_nll.get(k) for k in (variant, reference, quantized)]
+        x = None if None in values else normalized_degradation(*values, lower_is_better=True)
+        return "" if x is None else f"{100 * x:+.1f}%"
+
+    lines = [
+        "| variant | held-out text NLL/token | norm. degradation vs base | vs fine-tuned |",
+        "|---|---|---|---|",
+    ]
+    for v in sorted(text_nll, key=variant_info.order):
+        lines.append(
+            f"| {variant_info.label(v)} | {text_nll[v]:.4f} | {'' if v in ('bf16', 'ptq') else nd(v, 'bf16', 'ptq')} "
+            f"| {nd(v, 'ft-bf16', 'ft-ptq') if v == 'qat' else ''} |"
+        )
+    return "\n".join(lines)
+
+
 def quality_rows(results: dict) -> list[dict]:
     """One row per (task, variant) with accuracy, stderr and normalized degradation vs bf16/PTQ."""
     variants = results.get("variants", {})
@@ -169,9 +190,7 @@ def render_markdown(report: dict, results: dict) -> str:
     else:
         lines += ["(no eval results)", ""]
     if report.get("text_nll"):
-        lines += ["| variant | held-out text NLL/token |", "|---|---|"]
-        lines += [f"| {variant_info.label(v)} | {x:.4f} |" for v, x in report["text_nll"].items()]
-        lines += [""]
+        lines += [text_nll_table(report["text_nll"]), ""]
     lines += ["## Training", ""]
 
     t = report["training"]
