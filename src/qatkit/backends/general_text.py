@@ -1,0 +1,121 @@
+"""General text for distillation beside the task (`distill.general`): running text from a file, or sequences the
+teacher samples itself (LLM-QAT, Liu et al. 2023: data-free), served as a cycling stream of padded batches."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import TYPE_CHECKING
+
+from qatkit.core.cache import cache_key, cache_lock, cache_root
+from qatkit.core.errors import RecipeError
+from qatkit.core.io import read_json, read_jsonl, write_json_atomic
+from qatkit.core.paths import resolve_path
+
+if TYPE_CHECKING:
+    from qatkit.recipe.schema import GeneralTextSpec
+
+log = logging.getLogger(__name__)
+
+TEACHER = "teacher"  # distill.general.path that asks for the teacher's own samples
+GREEDY_PREFIX = 3  # LLM-QAT's hybrid sampling: the first tokens greedy, the rest sampled
+
+
+class GeneralBatches:
+    """Token sequences cut into right-padded batches of `batch_size`, reshuffled (seeded) on every pass."""
+
+    def __init__(self, sequences: list[list[int]], batch_size: int, pad_id: int, seed: int):
+        if not sequences:
+            raise RecipeError("distill.general: no general-text sequences")
+        self.sequences, self.batch_size, self.pad_id = sequences, batch_size, pad_id
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def next(self, device=None) -> dict:
+        import torch
+
+        while len(self.order) < self.batch_size:
+            self.order += self.rng.sample(range(len(self.sequences)), len(self.sequences))
+        picked = [self.sequences[i] for i in self.order[: self.batch_size]]
+        del self.order[: self.batch_size]
+        width = max(map(len, picked))
+        ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in picked], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in picked], device=device)
+        return {"input_ids": ids, "attention_mask": mask}
+
+
+def general_batches(
+    spec: GeneralTextSpec, teacher, tokenizer, task_batch_size: int, seed: int, model_identity: dict
+) -> GeneralBatches:
+    """The stream `distill.general` asks for: `share` general sequences per task example, at least one a batch."""
+    if spec.path == TEACHER:
+        sequences = teacher_samples(spec, teacher, tokenizer, seed, model_identity)
+    else:
+        sequences = [tokenizer(t, add_special_tokens=True).input_ids[: spec.max_tokens] for t in corpus(spec)]
+    sequences = [s for s in sequences if len(s) > 1]  # a single token has nothing to predict
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return GeneralBatches(sequences, max(1, round(task_batch_size * spec.share)), pad, seed)
+
+
+def corpus(spec: GeneralTextSpec) -> list[str]:
+    rows = read_jsonl(resolve_path(spec.path))
+    texts = [r[spec.field] for r in rows if isinstance(r.get(spec.field), str) and r[spec.field].strip()]
+    if not texts:
+        raise RecipeError(f"distill.general.path {spec.path}: no rows with a text field {spec.field!r}")
+    return texts[: spec.docs]  # the head: a held-out text NLL on the same file would take the tail
+
+
+def teacher_samples(
+    spec: GeneralTextSpec, teacher, tokenizer, seed: int, model_identity: dict, batch_size: int = 16
+) -> list[list[int]]:
+    """`docs` sequences of up to `max_tokens` the teacher samples from its own distribution, each started from a
+    random vocabulary token, the next GREEDY_PREFIX tokens greedy and the rest sampled at temperature 1 (LLM-QAT's
+    hybrid), cached under the model, settings and seed."""
+    key = cache_key({"model": model_identity, "docs": spec.docs, "max_tokens": spec.max_tokens, "seed": seed, "v": 1})
+    entry = cache_root() / "general-text" / f"{key}.json"
+    with cache_lock(entry):
+        if entry.exists():
+            return read_json(entry)["sequences"]
+        log.info("sampling %d general-text sequences from the teacher (cached in %s)", spec.docs, entry)
+        sequences = _sample(teacher, tokenizer, spec.docs, spec.max_tokens, seed, batch_size)
+        write_json_atomic(entry, {"model": model_identity, "seed": seed, "sequences": sequences})
+    return sequences
+
+
+def _sample(teacher, tokenizer, docs: int, max_tokens: int, seed: int, batch_size: int) -> list[list[int]]:
+    import torch
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class GreedyPrefix(LogitsProcessor):
+        """Leaves only the most likely token while fewer than GREEDY_PREFIX tokens follow the random first one."""
+
+        def __call__(self, input_ids, scores):
+            if input_ids.shape[1] > GREEDY_PREFIX:
+                return scores
+            top = scores.argmax(dim=-1, keepdim=True)
+            return torch.full_like(scores, -float("inf")).scatter(1, top, scores.gather(1, top))
+
+    special = set(tokenizer.all_special_ids)
+    candidates = [i for i in range(len(tokenizer)) if i not in special]
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    stop = tokenizer.eos_token_id
+    out = []
+    teacher.eval()
+    with torch.no_grad():
+        for start in range(0, docs, batch_size):
+            first = torch.tensor([[rng.choice(candidates)] for _ in range(min(batch_size, docs - start))])
+            rows = teacher.generate(
+                first.to(teacher.device),
+                attention_mask=torch.ones_like(first).to(teacher.device),
+                do_sample=True,
+                temperature=1.0,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_tokens - 1,
+                logits_processor=LogitsProcessorList([GreedyPrefix()]),
+                pad_token_id=stop,
+            ).tolist()
+            # a row that ended early is padded with eos after its own eos: keep it up to and including that one
+            out += [row[: row.index(stop, 1) + 1] if stop in row[1:] else row for row in rows]
+    return out

@@ -1,0 +1,131 @@
+"""distill.general: general text distilled on every token beside the task, from a file or from the teacher's own
+samples (data-free), on the tiny model through the hf backend's trainer."""
+
+import json
+
+import pytest
+import torch
+
+from qatkit.pipeline import run_recipe
+from qatkit.recipe import load_recipe
+
+from ..conftest import TINY_RECIPE, arith_texts
+
+
+def tiny_recipe(model_dir, *overrides):
+    return load_recipe(TINY_RECIPE, [f"model.name_or_path={model_dir}", "train.max_steps=2", *overrides])
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    path = tmp_path / "general.jsonl"
+    texts = [t[: 12 + 3 * i] for i, t in enumerate(arith_texts()[:40])]  # of many lengths: batches need padding
+    path.write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    return path
+
+
+def _trainer(recipe, tmp_path, general):
+    from datasets import Dataset
+
+    from qatkit.backends.hf import load_teacher
+    from qatkit.backends.trainer import qat_trainer_class, sft_config
+    from qatkit.data import load_splits, training_examples
+    from qatkit.models.assembly import attach_lora, prepare_for_qat
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    prepare_for_qat(recipe, model)
+    model = attach_lora(recipe, model)
+    teacher = load_teacher(recipe, None)
+    rows = training_examples(load_splits(recipe.data), recipe.data.answer_style)
+    args = sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True, qat=True)
+    trainer = qat_trainer_class(model, None, teacher, recipe.distill, general(teacher, tokenizer))(
+        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    return trainer, model, teacher, next(iter(trainer.get_train_dataloader()))
+
+
+def test_the_loss_adds_the_kl_on_every_token_of_a_general_batch(tiny_model_dir, tmp_path, text_file):
+    """Task loss (here weight 0: the cross-entropy) + general.weight × KL(teacher || student) over every real token
+    of the next general batch: share 0.5 of a batch of 8 is 4 sequences, padding excluded."""
+    from transformers import Trainer
+
+    from qatkit.backends.general_text import general_batches
+    from qatkit.backends.trainer import distill_loss
+
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        "distill.teacher=base",
+        "distill.weight=0",
+        f"distill.general.path={text_file}",
+        "distill.general.field=body",
+        "distill.general.weight=2",
+        "distill.general.max_tokens=64",
+    )
+    spec = recipe.distill.general
+
+    def stream(teacher, tokenizer):
+        return general_batches(spec, teacher, tokenizer, recipe.train.batch_size, 7, {})
+
+    trainer, model, teacher, inputs = _trainer(recipe, tmp_path, stream)
+    expected_batch = stream(teacher, trainer.processing_class).next()
+    assert expected_batch["input_ids"].shape[0] == 4 and not expected_batch["attention_mask"].all()
+    with torch.no_grad():
+        ce = Trainer.compute_loss(trainer, model, inputs).item()
+        kl = distill_loss(
+            model(**expected_batch).logits,
+            teacher(**expected_batch).logits,
+            expected_batch["attention_mask"][:, 1:].bool(),
+        ).item()
+        loss = trainer.compute_loss(model, inputs).item()
+    assert kl > 0
+    assert loss == pytest.approx(ce + 2 * kl, rel=1e-5)
+
+
+def test_general_batches_cycle_through_every_sequence_before_repeating():
+    from qatkit.backends.general_text import GeneralBatches
+
+    stream = GeneralBatches([[1, 2], [3, 4, 5], [6, 7], [8, 9, 10, 11], [12, 13]], batch_size=2, pad_id=0, seed=1)
+    seen = []
+    for _ in range(5):  # two passes of 5 sequences, 2 at a time
+        batch = stream.next()
+        for ids, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist(), strict=True):
+            seen.append(tuple(i for i, m in zip(ids, mask, strict=True) if m))
+    assert sorted(seen[:5]) == sorted(seen[5:]) == [(1, 2), (3, 4, 5), (6, 7), (8, 9, 10, 11), (12, 13)]
+
+
+def test_teacher_samples_start_random_then_greedy_then_sampled_and_are_cached(tiny_model_dir, monkeypatch):
+    """path: teacher (LLM-QAT): a random first token, GREEDY_PREFIX greedy tokens, then sampling; cached per
+    model, settings and seed."""
+    from qatkit.backends import general_text
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(
+        tiny_model_dir, "distill.teacher=base", "distill.general.path=teacher", "distill.general.docs=6"
+    )
+    spec = recipe.distill.general.model_copy(update={"max_tokens": 16})
+    teacher, tokenizer = load_model_and_tokenizer(recipe.model)
+    samples = general_text.teacher_samples(spec, teacher, tokenizer, 0, {"m": 1})
+    assert len(samples) == 6 and all(2 <= len(s) <= 16 for s in samples)
+    assert len({s[0] for s in samples}) > 1  # random first tokens
+    with torch.no_grad():
+        for s in samples:
+            for t in range(1, 1 + general_text.GREEDY_PREFIX):
+                if t < len(s):
+                    assert teacher(torch.tensor([s[:t]])).logits[0, -1].argmax().item() == s[t]
+    assert any(len(s) > 1 + general_text.GREEDY_PREFIX for s in samples)
+
+    monkeypatch.setattr(general_text, "_sample", lambda *a, **k: pytest.fail("sampled again instead of the cache"))
+    assert general_text.teacher_samples(spec, teacher, tokenizer, 0, {"m": 1}) == samples
+    monkeypatch.undo()
+    assert general_text.teacher_samples(spec, teacher, tokenizer, 1, {"m": 1}) != samples
+
+
+def test_a_run_with_data_free_general_distillation(tiny_model_dir, tmp_path):
+    """Through the pipeline: the QAT run distills on the teacher's own samples beside the task and converts."""
+    out = tmp_path / "run"
+    overrides = ["distill.teacher=base", "distill.general.path=teacher", "distill.general.docs=8"]
+    run_recipe(tiny_recipe(tiny_model_dir, *overrides), out, only=["finetune", "convert"])
+    summary = json.loads((out / "finetune" / "train_summary.json").read_text())
+    assert summary["steps"] == 2 and summary["final_loss"] > 0
+    assert "general text" in (out / "convert" / "README.md").read_text()
