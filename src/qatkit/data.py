@@ -192,10 +192,15 @@ def _read_hub_dataset(dataset_id: str, name: str | None, split: str) -> list[dic
         ) from None
 
 
-def to_items(rows: list[dict], fmt: str, source: str) -> list[MCItem] | list[dict]:
+def to_items(rows: list[dict], fmt: str, source: str, text_field: str = "text") -> list[MCItem] | list[dict]:
     if not rows:
         raise RecipeError(f"{source}: no rows")
     fmt = detect_format(rows[0], source) if fmt == "auto" else fmt
+    if fmt == "text":  # language modeling on every token (TRL's "text" datasets)
+        texts = [r[text_field] for r in rows if isinstance(r.get(text_field), str) and r[text_field].strip()]
+        if not texts:
+            raise RecipeError(f"{source}: no rows with a text field {text_field!r}")
+        return [{"text": t} for t in texts]
     if fmt == "prompt-completion":
         bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str | list) or "completion" not in r]
         if bad:
@@ -231,7 +236,7 @@ def _as_dict(x) -> dict:
 
 def _split_source(source: DataSource, seed: int, key: str) -> tuple[list, list[MCItem], bool]:
     """One source's deterministic (train, held-out, is multiple-choice) split; `key` names it in the recipe."""
-    items = to_items(read_rows(source.path, source.name, source.split), source.format, source.path)
+    items = to_items(read_rows(source.path, source.name, source.split), source.format, source.path, source.text_field)
     is_mc = bool(items) and isinstance(items[0], MCItem)
     order = list(range(len(items)))
     random.Random(seed).shuffle(order)
@@ -261,6 +266,8 @@ def load_splits(spec: DataSpec) -> Splits:
     Cached per process, so preflight and the run's data stage share one read of the files (and one duplicate-row
     warning)."""
     keys = ["data", *(f"data.mix.{i}" for i in range(len(spec.mix)))]
+    if len({source.format == "text" for source in spec.sources}) > 1:
+        raise RecipeError("data: running text (format: text) cannot be mixed with task data in one training set")
     parts = [_split_source(source, spec.seed, key) for source, key in zip(spec.sources, keys, strict=True)]
     train = [x for part_train, _, _ in parts for x in part_train]
     trained = {x for x in train if isinstance(x, MCItem)}

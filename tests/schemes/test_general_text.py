@@ -129,3 +129,60 @@ def test_a_run_with_data_free_general_distillation(tiny_model_dir, tmp_path):
     summary = json.loads((out / "finetune" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["final_loss"] > 0
     assert "general text" in (out / "convert" / "README.md").read_text()
+
+
+def test_a_recipe_with_no_task_trains_on_running_text_and_scores_held_out_items(tiny_model_dir, tmp_path, text_file):
+    """data.format=text: every token of the text is trained on (no answer-only masking), here by pure
+    self-distillation (KL to the unquantized model on every token); eval_path gives held-out items never trained on."""
+    from datasets import Dataset
+
+    from qatkit.backends.trainer import sft_config
+    from qatkit.data import load_splits, training_examples
+
+    overrides = [
+        f"data.path={text_file}",
+        "data.format=text",
+        "data.text_field=body",
+        "data.eval_path=tests/data/arith_mc.jsonl",
+        "data.eval_size=16",
+        "data.train_size=null",
+        "distill.teacher=base",
+        "distill.tokens=all",
+        "eval.baselines=[bf16,ptq]",
+    ]
+    recipe = tiny_recipe(tiny_model_dir, *overrides)
+    splits = load_splits(recipe.data)
+    assert len(splits.train) == 40 and len(splits.eval) == 16 and not splits.format_is_mc
+    examples = training_examples(splits)
+    assert examples[0].keys() == {"text"}
+
+    from trl import SFTTrainer
+
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    args = sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True, qat=True)
+    batch = next(
+        iter(
+            SFTTrainer(
+                model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
+            ).get_train_dataloader()
+        )
+    )
+    real = batch["attention_mask"].bool()
+    assert (batch["labels"][real] != -100).all()  # every real token is a target
+
+    out = tmp_path / "run"
+    run_recipe(recipe, out, only=["finetune", "convert", "eval"])
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert {"bf16", "ptq", "qat"} <= set(results["variants"])
+    assert json.loads((out / "finetune" / "train_summary.json").read_text())["steps"] == 2
+
+
+def test_running_text_cannot_be_mixed_with_task_data(tiny_model_dir, text_file):
+    from qatkit.core.errors import RecipeError
+    from qatkit.data import load_splits
+
+    recipe = tiny_recipe(tiny_model_dir, f"data.mix=[{{path: {text_file}, format: text, text_field: body}}]")
+    with pytest.raises(RecipeError, match="cannot be mixed"):
+        load_splits(recipe.data)

