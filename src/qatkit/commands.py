@@ -146,6 +146,27 @@ def schemes_command() -> list:
     return list_schemes()
 
 
+def export_command(run_dir: Path, formats: list[str]) -> Path:
+    """Write deployment files of a run whose convert stage finished into <run>/export/, then rebuild its report."""
+    from qatkit.export import FORMATS, export_run, parity_sequences
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.report.build import build_report
+    from qatkit.run.rundir import RunDir
+    from qatkit.stages.convert import parity_batch
+
+    run = RunDir(run_dir.resolve())
+    if not run.is_done("convert"):
+        raise RecipeError(f"{run_dir}: no finished convert stage to export (run `qatkit convert` first)")
+    if unknown := sorted(set(formats) - set(FORMATS)):
+        raise RecipeError(f"--format {unknown[0]}: known formats are {', '.join(FORMATS)}")
+    recipe = load_recipe(run.resolved_recipe)
+    model, tokenizer = load_model_and_tokenizer(recipe.model, str(run.convert.root))
+    sequences = parity_sequences(parity_batch(tokenizer, run, recipe))
+    export_run(recipe, run, model, sequences, formats)
+    build_report(run)
+    return run_dir
+
+
 def report_command(run_dir: Path) -> Path:
     from qatkit.report.build import build_report
     from qatkit.run.rundir import RunDir

@@ -48,6 +48,10 @@ def run_summary(root: Path | None) -> None:
             f"checkpoint: [bold]{root / 'convert'}[/] ({rep['checkpoint_mb']} MB) — loads with "
             "AutoModelForCausalLM.from_pretrained"
         )
+    if g := rep.get("gguf"):
+        engine = g.get("llama_cpp")
+        ran = f"llama.cpp logits SQNR {engine['sqnr_db']:.1f} dB" if engine else g.get("llama_cpp_skipped")
+        console.print(f"gguf: [bold]{root / 'export' / g['file']}[/] ({g['bytes'] / 2**20:.2f} MB) — {ran}")
     console.print(f"report: {root / 'report.md'}")
 
 

@@ -13,31 +13,37 @@ any linear the scheme skipped F32. What llama.cpp expects beyond HF's layout, as
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit.core.errors import RecipeError
+from qatkit.core.errors import GateError, RecipeError
 from qatkit.export.gguf_meta import KeyValue, gguf_arch
+from qatkit.run.layout import ExportDir
+from qatkit.run.records import GGUFExportRecord
 
 if TYPE_CHECKING:
     import numpy as np
 
-QTYPES = {"q4_0": "Q4_0", "q8_0": "Q8_0"}  # scheme -> the GGUF type its converted integers are
+    from qatkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
 FILE_TYPES = {"Q4_0": 2, "Q8_0": 7}  # gguf LlamaFileType.MOSTLY_*
 BLOCK = 32
 
 
 def check_exportable(scheme: str) -> str:
-    """The GGUF type of a scheme's linears; other schemes hold integers no GGUF type reproduces exactly."""
-    if scheme not in QTYPES:
-        raise RecipeError(
-            f"GGUF export packs the trained integers exactly, which only the schemes {', '.join(QTYPES)} (llama.cpp's "
-            f"own Q4_0 / Q8_0 grids) allow; {scheme} has another grid (and int8-int4 also quantizes activations as "
-            "llama.cpp does not): train with qat.scheme: q4_0 or q8_0"
-        )
-    return QTYPES[scheme]
+    """The GGUF type of a scheme's converted linears; other schemes hold integers no GGUF type reproduces exactly."""
+    from qatkit.quant.registry import get_scheme
+    from qatkit.recipe.schema import gguf_refusal
+
+    qtype = get_scheme(scheme).gguf_type
+    if qtype is None:
+        raise RecipeError(gguf_refusal(scheme))
+    return qtype
 
 
 def pack_blocks(q: np.ndarray, d: np.ndarray, qtype: str) -> np.ndarray:
@@ -191,3 +197,31 @@ def export_gguf(model, source: str, out: Path, scheme: str, embeddings: str) -> 
         "metadata_from": "gguf" if src.gguf_file else "hf",
         "packed_not_bit_exact": read_back_exact(out, tensors),
     }
+
+
+def export(model, recipe: Recipe, out_dir: Path, sequences: list[list[int]]) -> GGUFExportRecord:
+    """`<out_dir>/model.gguf` from the converted `model`, checked in llama.cpp when it is installed, and its record."""
+    from qatkit.export.gguf_engine import ENGINE_MISSING, engine_parity, engine_version
+
+    files = ExportDir(out_dir)
+    spec = recipe.export.gguf
+    info = export_gguf(model, recipe.model.name_or_path, files.gguf, recipe.quant.name, spec.embeddings)
+    record = GGUFExportRecord(**info, threshold_db=spec.parity_min_sqnr)
+    if engine_version() is None:
+        log.warning(ENGINE_MISSING)
+        record.llama_cpp_skipped = ENGINE_MISSING
+    else:
+        record.llama_cpp = engine_parity(files.gguf, model, sequences)
+    record.save(files.gguf_record)
+    return record
+
+
+def gate(record: GGUFExportRecord) -> None:
+    """Exit 4 when a packed tensor is not what was trained, or llama.cpp's logits are below export.gguf's gate."""
+    if record.packed_not_bit_exact:
+        raise GateError(f"GGUF export: {', '.join(record.packed_not_bit_exact)} read back differently than packed")
+    if record.llama_cpp and record.llama_cpp["sqnr_db"] < record.threshold_db:
+        raise GateError(
+            f"GGUF parity gate failed: llama.cpp vs converted logits SQNR {record.llama_cpp['sqnr_db']:.1f} dB "
+            f"< export.gguf.parity_min_sqnr={record.threshold_db} dB"
+        )
