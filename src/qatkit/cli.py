@@ -294,7 +294,7 @@ def bench_perf(
         typer.Option(
             "--sections",
             help="Comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, "
-            "decode_latency (default: all).",
+            "decode_latency (default: all), and gguf (llama.cpp Q4_0 vs F16 vs transformers fp32; needs llama-cpp-python).",
         ),
     ] = "",
 ) -> None:

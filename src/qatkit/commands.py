@@ -193,7 +193,7 @@ def bench_command(
     import tempfile
 
     from qatkit.bench import TINY_TEXTS, run_all
-    from qatkit.bench.common import LORA_MODES, SECTIONS, SEED, build_random_model
+    from qatkit.bench.common import LORA_MODES, OPTIONAL_SECTIONS, SECTIONS, SEED, build_random_model
     from qatkit.bench.suite import perf_command_line
     from qatkit.models.loading import check_model_available, materialize_gguf, resolve_model
     from qatkit.quant.hardware import require_hardware
@@ -207,7 +207,10 @@ def bench_command(
         raise RecipeError("--schemes: give at least one scheme (see `qatkit schemes`)")
     sections = sections or list(SECTIONS)
     lora_modes = lora_modes or list(LORA_MODES)
-    for given, known, option in ((sections, SECTIONS, "--sections"), (lora_modes, LORA_MODES, "--lora-modes")):
+    for given, known, option in (
+        (sections, SECTIONS + OPTIONAL_SECTIONS, "--sections"),
+        (lora_modes, LORA_MODES, "--lora-modes"),
+    ):
         if unknown := [x for x in given if x not in known]:
             raise RecipeError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     names = []

@@ -126,6 +126,12 @@ def bench_perf(r: dict, out: Path) -> None:
             f"latency {d['latency_ratio']:.2f}× original, scoring {d['score_ratio']:.2f}×, "
             f"memory {d['memory_ratio']:.2f}×",
         )
+    if g := r.get("gguf"):
+        table.add_row(
+            "llama.cpp Q4_0 decode",
+            f"{g['llamacpp_tok_s']['Q4_0']:.0f} tok/s: {g['q4_0_vs_fp32_speed']:.2f}× transformers fp32, "
+            f"{g['q4_0_vs_f16_speed']:.2f}× llama.cpp F16; file {g['q4_0_vs_f16_size']:.2f}× F16",
+        )
     if cs := r.get("cli_startup"):
         table.add_row(
             "qatkit --help start-up", f"{cs['ratio']:.1f}× python -c pass (+{cs['overhead_s'] * 1000:.0f} ms)"

@@ -75,8 +75,8 @@ def tiny(tmp_path, arch):
 def test_export_runs_in_llama_cpp_like_the_converted_model(tmp_path, arch, scheme, embeddings):
     model_dir = tiny(tmp_path, arch)
     model = trained_like(model_dir, scheme)
-    info = export_gguf(model, str(model_dir), tmp_path / "model.gguf", scheme, embeddings)
-    qtype = scheme.upper()
+    qtype = check_exportable(scheme)
+    info = export_gguf(model, str(model_dir), tmp_path / "model.gguf", qtype, embeddings)
     assert info["packed_not_bit_exact"] == [] and info["weights"] == qtype
     n_linears = 7 * model.config.num_hidden_layers
     assert info["tensor_types"][qtype] == n_linears + (embeddings == "q8_0" and qtype == "Q8_0")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FILE_TYPES = {"Q4_0": 2, "Q8_0": 7}  # gguf LlamaFileType.MOSTLY_*
+FILE_TYPES = {"Q4_0": 2, "Q8_0": 7, "F16": 1}  # gguf LlamaFileType.MOSTLY_*; F16: a float model, every matrix F16
 BLOCK = 32
 
 
@@ -124,7 +124,7 @@ def model_tensors(model, qtype: str, embeddings: str, n_tokens: int) -> Iterator
             else:
                 yield Packed(name, w.astype(np.float16), None)
             continue
-        yield Packed(name, w, None)
+        yield Packed(name, w.astype(np.float16) if qtype == "F16" and w.ndim == 2 else w, None)
 
 
 def write_gguf(path: Path, arch: str, tensors: list[Packed], kvs: list[KeyValue], special_vocab, qtype: str) -> None:
@@ -162,14 +162,13 @@ def read_back_exact(path: Path, tensors: list[Packed]) -> list[str]:
     return wrong
 
 
-def export_gguf(model, source: str, out: Path, scheme: str, embeddings: str) -> dict:
-    """Write `model` (converted with `scheme`) to `out`, its metadata and tokenizer from `source` (the recipe's
-    model: an HF directory, or a GGUF whose keys are copied); returns what was written and whether gguf-py reads
-    every packed tensor back bit for bit."""
+def export_gguf(model, source: str, out: Path, qtype: str, embeddings: str) -> dict:
+    """Write `model` (converted to the GGUF type `qtype`, see `check_exportable`; F16: a float model) to `out`, its
+    metadata and tokenizer from `source` (the recipe's model: an HF directory, or a GGUF whose keys are copied);
+    returns what was written and whether gguf-py reads every packed tensor back bit for bit."""
     from qatkit.export.gguf_meta import arch_key_values, gguf_source_key_values, hf_tokenizer_key_values
     from qatkit.models.loading import resolve_model
 
-    qtype = check_exportable(scheme)
     arch = gguf_arch(model.config.model_type)
     src = resolve_model(source)
     if src.gguf_file:
@@ -205,7 +204,8 @@ def export(model, recipe: Recipe, out_dir: Path, sequences: list[list[int]]) -> 
 
     files = ExportDir(out_dir)
     spec = recipe.export.gguf
-    info = export_gguf(model, recipe.model.name_or_path, files.gguf, recipe.quant.name, spec.embeddings)
+    qtype = check_exportable(recipe.quant.name)
+    info = export_gguf(model, recipe.model.name_or_path, files.gguf, qtype, spec.embeddings)
     record = GGUFExportRecord(**info, threshold_db=spec.parity_min_sqnr)
     if engine_version() is None:
         log.warning(ENGINE_MISSING)
