@@ -212,6 +212,20 @@ def schemes() -> None:
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory with a finished convert stage.")],
+    format_: Annotated[str, typer.Option("--format", help="Comma-separated formats: gguf.")] = "gguf",
+) -> None:
+    """Write the converted model for another engine into RUN_DIR/export/ (gguf: llama.cpp, schemes q4_0 / q8_0).
+
+    Example: [bold]qatkit export runs/smollm2-q4_0 --format gguf[/]
+    """
+    from qatkit.commands import export_command
+
+    _show("run_summary", _guard(export_command, run_dir, _csv(format_)))
+
+
+@app.command()
 def report(run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory.")]) -> None:
     """Rebuild report.md, report.json, plots and the model card from a run dir (runs nothing).
 
@@ -280,7 +294,7 @@ def bench_perf(
         typer.Option(
             "--sections",
             help="Comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, "
-            "decode_latency (default: all).",
+            "decode_latency (default: all), and gguf (llama.cpp Q4_0 vs F16 vs transformers fp32; needs llama-cpp-python).",
         ),
     ] = "",
 ) -> None:

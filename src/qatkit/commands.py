@@ -146,6 +146,27 @@ def schemes_command() -> list:
     return list_schemes()
 
 
+def export_command(run_dir: Path, formats: list[str]) -> Path:
+    """Write deployment files of a run whose convert stage finished into <run>/export/, then rebuild its report."""
+    from qatkit.export import FORMATS, export_run, parity_sequences
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.report.build import build_report
+    from qatkit.run.rundir import RunDir
+    from qatkit.stages.convert import parity_batch
+
+    run = RunDir(run_dir.resolve())
+    if not run.is_done("convert"):
+        raise RecipeError(f"{run_dir}: no finished convert stage to export (run `qatkit convert` first)")
+    if unknown := sorted(set(formats) - set(FORMATS)):
+        raise RecipeError(f"--format {unknown[0]}: known formats are {', '.join(FORMATS)}")
+    recipe = load_recipe(run.resolved_recipe)
+    model, tokenizer = load_model_and_tokenizer(recipe.model, str(run.convert.root))
+    sequences = parity_sequences(parity_batch(tokenizer, run, recipe))
+    export_run(recipe, run, model, sequences, formats)
+    build_report(run)
+    return run_dir
+
+
 def report_command(run_dir: Path) -> Path:
     from qatkit.report.build import build_report
     from qatkit.run.rundir import RunDir
@@ -172,7 +193,7 @@ def bench_command(
     import tempfile
 
     from qatkit.bench import TINY_TEXTS, run_all
-    from qatkit.bench.common import LORA_MODES, SECTIONS, SEED, build_random_model
+    from qatkit.bench.common import LORA_MODES, OPTIONAL_SECTIONS, SECTIONS, SEED, build_random_model
     from qatkit.bench.suite import perf_command_line
     from qatkit.models.loading import check_model_available, materialize_gguf, resolve_model
     from qatkit.quant.hardware import require_hardware
@@ -186,7 +207,10 @@ def bench_command(
         raise RecipeError("--schemes: give at least one scheme (see `qatkit schemes`)")
     sections = sections or list(SECTIONS)
     lora_modes = lora_modes or list(LORA_MODES)
-    for given, known, option in ((sections, SECTIONS, "--sections"), (lora_modes, LORA_MODES, "--lora-modes")):
+    for given, known, option in (
+        (sections, SECTIONS + OPTIONAL_SECTIONS, "--sections"),
+        (lora_modes, LORA_MODES, "--lora-modes"),
+    ):
         if unknown := [x for x in given if x not in known]:
             raise RecipeError(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     names = []

@@ -48,6 +48,10 @@ def run_summary(root: Path | None) -> None:
             f"checkpoint: [bold]{root / 'convert'}[/] ({rep['checkpoint_mb']} MB) — loads with "
             "AutoModelForCausalLM.from_pretrained"
         )
+    if g := rep.get("gguf"):
+        engine = g.get("llama_cpp")
+        ran = f"llama.cpp logits SQNR {engine['sqnr_db']:.1f} dB" if engine else g.get("llama_cpp_skipped")
+        console.print(f"gguf: [bold]{root / 'export' / g['file']}[/] ({g['bytes'] / 2**20:.2f} MB) — {ran}")
     console.print(f"report: {root / 'report.md'}")
 
 
@@ -121,6 +125,12 @@ def bench_perf(r: dict, out: Path) -> None:
             f"{d['converted']['tokens_per_s']:.1f} vs {d['original']['tokens_per_s']:.1f} tok/s: "
             f"latency {d['latency_ratio']:.2f}× original, scoring {d['score_ratio']:.2f}×, "
             f"memory {d['memory_ratio']:.2f}×",
+        )
+    if g := r.get("gguf"):
+        table.add_row(
+            "llama.cpp Q4_0 decode",
+            f"{g['llamacpp_tok_s']['Q4_0']:.0f} tok/s: {g['q4_0_vs_fp32_speed']:.2f}× transformers fp32, "
+            f"{g['q4_0_vs_f16_speed']:.2f}× llama.cpp F16; file {g['q4_0_vs_f16_size']:.2f}× F16",
         )
     if cs := r.get("cli_startup"):
         table.add_row(

@@ -20,6 +20,7 @@ LAYERS = [
     {"data"},
     {"models"},
     {"evaluation"},
+    {"export"},
     {"backends"},
     {"stages"},
     {"report"},

@@ -163,11 +163,32 @@ def _md_cli_startup(cs: dict) -> list[str]:
     ]
 
 
+def _md_gguf(g: dict) -> list[str]:
+    speed, size = g["llamacpp_tok_s"], g["file_bytes"]
+    return [
+        "## llama.cpp: Q4_0 export vs F16 and transformers fp32",
+        "",
+        f"Greedy decode of {g['new_tokens']} tokens after a {g['prompt_len']}-token prompt, {g['threads']} threads, "
+        "best of the repeats, interleaved.",
+        "",
+        "| engine, weights | decode tokens/s | file |",
+        "|---|---|---|",
+        f"| transformers, fp32 | {g['transformers_fp32_tok_s']} | |",
+        f"| llama.cpp, F16 | {speed['F16']} | {_size(size['F16'])} |",
+        f"| llama.cpp, Q4_0 (qatkit export) | {speed['Q4_0']} | {_size(size['Q4_0'])} |",
+        "",
+        f"Q4_0 decodes {_x(g['q4_0_vs_fp32_speed'])} as fast as transformers fp32 and {_x(g['q4_0_vs_f16_speed'])} "
+        f"as fast as llama.cpp F16, in {g['q4_0_vs_f16_size']:.1%} of the F16 file.",
+        "",
+    ]
+
+
 MD_SECTIONS = {
     "step_time": _md_step_time,
     "train_memory": _md_train_memory,
     "checkpoint_size": _md_checkpoint_size,
     "decode_latency": _md_decode_latency,
+    "gguf": _md_gguf,
     "cli_startup": _md_cli_startup,
 }
 

@@ -14,12 +14,14 @@ from qatkit.bench.common import (
     DEFAULT_SCHEMES,
     FULL,
     LORA_MODES,
+    OPTIONAL_SECTIONS,
     QUICK,
     SECTIONS,
     Settings,
     quiet,
 )
 from qatkit.bench.decode import decode_latency_many
+from qatkit.bench.gguf import gguf_decode
 from qatkit.bench.host import Snapshot, auto_threads, cli_startup, load_between, machine, snapshot
 from qatkit.bench.markdown import render_markdown
 from qatkit.bench.training import step_time, train_memory
@@ -107,7 +109,7 @@ def _section_jobs(
     ckpt_root: Path,
     say: Callable[[str], None],
 ) -> dict[str, Callable[[], dict]]:
-    """Every section as a call, in the order they run (the order of SECTIONS)."""
+    """Every section as a call, in the order they run (SECTIONS, then OPTIONAL_SECTIONS)."""
 
     def converted_dirs() -> dict[str, Path]:  # what checkpoint_size left, if it ran
         return {sc: ckpt_root / sc for sc in schemes if (ckpt_root / sc).is_dir()}
@@ -139,8 +141,9 @@ def _section_jobs(
             converted_dirs=converted_dirs(),
             threads=threads,
         ),
+        "gguf": lambda: gguf_decode(model_dir, s.prompt_len, s.new_tokens, s.decode_repeats, threads),
     }
-    assert tuple(jobs) == SECTIONS
+    assert tuple(jobs) == SECTIONS + OPTIONAL_SECTIONS
     return jobs
 
 

@@ -41,6 +41,7 @@ class Scheme:
     # FakeQuantizedLinear; convert stores exactly those integers and scales in linear_config's intx tensor
     # (an IntxWeightOnlyConfig with PerGroup granularity), zero point 0
     weight_fake_quantizer: Callable[[], object] | None = None
+    gguf_type: str | None = None  # the GGUF tensor type that holds the converted linears exactly (None: no GGUF export)
 
 
 _SCHEMES: dict[str, Scheme] = {}

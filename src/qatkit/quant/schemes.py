@@ -200,7 +200,8 @@ register_scheme(
         default_group_size=32,
         fixed_granularity=True,
         weight_fake_quantizer=_gguf_fake_quantizer("Q4_0"),
-        notes="embeddings and lm_head kept in high precision; .gguf export not yet (issue #28)",
+        gguf_type="Q4_0",
+        notes="embeddings and lm_head kept in high precision (export.gguf.embeddings picks their GGUF type)",
     )
 )
 register_scheme(
@@ -213,6 +214,7 @@ register_scheme(
         default_group_size=32,
         fixed_granularity=True,
         weight_fake_quantizer=_gguf_fake_quantizer("Q8_0"),
-        notes="embeddings and lm_head kept in high precision; .gguf export not yet (issue #28)",
+        gguf_type="Q8_0",
+        notes="embeddings and lm_head kept in high precision (export.gguf.embeddings picks their GGUF type)",
     )
 )

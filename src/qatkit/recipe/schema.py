@@ -16,6 +16,16 @@ from qatkit.quant.spec import QuantSpec
 STAGES = ("finetune", "convert", "eval")
 
 
+def gguf_refusal(scheme: str) -> str:
+    """Why `scheme` has no GGUF export, naming the schemes that have one."""
+    exportable = ", ".join(s.name for s in list_schemes() if s.gguf_type)
+    return (
+        f"GGUF export packs the trained integers exactly, which only the schemes {exportable} (llama.cpp's own grids) "
+        f"allow; {scheme} has another grid (int8-int4 also quantizes activations as llama.cpp does not): train with "
+        "one of those"
+    )
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -266,6 +276,28 @@ class ConvertSpec(Strict):
     )
 
 
+class GGUFExportSpec(Strict):
+    embeddings: Literal["f16", "q8_0"] = Field(
+        "f16",
+        description="Type of the token embeddings (and of an untied lm_head the scheme leaves unquantized) in the GGUF: "
+        "f16 as Google's Gemma 3 QAT Q4_0 GGUFs keep them, or q8_0 (gguf-py's quantizer; not trained on).",
+    )
+    parity_min_sqnr: float = Field(
+        30.0,
+        description="Gate: SQNR (dB) of llama.cpp's logits vs the converted model's on the parity batch must reach "
+        "this, else exit 4 (checked when llama-cpp-python is installed).",
+    )
+
+
+class ExportSpec(Strict):
+    formats: list[Literal["gguf"]] = Field(
+        default_factory=list,
+        description="Files convert also writes into <run>/export/: gguf (llama.cpp; schemes q4_0 and q8_0, their "
+        "trained integers packed as they are). Empty: none (`qatkit export RUN_DIR` can still make them).",
+    )
+    gguf: GGUFExportSpec = Field(GGUFExportSpec(), description="Settings of the GGUF export.")
+
+
 class EvalSpec(Strict):
     tasks: list[str] = Field(
         default_factory=lambda: ["heldout"],
@@ -316,6 +348,7 @@ class Recipe(Strict):
         None, description="Distillation into the fake-quantized model (backend hf); none when absent."
     )
     convert: ConvertSpec = Field(ConvertSpec(), description="The convert stage's train/deploy parity gate.")
+    export: ExportSpec = Field(ExportSpec(), description="Deployment files written at the end of convert.")
 
     eval: EvalSpec = Field(EvalSpec(), description="Evaluation: tasks, baselines and the optional text NLL.")
     stages: list[Literal["finetune", "convert", "eval"]] = Field(
@@ -337,6 +370,8 @@ class Recipe(Strict):
             raise ValueError(
                 "distill.general.path is eval.text_path: the held-out text NLL must score text never trained on"
             )
+        if "gguf" in self.export.formats and get_scheme(self.quant.name).gguf_type is None:
+            raise ValueError(gguf_refusal(self.quant.name))
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
             raise ValueError(f"stages must keep the order {list(STAGES)}")
         return self

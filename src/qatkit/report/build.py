@@ -8,7 +8,7 @@ from qatkit.core.io import read_json, write_json_atomic
 from qatkit.report.model_card import render_model_card
 from qatkit.report.plots import plot_accuracy, plot_loss
 from qatkit.report.tables import data_licenses, qat_loss_label, quality_rows, render_markdown
-from qatkit.run.records import EvalResults, Parity, QatPlanRecord, TrainSummary
+from qatkit.run.records import EvalResults, GGUFExportRecord, Parity, QatPlanRecord, TrainSummary
 from qatkit.run.rundir import RunDir
 
 
@@ -33,6 +33,7 @@ def build_report(run_dir: RunDir) -> dict:
     results = results.to_dict() if results else {}
     train, parity = TrainSummary.load(run_dir.finetune.train_summary), Parity.load(run_dir.convert.parity)
     plan = QatPlanRecord.load(run_dir.convert.qat_plan)
+    gguf = GGUFExportRecord.load(run_dir.export.gguf_record) if run_dir.is_done("export") else None
     rows = quality_rows(results) if results else []
     weights = run_dir.convert.weights_bytes()  # 0 without a convert stage
     report = {
@@ -45,6 +46,7 @@ def build_report(run_dir: RunDir) -> dict:
         "text_nll": {v: d["text_nll"] for v, d in results.get("variants", {}).items() if "text_nll" in d},
         "training": train.to_dict() if train else None,
         "parity": parity.to_dict() if parity else None,
+        "gguf": gguf.to_dict() if gguf else None,
         "checkpoint_mb": round(weights / 2**20, 2) if weights else None,
         "original_bf16_mb": manifest.get("stages", {}).get("convert", {}).get("summary", {}).get("original_bf16_mb"),
         "data": manifest.get("data") and {**manifest["data"], "license": data_licenses(recipe.get("data"))},

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from qatkit.report.tables import data_sources, quality_table, text_nll_table
+from qatkit.report.tables import data_sources, gguf_lines, quality_table, text_nll_table
 
 INFERENCE = [
     "# Inference with Transformers",
@@ -123,6 +123,20 @@ def render_model_card(report: dict, recipe: dict) -> str:
     if finetuned:
         lines += _how_trained(report, recipe, base)
     lines += INFERENCE
+    if report.get("gguf"):
+        lines += [
+            "# Inference with llama.cpp and Ollama",
+            "",
+            "The run's `export/model.gguf`:",
+            "",
+            "```shell",
+            'llama-cli -m model.gguf -p "Give me a short introduction to large language models." -n 128',
+            "printf 'FROM ./model.gguf\\n' > Modelfile && ollama create my-qat-model -f Modelfile && ollama run my-qat-model",
+            "```",
+            "",
+            *gguf_lines(report["gguf"]),
+            "",
+        ]
     if finetuned:
         lines += _recipe_section(recipe)
     lines += ["# Model quality", ""]

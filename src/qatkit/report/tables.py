@@ -151,6 +151,33 @@ def _parity_lines(parity: dict | None) -> list[str]:
     return out
 
 
+def gguf_lines(gguf: dict) -> list[str]:
+    """The GGUF export: what it holds, and llama.cpp's logits against the converted model's."""
+    types = ", ".join(f"{n} {t}" for t, n in gguf["tensor_types"].items())
+    out = [
+        f"`export/{gguf['file']}` ({gguf['bytes'] / 2**20:.2f} MB, {gguf['architecture']}): linears "
+        f"{gguf['weights']} packed from the trained integers, embeddings {gguf['embeddings']}; tensors: {types}. "
+        f"Packed tensors read back bit for bit: {'yes' if not gguf['packed_not_bit_exact'] else 'NO'}.",
+        "",
+    ]
+    engine = gguf.get("llama_cpp")
+    if not engine:
+        return [*out, f"Not run in llama.cpp: {gguf.get('llama_cpp_skipped')}"]
+    return [
+        *out,
+        "| llama.cpp vs converted model (logits, fixed batch) | value |",
+        "|---|---|",
+        f"| SQNR (dB; gate {gguf['threshold_db']}) | {engine['sqnr_db']:.1f} |",
+        f"| max abs diff | {engine['max_abs_diff']:.3g} |",
+        f"| top-1 agreement over {engine['tokens']} positions | {engine['top1_agreement']:.1%} |",
+        f"| greedy tokens identical to transformers' | {engine['greedy_same_as_transformers']} of "
+        f"{len(engine['greedy_tokens'])} |",
+        "",
+        f"Engine: {engine['engine']}, one thread, flash attention off. llama.cpp quantizes activations to 8 bits in "
+        "its Q4_0/Q8_0 matmuls, hence not bit-identical logits.",
+    ]
+
+
 def render_markdown(report: dict, results: dict) -> str:
     size = f"converted checkpoint {report['checkpoint_mb']} MB"
     if report.get("original_bf16_mb"):
@@ -206,6 +233,8 @@ def render_markdown(report: dict, results: dict) -> str:
     else:
         lines += ["(no finetune stage: post-training quantization)", ""]
     lines += ["## Train/deploy parity", "", *_parity_lines(report["parity"]), ""]
+    if report.get("gguf"):
+        lines += ["## llama.cpp (GGUF export)", "", *gguf_lines(report["gguf"]), ""]
     if report["skipped_modules"]:
         lines += [
             "## Modules kept in high precision",

@@ -117,6 +117,24 @@ class Parity(Record):
 
 
 @dataclass
+class GGUFExportRecord(Record):
+    """export/gguf.json: what the GGUF holds, whether its packed tensors read back bit for bit, and how llama.cpp
+    ran it against the converted model."""
+
+    file: str
+    bytes: int
+    architecture: str
+    weights: str  # the GGUF type of the quantized linears (Q4_0 / Q8_0)
+    embeddings: str
+    tensor_types: dict[str, int]
+    metadata_from: str  # hf (config + tokenizer.json) or gguf (copied from the source GGUF)
+    packed_not_bit_exact: list[str]
+    threshold_db: float
+    llama_cpp: dict | None = None  # engine_parity's figures; None when llama-cpp-python is not installed
+    llama_cpp_skipped: str | None = None
+
+
+@dataclass
 class EvalResults(Record):
     """eval/results.json: every variant's scores on the same tasks and items."""
 

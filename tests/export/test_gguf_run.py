@@ -1,0 +1,53 @@
+"""The GGUF export through the CLI: `qatkit run` with export.formats writes <run>/export/model.gguf and its llama.cpp
+figures into the manifest, report and model card; `qatkit export` makes it again; the gate and the refusals exit
+with their codes."""
+
+import json
+
+import pytest
+
+from ..conftest import TINY_RECIPE, run_cli
+
+Q4_0_GGUF = ["--set", "qat.scheme=q4_0", "--set", "export.formats=[gguf]", "--set", "train.max_steps=3"]
+
+
+def test_run_exports_gguf_and_reports_llama_cpp_parity(tiny_model_dir, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llamacpp extra) is not installed")
+    out = tmp_path / "run"
+    res = run_cli(
+        "run", str(TINY_RECIPE), "--out", str(out), "--set", f"model.name_or_path={tiny_model_dir}",
+        "--set", "stages=[finetune,convert]", *Q4_0_GGUF,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "export" / "model.gguf").stat().st_size > 0 and (out / "export" / "DONE").exists()
+    gguf = json.loads((out / "manifest.json").read_text())["export"]["gguf"]
+    assert gguf["weights"] == "Q4_0" and gguf["packed_not_bit_exact"] == []
+    assert gguf["llama_cpp"]["sqnr_db"] >= 30 and gguf["llama_cpp"]["top1_agreement"] >= 0.97
+    assert "## llama.cpp (GGUF export)" in (out / "report.md").read_text()
+    assert "FROM ./model.gguf" in (out / "convert" / "README.md").read_text()
+    assert "gguf:" in res.stdout
+
+    (out / "export" / "model.gguf").unlink()
+    res = run_cli("export", str(out), "--format", "gguf")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert (out / "export" / "model.gguf").exists()
+
+
+def test_gguf_gate_exits_4(tiny_model_dir, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llamacpp extra) is not installed")
+    res = run_cli(
+        "run", str(TINY_RECIPE), "--out", str(tmp_path / "ptq"), "--set", f"model.name_or_path={tiny_model_dir}",
+        "--set", "stages=[convert]", "--set", "export.gguf.parity_min_sqnr=200", *Q4_0_GGUF,
+    )  # fmt: skip
+    assert res.returncode == 4, res.stderr[-3000:]
+    assert "export.gguf.parity_min_sqnr=200" in res.stderr + res.stdout
+    assert (tmp_path / "ptq" / "export" / "gguf.json").exists()  # published for inspection
+
+
+def test_gguf_export_refuses_other_schemes(tiny_model_dir, tmp_path):
+    res = run_cli(
+        "validate", str(TINY_RECIPE), "--set", f"model.name_or_path={tiny_model_dir}", "--set", "export.formats=[gguf]"
+    )
+    assert res.returncode == 2 and "q4_0, q8_0" in res.stderr + res.stdout
+    res = run_cli("export", str(tmp_path), "--format", "gguf")
+    assert res.returncode == 2 and "no finished convert stage" in res.stderr + res.stdout
