@@ -480,3 +480,30 @@ def test_gold_nll_batched_equals_each_item_scored_alone(tiny_model_dir):
         total -= sum(logprobs[len(ctx) - 1 + j, token].item() for j, token in enumerate(gold))
         count += len(gold)
     assert gold_nll(model, tokenizer, contexts, golds, batch_size=3) == pytest.approx(total / count, rel=1e-5)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradient_checkpointing_is_what_the_recipe_says(tiny_model_dir, tmp_path, checkpointing):
+    """TRL's SFTConfig turns gradient checkpointing on by default; the recipe's train.gradient_checkpointing
+    (default false: faster steps) decides, and the trained model really recomputes (or not)."""
+    from qatkit.backends.trainer import sft_config
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(tiny_model_dir, f"train.gradient_checkpointing={str(checkpointing).lower()}")
+    model, _ = load_model_and_tokenizer(recipe.model)
+    assert sft_config(recipe, tmp_path, model, use_cpu=True, qat=True).gradient_checkpointing is checkpointing
+    import transformers.modeling_utils
+
+    calls = []
+    original = transformers.modeling_utils.checkpoint  # what gradient_checkpointing_enable binds
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    transformers.modeling_utils.checkpoint = counting
+    try:
+        run_recipe(recipe, tmp_path / "run", only=["finetune"])
+    finally:
+        transformers.modeling_utils.checkpoint = original
+    assert bool(calls) is checkpointing

@@ -98,8 +98,7 @@ class HFBackend:
         if recipe.train.gradient_checkpointing:
             model.enable_input_require_grads()
 
-        extra = {"gradient_checkpointing": True} if recipe.train.gradient_checkpointing else {}
-        args = sft_config(recipe, FinetuneDir(work).checkpoints, model, use_cpu=not on_cuda, qat=qat, **extra)
+        args = sft_config(recipe, FinetuneDir(work).checkpoints, model, use_cpu=not on_cuda, qat=qat)
         teacher = load_teacher(recipe, control) if qat and recipe.distill else None
         general = _general_stream(recipe, teacher, tokenizer, control) if teacher is not None else None
         trainer = qat_trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill, general)(

@@ -163,7 +163,7 @@ def _last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> str | None:
     return steps[max(steps)] if steps else None
 
 
-def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool, **extra):
+def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool):
     """The trainer settings both backends share, from the recipe's `train` section (and qat.lr / qat.max_steps for
     a QAT run)."""
     import torch
@@ -193,7 +193,7 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool, 
         use_cpu=use_cpu,
         report_to="none",
         dataloader_num_workers=0,
-        **extra,
+        gradient_checkpointing=t.gradient_checkpointing,  # TRL's SFTConfig turns it on unless told
     )
 
 
