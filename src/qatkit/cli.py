@@ -343,6 +343,26 @@ def bench_recovery(
     _show("bench_recovery", summary, target)
 
 
+@bench_app.command("gguf-recovery")
+def bench_gguf_recovery(
+    run_dir: Annotated[Path, typer.Argument(help="A finished q4_0 / q8_0 run with export/model.gguf.")],
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Where gguf-recovery.json and .md go (default: the run dir).")
+    ] = None,
+    threads: Annotated[int, typer.Option("--threads", min=1, help="llama.cpp threads.")] = 1,
+) -> None:
+    """Accuracy where the GGUF runs: llama.cpp's NLL on held-out text (eval.text_path) of the QAT export vs the same
+    model quantized plainly vs F16, and the share of the plain quantization's loss QAT wins back.
+
+    Example: [bold]qatkit bench gguf-recovery runs/smollm2-general-q4_0 --out benchmarks/recovery-smollm2-general-q4_0[/]
+    """
+    from qatkit.bench.gguf_recovery import gguf_recovery
+
+    target = out or run_dir
+    result = _guard(gguf_recovery, run_dir, target, threads)
+    _show("bench_gguf_recovery", result, target)
+
+
 def _show(view: str, *result) -> None:
     """Print a command's result with `render.<view>`."""
     from qatkit import render

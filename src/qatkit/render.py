@@ -171,3 +171,16 @@ def bench_recovery(summary: dict, out: Path) -> None:
         )
     console.print(table)
     console.print(f"results: {out / 'recovery.md'}")
+
+
+def bench_gguf_recovery(result: dict, out: Path) -> None:
+    """llama.cpp NLL of F16, plain and QAT GGUFs and the recovery, and where gguf-recovery.md is."""
+    table = Table("GGUF", "NLL/token", "perplexity", title=f"llama.cpp, held-out text ({result['text']['docs']} docs)")
+    for name in ("F16", "plain", "QAT"):
+        table.add_row(name, f"{result['nll'][name]:.4f}", f"{result['perplexity'][name]:.2f}")
+    console.print(table)
+    recovery = result["recovery"]
+    console.print(
+        f"QAT wins back {'—' if recovery is None else f'{100 * recovery:.1f}%'} of the plain quantization's NLL rise"
+    )
+    console.print(f"results: {out / 'gguf-recovery.md'}")

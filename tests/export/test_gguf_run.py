@@ -51,3 +51,30 @@ def test_gguf_export_refuses_other_schemes(tiny_model_dir, tmp_path):
     assert res.returncode == 2 and "q4_0, q8_0" in res.stderr + res.stdout
     res = run_cli("export", str(tmp_path), "--format", "gguf")
     assert res.returncode == 2 and "no finished convert stage" in res.stderr + res.stdout
+
+
+def test_gguf_recovery_scores_the_three_gguf_files_in_llama_cpp(tiny_model_dir, tmp_path):
+    """`qatkit bench gguf-recovery`: llama.cpp's NLL on held-out text of F16, plain Q4_0 and the QAT export, and
+    the recovery computed from them; the plain file is the reference quantized on the same grid."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llamacpp extra) is not installed")
+    from ..conftest import arith_texts
+
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps({"text": t}) + "\n" for t in arith_texts()[-30:]))
+    out = tmp_path / "run"
+    res = run_cli(
+        "run", str(TINY_RECIPE), "--out", str(out), "--set", f"model.name_or_path={tiny_model_dir}",
+        "--set", "stages=[finetune,convert]", "--set", f"eval.text_path={text}", "--set", "eval.text_docs=20",
+        "--set", "eval.baselines=[ft-bf16]", *Q4_0_GGUF,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = run_cli("bench", "gguf-recovery", str(out), "--out", str(tmp_path / "bench"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    r = json.loads((tmp_path / "bench" / "gguf-recovery.json").read_text())
+    assert r["reference"] == "the run's fine-tune without QAT" and r["text"]["docs"] == 20 and r["text"]["tokens"] > 100
+    nll = r["nll"]
+    assert all(0 < v < 20 for v in nll.values()) and nll["plain"] != nll["F16"]
+    assert r["file_bytes"]["plain"] == r["file_bytes"]["QAT"] < r["file_bytes"]["F16"]
+    if r["recovery"] is not None:
+        assert r["recovery"] == pytest.approx((nll["plain"] - nll["QAT"]) / (nll["plain"] - nll["F16"]))
+    assert "QAT wins back" in (tmp_path / "bench" / "gguf-recovery.md").read_text()

@@ -21,7 +21,7 @@ def engine_version() -> str | None:
     return f"llama-cpp-python {llama_cpp.__version__}"
 
 
-def open_llama(path: Path, n_ctx: int):
+def open_llama(path: Path, n_ctx: int, threads: int = 1):
     from llama_cpp import Llama
 
     return Llama(
@@ -29,8 +29,8 @@ def open_llama(path: Path, n_ctx: int):
         logits_all=True,
         n_ctx=n_ctx,
         n_batch=n_ctx,
-        n_threads=1,
-        n_threads_batch=1,
+        n_threads=threads,
+        n_threads_batch=threads,
         flash_attn=False,
         verbose=False,
     )
@@ -42,6 +42,23 @@ def llama_cpp_logits(llm, tokens: list[int]):
     llm.reset()
     llm.eval(tokens)
     return np.array(llm.scores[: len(tokens)], dtype=np.float32)
+
+
+def text_nll(path: Path, sequences: list[list[int]], threads: int = 1) -> tuple[float, int]:
+    """llama.cpp's mean negative log-likelihood per token of `sequences` (each token given the ones before it; the
+    first has no context and is not scored), and the number of tokens scored."""
+    import torch
+
+    llm = open_llama(path, max(map(len, sequences)) + 8, threads)
+    total, count = 0.0, 0
+    try:
+        for seq in sequences:
+            logprobs = torch.from_numpy(llama_cpp_logits(llm, seq)[:-1]).log_softmax(-1)
+            total -= logprobs.gather(1, torch.tensor(seq[1:])[:, None]).sum().item()
+            count += len(seq) - 1
+    finally:
+        llm.close()
+    return total / max(count, 1), count
 
 
 def greedy(llm, prompt: list[int], steps: int) -> list[int]:
