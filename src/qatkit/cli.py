@@ -190,6 +190,41 @@ def eval_(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run dir with a finished convert stage.")],
+    format_: Annotated[
+        str, typer.Option("--format", help="executorch: a .pte for ExecuTorch's XNNPACK delegate (phones).")
+    ],
+    max_seq_len: Annotated[
+        int | None,
+        typer.Option("--max-seq-len", min=2, help="KV-cache length (default: the recipe's export.executorch)."),
+    ] = None,
+) -> None:
+    """Export a run's converted model for deployment into RUN_DIR/export/, checked in the target runtime.
+
+    Example: [bold]qatkit export runs/demo --format executorch --max-seq-len 1024[/]
+    """
+    from qatkit.commands import export_command
+
+    _show("export_result", _guard(export_command, run_dir, format_, max_seq_len))
+
+
+@app.command()
+def generate(
+    pte: Annotated[Path, typer.Argument(help="A .pte from `qatkit export` (its tokenizer beside it).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The user message (the chat template is applied).")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+) -> None:
+    """Generate text with an exported .pte in the ExecuTorch runtime (greedy, KV-cache decode).
+
+    Example: [bold]qatkit generate runs/demo/export/model.pte --prompt "How do I boil an egg?"[/]
+    """
+    from qatkit.commands import generate_command
+
+    _show("generation", _guard(generate_command, pte, prompt, max_new_tokens))
+
+
+@app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe without running it: schema, hardware, model, data, tasks, and the module plan.
 

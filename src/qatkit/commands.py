@@ -133,6 +133,23 @@ def eval_command(
     return results
 
 
+def export_command(run_dir: Path, fmt: str, max_seq_len: int | None) -> dict:
+    """Export a run's converted model (`qatkit export`), then rebuild its report."""
+    from qatkit.export import export_run
+    from qatkit.report.build import build_report
+    from qatkit.run.rundir import RunDir
+
+    result = export_run(run_dir, fmt, max_seq_len=max_seq_len)
+    build_report(RunDir(run_dir.resolve()))
+    return result
+
+
+def generate_command(pte: Path, prompt: str, max_new_tokens: int) -> dict:
+    from qatkit.export.executorch import generate
+
+    return generate(pte, prompt, max_new_tokens)
+
+
 def validate_command(recipe_path: Path, overrides: list[str]):
     """Everything checkable before a model loads, and the module plan (a `validate.Validation`)."""
     from qatkit.validate import validate

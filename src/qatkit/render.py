@@ -51,6 +51,26 @@ def run_summary(root: Path | None) -> None:
     console.print(f"report: {root / 'report.md'}")
 
 
+def export_result(result: dict) -> None:
+    p, floor = result["parity"], result["floor"]["bytes"]
+    console.print(
+        f"ExecuTorch: [bold]{result['pte']}[/] ({result['pte_bytes'] / 2**20:.1f} MB, {result['pte_bytes'] / floor:.2f}× "
+        f"the scheme's floor of {floor / 2**20:.1f} MB; KV cache {result['max_seq_len']} tokens)"
+    )
+    console.print(
+        f"runtime parity vs the converted model: SQNR {p['sqnr_db']:.1f} dB, top-1 agreement "
+        f"{100 * p['top1_agreement']:.1f}% over {p['tokens']} tokens (gate {result['threshold_db']} dB)"
+    )
+
+
+def generation(result: dict) -> None:
+    console.print(result["text"], highlight=False, markup=False)
+    console.print(
+        f"[dim]{result['prompt_tokens']} prompt tokens in {result['prefill_ms']} ms, {result['new_tokens']} new tokens, "
+        f"{result['decode_ms_per_token']} ms/token (ExecuTorch runtime)[/]"
+    )
+
+
 def eval_results(model_dir: Path, results: dict) -> None:
     table = Table("task", "metric", "value", "stderr", title=f"lm-eval: {model_dir}")
     for task, metrics in results.items():

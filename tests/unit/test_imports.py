@@ -22,6 +22,7 @@ LAYERS = [
     {"evaluation"},
     {"backends"},
     {"stages"},
+    {"export"},
     {"report"},
     {"pipeline", "validate"},
     {"bench"},

@@ -41,6 +41,7 @@ class Scheme:
     # FakeQuantizedLinear; convert stores exactly those integers and scales in linear_config's intx tensor
     # (an IntxWeightOnlyConfig with PerGroup granularity), zero point 0
     weight_fake_quantizer: Callable[[], object] | None = None
+    export_formats: tuple[str, ...] = ()  # `qatkit export --format` targets whose runtime runs the converted model
 
 
 _SCHEMES: dict[str, Scheme] = {}

@@ -238,6 +238,31 @@ class ConvertSpec(Strict):
     )
 
 
+class ExecutorchExportSpec(Strict):
+    max_seq_len: int = Field(
+        1024,
+        gt=1,
+        description="Tokens the .pte's static KV cache holds, prompt and generated ones together (the Qwen3-4B "
+        "card exports 1024).",
+    )
+    parity_min_sqnr: float = Field(
+        25.0,
+        description="Gate: SQNR (dB) of the .pte's logits in the ExecuTorch runtime vs the converted model's, on the "
+        "convert stage's parity texts, must reach this, else exit 4 and no .pte is published.",
+    )
+
+
+class ExportSpec(Strict):
+    formats: list[Literal["executorch"]] = Field(
+        default_factory=list,
+        description="Formats `qatkit run` exports the converted model to after its stages, into <out>/export/ "
+        "(executorch: model.pte for XNNPACK); none by default. `qatkit export RUN_DIR --format F` does one later.",
+    )
+    executorch: ExecutorchExportSpec = Field(
+        ExecutorchExportSpec(), description="The ExecuTorch (.pte) export: KV-cache length and runtime parity gate."
+    )
+
+
 class EvalSpec(Strict):
     tasks: list[str] = Field(
         default_factory=lambda: ["heldout"],
@@ -290,6 +315,7 @@ class Recipe(Strict):
     convert: ConvertSpec = Field(ConvertSpec(), description="The convert stage's train/deploy parity gate.")
 
     eval: EvalSpec = Field(EvalSpec(), description="Evaluation: tasks, baselines and the optional text NLL.")
+    export: ExportSpec = Field(ExportSpec(), description="Deployment formats to export the converted model to.")
     stages: list[Literal["finetune", "convert", "eval"]] = Field(
         default_factory=lambda: list(STAGES),
         description="Stages to run, in this order; without finetune, convert quantizes the original model (PTQ).",
@@ -306,6 +332,12 @@ class Recipe(Strict):
             raise ValueError("qat.lora: merged trains fq(W + s·BA) and cannot apply LoRA dropout; set lora.dropout: 0")
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
             raise ValueError(f"stages must keep the order {list(STAGES)}")
+        for fmt in self.export.formats:
+            if fmt not in get_scheme(self.qat.scheme).export_formats:
+                can = ", ".join(s.name for s in list_schemes() if fmt in s.export_formats)
+                raise ValueError(
+                    f"export.formats: scheme {self.qat.scheme} does not export to {fmt} (schemes that do: {can})"
+                )
         return self
 
     @functools.cached_property
@@ -320,11 +352,11 @@ class Recipe(Strict):
         return "full" if self.train.full_finetuning else self.qat.lora
 
     def digest(self) -> str:
-        """Hash of what determines the results (not which stages run now, nor where).
+        """Hash of what determines the results (not which stages run now, nor where, nor the export formats).
 
         Fields left at their defaults are left out, so adding a setting keeps existing run dirs resumable.
         """
-        relevant = self.model_dump(exclude={"stages", "out"}, exclude_defaults=True)
+        relevant = self.model_dump(exclude={"stages", "out", "export"}, exclude_defaults=True)
 
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -337,7 +369,7 @@ class Recipe(Strict):
                 out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
             return out
 
-        mine, theirs = (leaves(r.model_dump(exclude={"stages", "out"})) for r in (self, other))
+        mine, theirs = (leaves(r.model_dump(exclude={"stages", "out", "export"})) for r in (self, other))
         return [
             f"{k}: {theirs.get(k)!r} → {mine.get(k)!r}" for k in sorted(mine | theirs) if mine.get(k) != theirs.get(k)
         ]

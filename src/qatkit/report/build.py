@@ -8,7 +8,7 @@ from qatkit.core.io import read_json, write_json_atomic
 from qatkit.report.model_card import render_model_card
 from qatkit.report.plots import plot_accuracy, plot_loss
 from qatkit.report.tables import data_licenses, qat_loss_label, quality_rows, render_markdown
-from qatkit.run.records import EvalResults, Parity, QatPlanRecord, TrainSummary
+from qatkit.run.records import EvalResults, ExecutorchExport, Parity, QatPlanRecord, TrainSummary
 from qatkit.run.rundir import RunDir
 
 
@@ -35,6 +35,7 @@ def build_report(run_dir: RunDir) -> dict:
     plan = QatPlanRecord.load(run_dir.convert.qat_plan)
     rows = quality_rows(results) if results else []
     weights = run_dir.convert.weights_bytes()  # 0 without a convert stage
+    executorch = ExecutorchExport.load(run_dir.export.executorch)
     report = {
         "name": recipe["name"],
         "model": recipe["model"]["name_or_path"],
@@ -46,6 +47,7 @@ def build_report(run_dir: RunDir) -> dict:
         "training": train.to_dict() if train else None,
         "parity": parity.to_dict() if parity else None,
         "checkpoint_mb": round(weights / 2**20, 2) if weights else None,
+        "executorch": executorch.to_dict() if executorch else None,
         "original_bf16_mb": manifest.get("stages", {}).get("convert", {}).get("summary", {}).get("original_bf16_mb"),
         "data": manifest.get("data") and {**manifest["data"], "license": data_licenses(recipe.get("data"))},
         "quantized_modules": len(plan.quantized) if plan else None,

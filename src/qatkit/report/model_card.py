@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from qatkit.report.tables import data_sources, quality_table
+from qatkit.report.tables import data_sources, executorch_summary, quality_table
 
 INFERENCE = [
     "# Inference with Transformers",
@@ -120,6 +120,8 @@ def render_model_card(report: dict, recipe: dict) -> str:
     if finetuned:
         lines += _how_trained(report, recipe, base)
     lines += INFERENCE
+    if report.get("executorch"):
+        lines += ["# Running on a phone with ExecuTorch", "", executorch_summary(report["executorch"]), ""]
     if finetuned:
         lines += _recipe_section(recipe)
     lines += ["# Model quality", ""]

@@ -130,6 +130,19 @@ def _parity_lines(parity: dict | None) -> list[str]:
     return out
 
 
+def executorch_summary(record: dict) -> str:
+    """One paragraph on export/model.pte: its size against the scheme's floor and its parity in the runtime."""
+    p, floor = record["parity"], record["floor"]["bytes"]
+    return (
+        f"`export/model.pte` (ExecuTorch, XNNPACK; KV cache of {record['max_seq_len']} tokens): "
+        f"{record['pte_bytes'] / 2**20:.1f} MB, {record['pte_bytes'] / floor:.2f}x the scheme's floor of "
+        f"{floor / 2**20:.1f} MB. Its logits in the ExecuTorch runtime vs the converted model's: SQNR "
+        f"{p['sqnr_db']:.1f} dB, top-1 agreement {100 * p['top1_agreement']:.1f}% over {p['tokens']} tokens "
+        f"(prompt prefill, then KV-cache decode; gate {record['threshold_db']} dB). Run it: "
+        f'`qatkit generate export/model.pte --prompt "..."`.'
+    )
+
+
 def render_markdown(report: dict, results: dict) -> str:
     size = f"converted checkpoint {report['checkpoint_mb']} MB"
     if report.get("original_bf16_mb"):
@@ -187,6 +200,8 @@ def render_markdown(report: dict, results: dict) -> str:
     else:
         lines += ["(no finetune stage: post-training quantization)", ""]
     lines += ["## Train/deploy parity", "", *_parity_lines(report["parity"]), ""]
+    if report.get("executorch"):
+        lines += ["## ExecuTorch export", "", executorch_summary(report["executorch"]), ""]
     if report["skipped_modules"]:
         lines += [
             "## Modules kept in high precision",

@@ -7,6 +7,7 @@
              train_summary.json, loss.json, trainer_state.json
   convert/   the quantized checkpoint (safetensors, config.json with quantization_config, tokenizer),
              README.md (model card), parity.json, qat_plan.json
+  export/    model.pte (ExecuTorch, XNNPACK), executorch.json (its runtime parity and size), the tokenizer
   eval/      results.json, variants/<name>.json (each variant's scores as soon as they exist), tasks/
   .<stage>.partial/                    a stage in progress (DONE is written into a stage dir before it is renamed)
 """
@@ -79,6 +80,19 @@ class ConvertDir:
 
 
 @dataclass(frozen=True)
+class ExportDir:
+    root: Path
+
+    @property
+    def pte(self) -> Path:
+        return self.root / "model.pte"
+
+    @property
+    def executorch(self) -> Path:
+        return self.root / "executorch.json"
+
+
+@dataclass(frozen=True)
 class EvalDir:
     root: Path
 
@@ -148,6 +162,10 @@ class RunLayout:
     @property
     def convert(self) -> ConvertDir:
         return ConvertDir(self.stage("convert"))
+
+    @property
+    def export(self) -> ExportDir:
+        return ExportDir(self.stage("export"))
 
     @property
     def eval(self) -> EvalDir:
