@@ -54,10 +54,12 @@ def _main(
 
 
 def _fail(e: BaseException) -> typer.Exit:
+    from rich.markup import escape
+
     from qatkit.core.log import err_console
 
-    if isinstance(e, QatkitError):
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    if isinstance(e, QatkitError):  # escaped: a message may hold brackets, e.g. pip install 'qatkit[executorch]'
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
         return typer.Exit(e.exit_code)
     if isinstance(e, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
@@ -315,7 +317,7 @@ def bench_perf(
         typer.Option(
             "--sections",
             help="Comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, "
-            "decode_latency (default: all).",
+            "decode_latency, executorch (default: all).",
         ),
     ] = "",
 ) -> None:
