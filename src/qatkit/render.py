@@ -142,6 +142,12 @@ def bench_perf(r: dict, out: Path) -> None:
             f"latency {d['latency_ratio']:.2f}× original, scoring {d['score_ratio']:.2f}×, "
             f"memory {d['memory_ratio']:.2f}×",
         )
+    if (e := r.get("executorch")) and "skipped" not in e:
+        table.add_row(
+            ".pte (ExecuTorch)",
+            f"{e['pte_bytes'] / 2**20:.1f} MB ({e['ratio_vs_floor']:.2f}× floor); {e['ms_per_token']['pte']:.1f} ms/token: "
+            f"{e['pte_time_ratio_vs_original']:.2f}× fp32, {e['pte_time_ratio_vs_converted']:.2f}× converted",
+        )
     if cs := r.get("cli_startup"):
         table.add_row(
             "qatkit --help start-up", f"{cs['ratio']:.1f}× python -c pass (+{cs['overhead_s'] * 1000:.0f} ms)"

@@ -16,7 +16,7 @@ from qatkit.core.metrics import unique_param_count
 
 DEFAULT_SCHEMES = ("int8-int4", "int8")
 LORA_MODES = ("merged", "unmerged")
-SECTIONS = ("cli_startup", "step_time", "train_memory", "checkpoint_size", "decode_latency")
+SECTIONS = ("cli_startup", "step_time", "train_memory", "checkpoint_size", "decode_latency", "executorch")
 
 RESULT_PREFIX = "@@qatkit-bench "  # marks a worker's JSON line on stdout (libraries may print too)
 SEED = 0

@@ -20,6 +20,7 @@ from qatkit.bench.common import (
     quiet,
 )
 from qatkit.bench.decode import decode_latency_many
+from qatkit.bench.executorch import executorch_decode
 from qatkit.bench.host import Snapshot, auto_threads, cli_startup, load_between, machine, snapshot
 from qatkit.bench.markdown import render_markdown
 from qatkit.bench.training import step_time, train_memory
@@ -138,6 +139,9 @@ def _section_jobs(
             repeats=s.decode_repeats,
             converted_dirs=converted_dirs(),
             threads=threads,
+        ),
+        "executorch": lambda: executorch_decode(
+            model_dir, s.prompt_len, s.new_tokens, repeats=s.decode_repeats, threads=threads
         ),
     }
     assert tuple(jobs) == SECTIONS

@@ -112,6 +112,7 @@ class PteModel:
         program = Runtime.get().load_program(str(self.path))
         self.forward_method = program.load_method("forward")
         self.max_seq_len = int(program.load_method("get_max_seq_len").execute([])[0])
+        self.vocab_size = int(program.load_method("get_vocab_size").execute([])[0])
         self.eos_ids = (
             set(program.load_method("get_eos_ids").execute([])) if "get_eos_ids" in program.method_names else set()
         )
