@@ -201,6 +201,10 @@ def export(
         int | None,
         typer.Option("--max-seq-len", min=2, help="KV-cache length (default: the recipe's export.executorch)."),
     ] = None,
+    parity_min_sqnr: Annotated[
+        float | None,
+        typer.Option("--parity-min-sqnr", help="Runtime parity gate in dB (default: the recipe's export.executorch)."),
+    ] = None,
 ) -> None:
     """Export a run's converted model for deployment into RUN_DIR/export/, checked in the target runtime.
 
@@ -208,7 +212,7 @@ def export(
     """
     from qatkit.commands import export_command
 
-    _show("export_result", _guard(export_command, run_dir, format_, max_seq_len))
+    _show("export_result", _guard(export_command, run_dir, format_, max_seq_len, parity_min_sqnr))
 
 
 @app.command()

@@ -133,13 +133,13 @@ def eval_command(
     return results
 
 
-def export_command(run_dir: Path, fmt: str, max_seq_len: int | None) -> dict:
+def export_command(run_dir: Path, fmt: str, max_seq_len: int | None, parity_min_sqnr: float | None) -> dict:
     """Export a run's converted model (`qatkit export`), then rebuild its report."""
     from qatkit.export import export_run
     from qatkit.report.build import build_report
     from qatkit.run.rundir import RunDir
 
-    result = export_run(run_dir, fmt, max_seq_len=max_seq_len)
+    result = export_run(run_dir, fmt, max_seq_len=max_seq_len, parity_min_sqnr=parity_min_sqnr)
     build_report(RunDir(run_dir.resolve()))
     return result
 

@@ -236,7 +236,7 @@ def generate(pte_path: Path, prompt: str, max_new_tokens: int, chat: bool = True
     }
 
 
-def export(run: RunDir, recipe: Recipe, max_seq_len: int | None = None) -> dict:
+def export(run: RunDir, recipe: Recipe, max_seq_len: int | None = None, parity_min_sqnr: float | None = None) -> dict:
     """<run>/export/model.pte and executorch.json (parity, size); the manifest gets the record; exit 4 (nothing
     published) when the runtime's logits miss export.executorch.parity_min_sqnr."""
     from qatkit.export import export_work
@@ -245,7 +245,8 @@ def export(run: RunDir, recipe: Recipe, max_seq_len: int | None = None) -> dict:
     check_scheme(recipe.quant.name)
     require_executorch()
     with export_work(run, owned=("model.pte", "executorch.json")) as work:
-        record = export_executorch(run, recipe, work, max_seq_len or settings.max_seq_len, settings.parity_min_sqnr)
+        gate_db = settings.parity_min_sqnr if parity_min_sqnr is None else parity_min_sqnr
+        record = export_executorch(run, recipe, work, max_seq_len or settings.max_seq_len, gate_db)
         run.update_manifest(export={FORMAT: record.to_dict()})
         gate(record)
     return {"format": FORMAT, "pte": str(run.export.pte), **record.to_dict()}
