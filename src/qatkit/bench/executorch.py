@@ -18,13 +18,13 @@ SCHEME = "int8-int4"
 def pte_decode_worker(args: dict) -> None:
     """The decode worker's protocol (ready, then `run` -> seconds and tokens, `quit`) for a .pte: the prompt in one
     call, then exactly `new_tokens - 1` greedy KV-cache steps."""
-    import torch
-
     from qatkit.export.executorch import PteModel
 
-    if args.get("threads"):
-        torch.set_num_threads(args["threads"])
     pte = PteModel(Path(args["model_dir"]))
+    if args.get("threads"):  # ExecuTorch's own threadpool (XNNPACK), like torch's in the other workers
+        from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
+
+        _unsafe_reset_threadpool(args["threads"])
     ids = random_ids(pte.vocab_size, 1, args["prompt_len"], SEED + 2)[0].tolist()
 
     def generate() -> tuple[float, list[int]]:
