@@ -20,11 +20,12 @@ def pte_decode_worker(args: dict) -> None:
     call, then exactly `new_tokens - 1` greedy KV-cache steps."""
     from qatkit.export.executorch import PteModel
 
-    pte = PteModel(Path(args["model_dir"]))
-    if args.get("threads"):  # ExecuTorch's own threadpool (XNNPACK), like torch's in the other workers
+    if args.get("threads"):  # ExecuTorch's own threadpool (XNNPACK), like torch's in the other workers; before
+        # the program loads (resetting it under a loaded XNNPACK delegate crashes)
         from executorch.extension.pybindings.portable_lib import _unsafe_reset_threadpool
 
         _unsafe_reset_threadpool(args["threads"])
+    pte = PteModel(Path(args["model_dir"]))
     ids = random_ids(pte.vocab_size, 1, args["prompt_len"], SEED + 2)[0].tolist()
 
     def generate() -> tuple[float, list[int]]:
