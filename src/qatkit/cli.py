@@ -54,10 +54,12 @@ def _main(
 
 
 def _fail(e: BaseException) -> typer.Exit:
+    from rich.markup import escape
+
     from qatkit.core.log import err_console
 
-    if isinstance(e, QatkitError):
-        err_console.print(f"[bold red]error:[/] {e}", markup=True, highlight=False)
+    if isinstance(e, QatkitError):  # escaped: a message may hold brackets, e.g. pip install 'qatkit[executorch]'
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
         return typer.Exit(e.exit_code)
     if isinstance(e, KeyboardInterrupt):
         err_console.print("[yellow]interrupted[/]")
@@ -190,6 +192,53 @@ def eval_(
 
 
 @app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run dir with a finished convert stage.")],
+    format_: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="gguf: model.gguf for llama.cpp / Ollama (schemes q4_0, q8_0); executorch: model.pte for ExecuTorch's "
+            "XNNPACK delegate (phones; int8-int4).",
+        ),
+    ],
+    max_seq_len: Annotated[
+        int | None,
+        typer.Option("--max-seq-len", min=2, help="executorch: KV-cache length (default: the recipe's)."),
+    ] = None,
+    parity_min_sqnr: Annotated[
+        float | None,
+        typer.Option(
+            "--parity-min-sqnr", help="Parity gate in the engine, dB (default: the recipe's export.<format>)."
+        ),
+    ] = None,
+) -> None:
+    """Export a run's converted model for deployment into RUN_DIR/export/, checked in the target runtime.
+
+    Example: [bold]qatkit export runs/smollm2-q4_0 --format gguf[/]
+             [bold]qatkit export runs/demo --format executorch --max-seq-len 1024[/]
+    """
+    from qatkit.commands import export_command
+
+    _show("export_result", _guard(export_command, run_dir, format_, max_seq_len, parity_min_sqnr))
+
+
+@app.command()
+def generate(
+    pte: Annotated[Path, typer.Argument(help="A .pte from `qatkit export` (its tokenizer beside it).")],
+    prompt: Annotated[str, typer.Option("--prompt", help="The user message (the chat template is applied).")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 64,
+) -> None:
+    """Generate text with an exported .pte in the ExecuTorch runtime (greedy, KV-cache decode).
+
+    Example: [bold]qatkit generate runs/demo/export/model.pte --prompt "How do I boil an egg?"[/]
+    """
+    from qatkit.commands import generate_command
+
+    _show("generation", _guard(generate_command, pte, prompt, max_new_tokens))
+
+
+@app.command()
 def validate(recipe: RecipeArg, set_: SetOpt = None) -> None:
     """Check a recipe without running it: schema, hardware, model, data, tasks, and the module plan.
 
@@ -209,20 +258,6 @@ def schemes() -> None:
     from qatkit.commands import schemes_command
 
     _show("schemes", _guard(schemes_command))
-
-
-@app.command()
-def export(
-    run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory with a finished convert stage.")],
-    format_: Annotated[str, typer.Option("--format", help="Comma-separated formats: gguf.")] = "gguf",
-) -> None:
-    """Write the converted model for another engine into RUN_DIR/export/ (gguf: llama.cpp, schemes q4_0 / q8_0).
-
-    Example: [bold]qatkit export runs/smollm2-q4_0 --format gguf[/]
-    """
-    from qatkit.commands import export_command
-
-    _show("run_summary", _guard(export_command, run_dir, _csv(format_)))
 
 
 @app.command()
@@ -294,7 +329,8 @@ def bench_perf(
         typer.Option(
             "--sections",
             help="Comma-separated subset of cli_startup, step_time, train_memory, checkpoint_size, "
-            "decode_latency (default: all), and gguf (llama.cpp Q4_0 vs F16 vs transformers fp32; needs llama-cpp-python).",
+            "decode_latency (default: all), gguf (llama.cpp Q4_0 vs F16 vs transformers fp32; needs llama-cpp-python) and "
+            "executorch (the .pte vs transformers fp32 and the converted checkpoint; needs executorch).",
         ),
     ] = "",
 ) -> None:

@@ -133,6 +133,23 @@ def eval_command(
     return results
 
 
+def export_command(run_dir: Path, fmt: str, max_seq_len: int | None, parity_min_sqnr: float | None) -> dict:
+    """Export a run's converted model (`qatkit export`), then rebuild its report."""
+    from qatkit.export import export_run
+    from qatkit.report.build import build_report
+    from qatkit.run.rundir import RunDir
+
+    result = export_run(run_dir, fmt, max_seq_len=max_seq_len, parity_min_sqnr=parity_min_sqnr)
+    build_report(RunDir(run_dir.resolve()))
+    return result
+
+
+def generate_command(pte: Path, prompt: str, max_new_tokens: int) -> dict:
+    from qatkit.export.executorch import generate
+
+    return generate(pte, prompt, max_new_tokens)
+
+
 def validate_command(recipe_path: Path, overrides: list[str]):
     """Everything checkable before a model loads, and the module plan (a `validate.Validation`)."""
     from qatkit.validate import validate
@@ -144,27 +161,6 @@ def schemes_command() -> list:
     from qatkit.quant.registry import list_schemes
 
     return list_schemes()
-
-
-def export_command(run_dir: Path, formats: list[str]) -> Path:
-    """Write deployment files of a run whose convert stage finished into <run>/export/, then rebuild its report."""
-    from qatkit.export import FORMATS, export_run, parity_sequences
-    from qatkit.models.loading import load_model_and_tokenizer
-    from qatkit.report.build import build_report
-    from qatkit.run.rundir import RunDir
-    from qatkit.stages.convert import parity_batch
-
-    run = RunDir(run_dir.resolve())
-    if not run.is_done("convert"):
-        raise RecipeError(f"{run_dir}: no finished convert stage to export (run `qatkit convert` first)")
-    if unknown := sorted(set(formats) - set(FORMATS)):
-        raise RecipeError(f"--format {unknown[0]}: known formats are {', '.join(FORMATS)}")
-    recipe = load_recipe(run.resolved_recipe)
-    model, tokenizer = load_model_and_tokenizer(recipe.model, str(run.convert.root))
-    sequences = parity_sequences(parity_batch(tokenizer, run, recipe))
-    export_run(recipe, run, model, sequences, formats)
-    build_report(run)
-    return run_dir
 
 
 def report_command(run_dir: Path) -> Path:

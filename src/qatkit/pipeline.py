@@ -11,6 +11,7 @@ from qatkit.core.env import device_description, package_versions
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import is_done, publish_dir, write_json_atomic
 from qatkit.data import load_splits, write_splits
+from qatkit.export import export_run
 from qatkit.models.loading import model_fingerprint
 from qatkit.recipe import Recipe
 from qatkit.report.build import build_report
@@ -79,7 +80,8 @@ def run_recipe(
     only: list[str] | None = None,
     on_stage: Callable[[str, str], None] | None = None,
 ) -> RunDir | None:
-    """Run the recipe's stages (or `only` some of them) in `out`, then rebuild the report.
+    """Run the recipe's stages (or `only` some of them) in `out`, then its export formats (all stages only), then
+    rebuild the report.
 
     Under a multi-process launcher every process trains; the others then return None and the main
     process runs the remaining stages alone.
@@ -103,5 +105,10 @@ def run_recipe(
         on_stage and on_stage(name, "done")
     if distributed.leave():
         return None
+    if not single:
+        for fmt in recipe.export.formats:
+            on_stage and on_stage(f"export {fmt}", "running")
+            export_run(run.root, fmt)
+            on_stage and on_stage(f"export {fmt}", "done")
     build_report(run)
     return run

@@ -55,6 +55,26 @@ def run_summary(root: Path | None) -> None:
     console.print(f"report: {root / 'report.md'}")
 
 
+def export_result(result: dict) -> None:
+    p, floor = result["parity"], result["floor"]["bytes"]
+    console.print(
+        f"ExecuTorch: [bold]{result['pte']}[/] ({result['pte_bytes'] / 2**20:.1f} MB, {result['pte_bytes'] / floor:.2f}× "
+        f"the scheme's floor of {floor / 2**20:.1f} MB; KV cache {result['max_seq_len']} tokens)"
+    )
+    console.print(
+        f"runtime parity vs the converted model: SQNR {p['sqnr_db']:.1f} dB, top-1 agreement "
+        f"{100 * p['top1_agreement']:.1f}% over {p['tokens']} tokens (gate {result['threshold_db']} dB)"
+    )
+
+
+def generation(result: dict) -> None:
+    console.print(result["text"], highlight=False, markup=False)
+    console.print(
+        f"[dim]{result['prompt_tokens']} prompt tokens in {result['prefill_ms']} ms, {result['new_tokens']} new tokens, "
+        f"{result['decode_ms_per_token']} ms/token (ExecuTorch runtime)[/]"
+    )
+
+
 def eval_results(model_dir: Path, results: dict) -> None:
     table = Table("task", "metric", "value", "stderr", title=f"lm-eval: {model_dir}")
     for task, metrics in results.items():
@@ -131,6 +151,12 @@ def bench_perf(r: dict, out: Path) -> None:
             "llama.cpp Q4_0 decode",
             f"{g['llamacpp_tok_s']['Q4_0']:.0f} tok/s: {g['q4_0_vs_fp32_speed']:.2f}× transformers fp32, "
             f"{g['q4_0_vs_f16_speed']:.2f}× llama.cpp F16; file {g['q4_0_vs_f16_size']:.2f}× F16",
+        )
+    if (e := r.get("executorch")) and "skipped" not in e:
+        table.add_row(
+            ".pte (ExecuTorch)",
+            f"{e['pte_bytes'] / 2**20:.1f} MB ({e['ratio_vs_floor']:.2f}× floor); {e['ms_per_token']['pte']:.1f} ms/token: "
+            f"{e['pte_time_ratio_vs_original']:.2f}× fp32, {e['pte_time_ratio_vs_converted']:.2f}× converted",
         )
     if cs := r.get("cli_startup"):
         table.add_row(

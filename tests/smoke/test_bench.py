@@ -3,6 +3,7 @@
 No timed assertions: on a shared CI machine only the presence and sanity of the figures is checked.
 """
 
+import importlib.util
 import json
 import math
 
@@ -67,6 +68,16 @@ def test_every_section_has_positive_figures(bench_run):
         assert 0 <= d["greedy_tokens_matching_original"] <= d["new_tokens"]
         assert (d["original"]["cuda_peak_reserved_gb"] is None) == (d["memory_measure"] != "cuda_peak_mb")
 
+    e = r["executorch"]
+    if importlib.util.find_spec("executorch") is None:
+        assert "pip install 'qatkit[executorch]'" in e["skipped"]
+    else:
+        assert positive(e["pte_bytes"]) and e["ratio_vs_floor"] < 2, e
+        for key in ("original", "converted", "pte"):
+            assert positive(e["ms_per_token"][key]), key
+        assert positive(e["pte_time_ratio_vs_original"]) and positive(e["pte_time_ratio_vs_converted"])
+        assert 0 <= e["greedy_tokens_matching_converted"] <= e["new_tokens"]
+
     cs = r["cli_startup"]
     assert positive(cs["python_s"]) and positive(cs["qatkit_help_s"]) and positive(cs["ratio"])
 
@@ -94,7 +105,14 @@ def test_markdown_report(bench_run):
     out, r, proc = bench_run
     md = (out / "bench.md").read_text()
     assert r["command"] in md and "--tiny" in r["command"] and "--quick" in r["command"]
-    for heading in ("Training step time", "Training memory", "checkpoint size", "Decode latency", "CLI start-up"):
+    for heading in (
+        "Training step time",
+        "Training memory",
+        "checkpoint size",
+        "Decode latency",
+        "ExecuTorch",
+        "CLI start-up",
+    ):
         assert heading in md
     assert "×" in md
     assert "bench.json" in proc.stdout

@@ -14,7 +14,7 @@ def test_help_does_not_import_heavy_libraries():
 
 
 def test_every_command_has_help_with_an_example():
-    for cmd in ("run", "finetune", "convert", "eval", "validate", "schemes", "report"):
+    for cmd in ("run", "finetune", "convert", "eval", "validate", "schemes", "report", "export", "generate"):
         out = run_cli(cmd, "--help")
         assert out.returncode == 0, out.stderr
         assert "Example" in out.stdout, cmd

@@ -23,6 +23,7 @@ LAYERS = [
     {"export"},
     {"backends"},
     {"stages"},
+    {"export"},
     {"report"},
     {"pipeline", "validate"},
     {"bench"},

@@ -5,6 +5,7 @@ import sys
 
 from qatkit.bench.common import RESULT_PREFIX
 from qatkit.bench.decode import decode_worker
+from qatkit.bench.executorch import pte_decode_worker
 from qatkit.bench.training import memory_worker
 
 
@@ -15,6 +16,8 @@ def _main(argv: list[str]) -> int:
     args = json.loads(argv[1])
     if argv[0] == "_memory":
         print(RESULT_PREFIX + json.dumps(memory_worker(args)), flush=True)
+    elif args["model_dir"].endswith(".pte"):
+        pte_decode_worker(args)
     else:
         decode_worker(args)
     return 0

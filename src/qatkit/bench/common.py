@@ -17,7 +17,9 @@ from qatkit.core.metrics import unique_param_count
 DEFAULT_SCHEMES = ("int8-int4", "int8")
 LORA_MODES = ("merged", "unmerged")
 SECTIONS = ("cli_startup", "step_time", "train_memory", "checkpoint_size", "decode_latency")
-OPTIONAL_SECTIONS = ("gguf",)  # only when asked for (--sections): needs llama-cpp-python (the llamacpp extra)
+# only when asked for (--sections): they need an engine installed (the llamacpp / executorch extras) and, for
+# executorch, minutes of lowering
+OPTIONAL_SECTIONS = ("gguf", "executorch")
 
 RESULT_PREFIX = "@@qatkit-bench "  # marks a worker's JSON line on stdout (libraries may print too)
 SEED = 0

@@ -183,6 +183,30 @@ def _md_gguf(g: dict) -> list[str]:
     ]
 
 
+def _md_executorch(e: dict) -> list[str]:
+    if "skipped" in e:
+        return ["", "## ExecuTorch (.pte, XNNPACK)", "", f"Skipped: {e['skipped']}.", ""]
+    ms = e["ms_per_token"]
+    return [
+        "",
+        "## ExecuTorch (.pte, XNNPACK)",
+        "",
+        f"{e['scheme']} PTQ of the model exported with `qatkit.export.executorch` (KV cache {e['max_seq_len']}; "
+        f"lowered in {e['lower_seconds']:.0f} s): {_size(e['pte_bytes'])}, {_x(e['ratio_vs_floor'])} the scheme's "
+        f"floor of {_size(e['floor_bytes'])}. Greedy decode, batch 1, {e['prompt_len']} prompt + {e['new_tokens']} "
+        "new tokens, ms per new token with the prompt's prefill included; each model in its own worker, taking "
+        f"turns ({e['repeats']} rounds, medians).",
+        "",
+        "| transformers fp32 | converted torchao (eager) | .pte (ExecuTorch) | .pte × fp32 | .pte × converted | "
+        "greedy tokens = converted |",
+        "|---:|---:|---:|---:|---:|---|",
+        f"| {ms['original']:.1f} ms | {ms['converted']:.1f} ms | {ms['pte']:.1f} ms | "
+        f"{_x(e['pte_time_ratio_vs_original'])} | {_x(e['pte_time_ratio_vs_converted'])} | "
+        f"{e['greedy_tokens_matching_converted']}/{e['new_tokens']} |",
+        "",
+    ]
+
+
 MD_SECTIONS = {
     "step_time": _md_step_time,
     "train_memory": _md_train_memory,
@@ -190,6 +214,7 @@ MD_SECTIONS = {
     "decode_latency": _md_decode_latency,
     "gguf": _md_gguf,
     "cli_startup": _md_cli_startup,
+    "executorch": _md_executorch,
 }
 
 

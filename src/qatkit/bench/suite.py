@@ -21,6 +21,7 @@ from qatkit.bench.common import (
     quiet,
 )
 from qatkit.bench.decode import decode_latency_many
+from qatkit.bench.executorch import executorch_decode
 from qatkit.bench.gguf import gguf_decode
 from qatkit.bench.host import Snapshot, auto_threads, cli_startup, load_between, machine, snapshot
 from qatkit.bench.markdown import render_markdown
@@ -142,6 +143,9 @@ def _section_jobs(
             threads=threads,
         ),
         "gguf": lambda: gguf_decode(model_dir, s.prompt_len, s.new_tokens, s.decode_repeats, threads),
+        "executorch": lambda: executorch_decode(
+            model_dir, s.prompt_len, s.new_tokens, repeats=s.decode_repeats, threads=threads
+        ),
     }
     assert tuple(jobs) == SECTIONS + OPTIONAL_SECTIONS
     return jobs

@@ -1,34 +1,45 @@
-"""Deployment files made from a converted run, one module per format (`FORMATS`), into `<run>/export/`.
-
-A format's module has `export(model, recipe, out_dir, sequences) -> record` (it writes its files and a record of
-them into `out_dir`) and `gate(record)` (raises GateError when the file is not the trained model).
-"""
+"""Export a run's converted model to deployment formats, into <run>/export/ (`qatkit export`, or a recipe's
+`export.formats` after convert). Each format is one module here; the export dir is published atomically, the files
+of formats not being exported kept as they were."""
 
 from __future__ import annotations
 
 import importlib
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from qatkit.core.io import atomic_dir
+from qatkit.core.errors import RecipeError
+from qatkit.core.io import DONE, atomic_dir
 from qatkit.recipe import Recipe
 from qatkit.run.rundir import RunDir
 
-FORMATS = {"gguf": "qatkit.export.gguf"}
+FORMATS = ("gguf", "executorch")
 
 
-def export_run(recipe: Recipe, run_dir: RunDir, model, sequences: list[list[int]], formats: list[str]) -> dict:
-    """Write every format in `formats` from the converted `model`; `sequences` (token ids) are the parity batch.
-    The folder is published whole (with the records) before the gates run, so a failed gate leaves it to inspect."""
-    modules = {name: importlib.import_module(FORMATS[name]) for name in formats}
-    with atomic_dir(run_dir.export.root) as work:
-        records = {name: module.export(model, recipe, Path(work), sequences) for name, module in modules.items()}
-    summary = {name: record.to_dict() for name, record in records.items()}
-    run_dir.update_manifest(export=summary)
-    for name, module in modules.items():
-        module.gate(records[name])
-    return summary
+@contextmanager
+def export_work(run: RunDir, owned: tuple[str, ...]) -> Iterator[Path]:
+    """A work dir holding copies of <run>/export/'s files but `owned`; on success it replaces <run>/export/."""
+    target = run.export.root
+    with atomic_dir(target) as work:
+        if target.exists():
+            for f in target.iterdir():
+                if f.is_file() and f.name not in (*owned, DONE):
+                    shutil.copy2(f, work / f.name)
+        yield work
 
 
-def parity_sequences(batch) -> list[list[int]]:
-    """The unpadded token ids of a tokenized batch."""
-    return [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+def export_run(run_dir: Path, fmt: str, **options) -> dict:
+    """Export the finished convert stage of `run_dir` to `fmt` (options: the format's recipe settings to override;
+    None: the recipe's)."""
+    if fmt not in FORMATS:
+        raise RecipeError(f"unknown export format {fmt!r} (known: {', '.join(FORMATS)})")
+    run = RunDir(run_dir.resolve())
+    if not run.manifest_path.exists():
+        raise RecipeError(f"{run_dir}: not a qatkit run dir (no manifest.json)")
+    if not run.is_done("convert"):
+        raise RecipeError(f"{run_dir}: no finished convert stage to export (run `qatkit convert` first)")
+    recipe = Recipe.model_validate(run.manifest()["recipe"])
+    given = {name: value for name, value in options.items() if value is not None}
+    return importlib.import_module(f"qatkit.export.{fmt}").export(run, recipe, **given)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from qatkit.recipe import Recipe
+    from qatkit.run.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -198,22 +199,36 @@ def export_gguf(model, source: str, out: Path, qtype: str, embeddings: str) -> d
     }
 
 
-def export(model, recipe: Recipe, out_dir: Path, sequences: list[list[int]]) -> GGUFExportRecord:
-    """`<out_dir>/model.gguf` from the converted `model`, checked in llama.cpp when it is installed, and its record."""
+def export(run: RunDir, recipe: Recipe, parity_min_sqnr: float | None = None) -> dict:
+    """<run>/export/model.gguf and gguf.json from the converted checkpoint, checked in llama.cpp when it is installed
+    (parity batch: the convert stage's); the manifest gets the record. The files are published before the gate, so
+    a failed one (exit 4) leaves them to inspect."""
+    from qatkit.export import export_work
     from qatkit.export.gguf_engine import ENGINE_MISSING, engine_parity, engine_version
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.stages.convert import parity_batch
 
-    files = ExportDir(out_dir)
     spec = recipe.export.gguf
     qtype = check_exportable(recipe.quant.name)
-    info = export_gguf(model, recipe.model.name_or_path, files.gguf, qtype, spec.embeddings)
-    record = GGUFExportRecord(**info, threshold_db=spec.parity_min_sqnr)
-    if engine_version() is None:
-        log.warning(ENGINE_MISSING)
-        record.llama_cpp_skipped = ENGINE_MISSING
-    else:
-        record.llama_cpp = engine_parity(files.gguf, model, sequences)
-    record.save(files.gguf_record)
-    return record
+    model, tokenizer = load_model_and_tokenizer(recipe.model, str(run.convert.root))
+    batch = parity_batch(tokenizer, run, recipe)
+    sequences = [
+        ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
+    with export_work(run, owned=(run.export.gguf.name, run.export.gguf_record.name)) as work:
+        files = ExportDir(work)
+        info = export_gguf(model, recipe.model.name_or_path, files.gguf, qtype, spec.embeddings)
+        threshold = spec.parity_min_sqnr if parity_min_sqnr is None else parity_min_sqnr
+        record = GGUFExportRecord(**info, threshold_db=threshold)
+        if engine_version() is None:
+            log.warning(ENGINE_MISSING)
+            record.llama_cpp_skipped = ENGINE_MISSING
+        else:
+            record.llama_cpp = engine_parity(files.gguf, model, sequences)
+        record.save(files.gguf_record)
+    run.update_manifest(export={"gguf": record.to_dict()})
+    gate(record)
+    return {"format": "gguf", "gguf": str(run.export.gguf), **record.to_dict()}
 
 
 def gate(record: GGUFExportRecord) -> None:

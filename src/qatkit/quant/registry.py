@@ -42,6 +42,7 @@ class Scheme:
     # (an IntxWeightOnlyConfig with PerGroup granularity), zero point 0
     weight_fake_quantizer: Callable[[], object] | None = None
     gguf_type: str | None = None  # the GGUF tensor type that holds the converted linears exactly (None: no GGUF export)
+    export_formats: tuple[str, ...] = ()  # `qatkit export --format` targets whose runtime runs the converted model
 
 
 _SCHEMES: dict[str, Scheme] = {}

@@ -108,6 +108,7 @@ register_scheme(
         quantize_lm_head=True,
         learnable_scales=True,
         notes="ExecuTorch/XNNPACK layout (the Qwen3-4B 8da4w card)",
+        export_formats=("executorch",),
     )
 )
 register_scheme(

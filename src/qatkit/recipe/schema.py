@@ -289,13 +289,31 @@ class GGUFExportSpec(Strict):
     )
 
 
+class ExecutorchExportSpec(Strict):
+    max_seq_len: int = Field(
+        1024,
+        gt=1,
+        description="Tokens the .pte's static KV cache holds, prompt and generated ones together (the Qwen3-4B "
+        "card exports 1024).",
+    )
+    parity_min_sqnr: float = Field(
+        25.0,
+        description="Gate: SQNR (dB) of the .pte's logits in the ExecuTorch runtime vs the converted model's, on the "
+        "convert stage's parity texts, must reach this, else exit 4 and no .pte is published.",
+    )
+
+
 class ExportSpec(Strict):
-    formats: list[Literal["gguf"]] = Field(
+    formats: list[Literal["gguf", "executorch"]] = Field(
         default_factory=list,
-        description="Files convert also writes into <run>/export/: gguf (llama.cpp; schemes q4_0 and q8_0, their "
-        "trained integers packed as they are). Empty: none (`qatkit export RUN_DIR` can still make them).",
+        description="Formats `qatkit run` exports the converted model to after its stages, into <out>/export/: gguf "
+        "(llama.cpp; schemes q4_0 and q8_0, their trained integers packed as they are), executorch (model.pte for "
+        "XNNPACK; int8-int4). None by default; `qatkit export RUN_DIR --format F` does one later.",
     )
     gguf: GGUFExportSpec = Field(GGUFExportSpec(), description="Settings of the GGUF export.")
+    executorch: ExecutorchExportSpec = Field(
+        ExecutorchExportSpec(), description="The ExecuTorch (.pte) export: KV-cache length and runtime parity gate."
+    )
 
 
 class EvalSpec(Strict):
@@ -351,6 +369,7 @@ class Recipe(Strict):
     export: ExportSpec = Field(ExportSpec(), description="Deployment files written at the end of convert.")
 
     eval: EvalSpec = Field(EvalSpec(), description="Evaluation: tasks, baselines and the optional text NLL.")
+    export: ExportSpec = Field(ExportSpec(), description="Deployment formats to export the converted model to.")
     stages: list[Literal["finetune", "convert", "eval"]] = Field(
         default_factory=lambda: list(STAGES),
         description="Stages to run, in this order; without finetune, convert quantizes the original model (PTQ).",
@@ -374,6 +393,12 @@ class Recipe(Strict):
             raise ValueError(gguf_refusal(self.quant.name))
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
             raise ValueError(f"stages must keep the order {list(STAGES)}")
+        for fmt in set(self.export.formats) - {"gguf"}:  # gguf: checked above, with its own message
+            if fmt not in get_scheme(self.qat.scheme).export_formats:
+                can = ", ".join(s.name for s in list_schemes() if fmt in s.export_formats)
+                raise ValueError(
+                    f"export.formats: scheme {self.qat.scheme} does not export to {fmt} (schemes that do: {can})"
+                )
         return self
 
     @functools.cached_property
@@ -388,11 +413,11 @@ class Recipe(Strict):
         return "full" if self.train.full_finetuning else self.qat.lora
 
     def digest(self) -> str:
-        """Hash of what determines the results (not which stages run now, nor where).
+        """Hash of what determines the results (not which stages run now, nor where, nor the export formats).
 
         Fields left at their defaults are left out, so adding a setting keeps existing run dirs resumable.
         """
-        relevant = self.model_dump(exclude={"stages", "out"}, exclude_defaults=True)
+        relevant = self.model_dump(exclude={"stages", "out", "export"}, exclude_defaults=True)
 
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -405,7 +430,7 @@ class Recipe(Strict):
                 out.update(leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
             return out
 
-        mine, theirs = (leaves(r.model_dump(exclude={"stages", "out"})) for r in (self, other))
+        mine, theirs = (leaves(r.model_dump(exclude={"stages", "out", "export"})) for r in (self, other))
         return [
             f"{k}: {theirs.get(k)!r} → {mine.get(k)!r}" for k in sorted(mine | theirs) if mine.get(k) != theirs.get(k)
         ]

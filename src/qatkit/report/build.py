@@ -8,7 +8,7 @@ from qatkit.core.io import read_json, write_json_atomic
 from qatkit.report.model_card import render_model_card
 from qatkit.report.plots import plot_accuracy, plot_loss
 from qatkit.report.tables import data_licenses, qat_loss_label, quality_rows, render_markdown
-from qatkit.run.records import EvalResults, GGUFExportRecord, Parity, QatPlanRecord, TrainSummary
+from qatkit.run.records import EvalResults, ExecutorchExport, GGUFExportRecord, Parity, QatPlanRecord, TrainSummary
 from qatkit.run.rundir import RunDir
 
 
@@ -36,6 +36,7 @@ def build_report(run_dir: RunDir) -> dict:
     gguf = GGUFExportRecord.load(run_dir.export.gguf_record) if run_dir.is_done("export") else None
     rows = quality_rows(results) if results else []
     weights = run_dir.convert.weights_bytes()  # 0 without a convert stage
+    executorch = ExecutorchExport.load(run_dir.export.executorch)
     report = {
         "name": recipe["name"],
         "model": recipe["model"]["name_or_path"],
@@ -48,6 +49,7 @@ def build_report(run_dir: RunDir) -> dict:
         "parity": parity.to_dict() if parity else None,
         "gguf": gguf.to_dict() if gguf else None,
         "checkpoint_mb": round(weights / 2**20, 2) if weights else None,
+        "executorch": executorch.to_dict() if executorch else None,
         "original_bf16_mb": manifest.get("stages", {}).get("convert", {}).get("summary", {}).get("original_bf16_mb"),
         "data": manifest.get("data") and {**manifest["data"], "license": data_licenses(recipe.get("data"))},
         "quantized_modules": len(plan.quantized) if plan else None,

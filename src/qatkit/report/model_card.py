@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import yaml
 
-from qatkit.report.tables import data_sources, gguf_lines, quality_table, text_nll_table
+from qatkit.report.tables import data_sources, executorch_summary, gguf_lines, quality_table, text_nll_table
 
 INFERENCE = [
     "# Inference with Transformers",
@@ -137,6 +137,8 @@ def render_model_card(report: dict, recipe: dict) -> str:
             *gguf_lines(report["gguf"]),
             "",
         ]
+    if report.get("executorch"):
+        lines += ["# Running on a phone with ExecuTorch", "", executorch_summary(report["executorch"]), ""]
     if finetuned:
         lines += _recipe_section(recipe)
     lines += ["# Model quality", ""]

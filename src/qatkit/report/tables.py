@@ -178,6 +178,19 @@ def gguf_lines(gguf: dict) -> list[str]:
     ]
 
 
+def executorch_summary(record: dict) -> str:
+    """One paragraph on export/model.pte: its size against the scheme's floor and its parity in the runtime."""
+    p, floor = record["parity"], record["floor"]["bytes"]
+    return (
+        f"`export/model.pte` (ExecuTorch, XNNPACK; KV cache of {record['max_seq_len']} tokens): "
+        f"{record['pte_bytes'] / 2**20:.1f} MB, {record['pte_bytes'] / floor:.2f}x the scheme's floor of "
+        f"{floor / 2**20:.1f} MB. Its logits in the ExecuTorch runtime vs the converted model's: SQNR "
+        f"{p['sqnr_db']:.1f} dB, top-1 agreement {100 * p['top1_agreement']:.1f}% over {p['tokens']} tokens "
+        f"(prompt prefill, then KV-cache decode; gate {record['threshold_db']} dB). Run it: "
+        f'`qatkit generate export/model.pte --prompt "..."`.'
+    )
+
+
 def render_markdown(report: dict, results: dict) -> str:
     size = f"converted checkpoint {report['checkpoint_mb']} MB"
     if report.get("original_bf16_mb"):
@@ -235,6 +248,8 @@ def render_markdown(report: dict, results: dict) -> str:
     lines += ["## Train/deploy parity", "", *_parity_lines(report["parity"]), ""]
     if report.get("gguf"):
         lines += ["## llama.cpp (GGUF export)", "", *gguf_lines(report["gguf"]), ""]
+    if report.get("executorch"):
+        lines += ["## ExecuTorch export", "", executorch_summary(report["executorch"]), ""]
     if report["skipped_modules"]:
         lines += [
             "## Modules kept in high precision",

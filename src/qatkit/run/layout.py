@@ -7,7 +7,8 @@
              train_summary.json, loss.json, trainer_state.json
   convert/   the quantized checkpoint (safetensors, config.json with quantization_config, tokenizer),
              README.md (model card), parity.json, qat_plan.json
-  export/    model.gguf (llama.cpp; export.formats or `qatkit export`), gguf.json (what it holds, its llama.cpp parity)
+  export/    (export.formats or `qatkit export`) model.gguf (llama.cpp) and gguf.json (what it holds, its llama.cpp
+             parity); model.pte (ExecuTorch, XNNPACK), executorch.json (its runtime parity and size), the tokenizer
   eval/      results.json, variants/<name>.json (each variant's scores as soon as they exist), tasks/
   .<stage>.partial/                    a stage in progress (DONE is written into a stage dir before it is renamed)
 """
@@ -90,6 +91,14 @@ class ExportDir:
     @property
     def gguf_record(self) -> Path:
         return self.root / "gguf.json"
+
+    @property
+    def pte(self) -> Path:
+        return self.root / "model.pte"
+
+    @property
+    def executorch(self) -> Path:
+        return self.root / "executorch.json"
 
 
 @dataclass(frozen=True)

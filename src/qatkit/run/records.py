@@ -135,6 +135,20 @@ class GGUFExportRecord(Record):
 
 
 @dataclass
+class ExecutorchExport(Record):
+    """export/executorch.json: the .pte's size against the scheme's floor, and its logits in the ExecuTorch runtime
+    against the converted model's ({"sqnr_db", "max_abs_diff", "top1_agreement", "tokens", "sequences"})."""
+
+    scheme: str
+    max_seq_len: int
+    pte_bytes: int
+    floor: dict  # {"bytes", "quantized_weight_bytes", "scale_bytes"}
+    parity: dict
+    threshold_db: float
+    lower_seconds: float
+
+
+@dataclass
 class EvalResults(Record):
     """eval/results.json: every variant's scores on the same tasks and items."""
 

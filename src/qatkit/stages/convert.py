@@ -14,7 +14,6 @@ from pathlib import Path
 from qatkit.core.errors import GateError
 from qatkit.core.metrics import compare, unique_param_count
 from qatkit.data import chat_prompt, read_items
-from qatkit.export import export_run, parity_sequences
 from qatkit.models.assembly import load_trained
 from qatkit.models.loading import load_model_and_tokenizer
 from qatkit.quant.apply import attach_hf_quantizer, convert, prepare
@@ -109,18 +108,12 @@ def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> di
     QatPlanRecord.from_plan(plan).save(files.qat_plan)
     run_dir.update_manifest(parity=parity.to_dict())
     gate_parity(parity, recipe)
-    exported = (
-        export_run(recipe, run_dir, reloaded, parity_sequences(batch), recipe.export.formats)
-        if recipe.export.formats
-        else {}
-    )
     return {
         "quantized_modules": len(converted),
         "skipped_modules": len(plan.skipped),
         "checkpoint_bytes": files.weights_bytes(),
         "original_bf16_mb": round(original_params * 2 / 2**20, 2),
         "parity_sqnr_db": parity.sqnr_by_comparison(),
-        **({"exported": sorted(exported)} if exported else {}),
     }
 
 
