@@ -56,6 +56,19 @@ def run_summary(root: Path | None) -> None:
 
 
 def export_result(result: dict) -> None:
+    if result["format"] == "gguf":
+        engine = result.get("llama_cpp")
+        console.print(
+            f"GGUF: [bold]{result['gguf']}[/] ({result['bytes'] / 2**20:.1f} MB, linears {result['weights']}, "
+            f"embeddings {result['embeddings']}; packed tensors bit-exact: {not result['packed_not_bit_exact']})"
+        )
+        console.print(
+            f"llama.cpp vs the converted model: SQNR {engine['sqnr_db']:.1f} dB, top-1 agreement "
+            f"{100 * engine['top1_agreement']:.1f}% over {engine['tokens']} positions (gate {result['threshold_db']} dB)"
+            if engine
+            else f"[yellow]{result['llama_cpp_skipped']}[/]"
+        )
+        return
     p, floor = result["parity"], result["floor"]["bytes"]
     console.print(
         f"ExecuTorch: [bold]{result['pte']}[/] ({result['pte_bytes'] / 2**20:.1f} MB, {result['pte_bytes'] / floor:.2f}× "

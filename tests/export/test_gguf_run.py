@@ -50,7 +50,7 @@ def test_gguf_export_refuses_other_schemes(tiny_model_dir, tmp_path):
     )
     assert res.returncode == 2 and "q4_0, q8_0" in res.stderr + res.stdout
     res = run_cli("export", str(tmp_path), "--format", "gguf")
-    assert res.returncode == 2 and "no finished convert stage" in res.stderr + res.stdout
+    assert res.returncode == 2 and "not a qatkit run dir" in res.stderr + res.stdout
 
 
 def test_gguf_recovery_scores_the_three_gguf_files_in_llama_cpp(tiny_model_dir, tmp_path):

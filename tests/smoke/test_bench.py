@@ -21,7 +21,8 @@ def positive(x) -> bool:
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "tiny"
-    proc = run_cli("bench", "perf", "--tiny", "--quick", "--out", str(out), timeout=300)
+    every = "cli_startup,step_time,train_memory,checkpoint_size,decode_latency,executorch"  # gguf: tests/export
+    proc = run_cli("bench", "perf", "--tiny", "--quick", "--sections", every, "--out", str(out), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.loads((out / "bench.json").read_text()), proc
 

@@ -20,7 +20,6 @@ LAYERS = [
     {"data"},
     {"models"},
     {"evaluation"},
-    {"export"},
     {"backends"},
     {"stages"},
     {"export"},
