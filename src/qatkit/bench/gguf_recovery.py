@@ -36,11 +36,13 @@ def _reference(recipe, run: RunDir):
 def gguf_recovery(run_path: Path, out: Path, threads: int = 1) -> dict:
     from transformers import AutoTokenizer
 
+    from qatkit.bench.common import quiet
     from qatkit.evaluation.nll import load_texts
     from qatkit.export.gguf import check_exportable, export_gguf
     from qatkit.export.gguf_engine import text_nll
     from qatkit.quant.apply import quantize_ptq
 
+    quiet()
     run = RunDir(run_path.resolve())
     qat_file = run.export.gguf
     if not qat_file.exists():
