@@ -192,15 +192,20 @@ def _read_hub_dataset(dataset_id: str, name: str | None, split: str) -> list[dic
         ) from None
 
 
+def texts(rows: list[dict], field: str) -> list[str]:
+    """The non-blank string `field` of each row (running text for training, distillation or a text NLL)."""
+    return [r[field] for r in rows if isinstance(r.get(field), str) and r[field].strip()]
+
+
 def to_items(rows: list[dict], fmt: str, source: str, text_field: str = "text") -> list[MCItem] | list[dict]:
     if not rows:
         raise RecipeError(f"{source}: no rows")
     fmt = detect_format(rows[0], source) if fmt == "auto" else fmt
     if fmt == "text":  # language modeling on every token (TRL's "text" datasets)
-        texts = [r[text_field] for r in rows if isinstance(r.get(text_field), str) and r[text_field].strip()]
-        if not texts:
+        running = texts(rows, text_field)
+        if not running:
             raise RecipeError(f"{source}: no rows with a text field {text_field!r}")
-        return [{"text": t} for t in texts]
+        return [{"text": t} for t in running]
     if fmt == "prompt-completion":
         bad = [i for i, r in enumerate(rows) if not isinstance(r.get("prompt"), str | list) or "completion" not in r]
         if bad:

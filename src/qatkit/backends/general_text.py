@@ -11,6 +11,7 @@ from qatkit.core.cache import cache_key, cache_lock, cache_root
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import read_json, read_jsonl, write_json_atomic
 from qatkit.core.paths import resolve_path
+from qatkit.data import texts
 
 if TYPE_CHECKING:
     from qatkit.recipe.schema import GeneralTextSpec
@@ -58,11 +59,10 @@ def general_batches(
 
 
 def corpus(spec: GeneralTextSpec) -> list[str]:
-    rows = read_jsonl(resolve_path(spec.path))
-    texts = [r[spec.field] for r in rows if isinstance(r.get(spec.field), str) and r[spec.field].strip()]
-    if not texts:
+    found = texts(read_jsonl(resolve_path(spec.path)), spec.field)
+    if not found:
         raise RecipeError(f"distill.general.path {spec.path}: no rows with a text field {spec.field!r}")
-    return texts[: spec.docs]  # the head: a held-out text NLL on the same file would take the tail
+    return found[: spec.docs]  # the head: a held-out text NLL on the same file would take the tail
 
 
 def teacher_samples(

@@ -106,8 +106,7 @@ def figures(run: dict) -> dict:
 
 def _text_nd(qat: dict, reference: dict, quantized: dict) -> float | None:
     """Normalized degradation of the held-out general-text NLL (None when the run scored no such text)."""
-    values = [v.get("text_nll") for v in (qat, reference, quantized)]
-    return None if None in values else normalized_degradation(*values, lower_is_better=True)
+    return normalized_degradation(*(v.get("text_nll") for v in (qat, reference, quantized)), lower_is_better=True)
 
 
 def recovery(nd: float | None) -> float | None:

@@ -26,12 +26,15 @@ def compare(reference, other) -> dict:
 
 
 def normalized_degradation(
-    acc: float, acc_bf16: float, acc_ptq: float, *, lower_is_better: bool = False
+    acc: float | None, acc_bf16: float | None, acc_ptq: float | None, *, lower_is_better: bool = False
 ) -> float | None:
     """The seed cards' metric: (acc - acc_bf16) / (acc_bf16 - acc_ptq). 0 = bf16 quality, -1 = as bad as PTQ.
 
     `lower_is_better` (a loss, e.g. NLL): the same with the signs turned, so -1 still means as bad as PTQ.
+    None when a figure is missing (a variant or metric not scored) or PTQ loses nothing.
     """
+    if None in (acc, acc_bf16, acc_ptq):
+        return None
     if lower_is_better:
         acc, acc_bf16, acc_ptq = -acc, -acc_bf16, -acc_ptq
     gap = acc_bf16 - acc_ptq

@@ -6,6 +6,7 @@ from __future__ import annotations
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import read_jsonl
 from qatkit.core.paths import resolve_path
+from qatkit.data import texts
 from qatkit.recipe import EvalSpec
 
 
@@ -52,8 +53,7 @@ def text_nll(model, tokenizer, texts: list[str], max_tokens: int, batch_size: in
 
 
 def load_texts(spec: EvalSpec) -> list[str]:
-    rows = read_jsonl(resolve_path(spec.text_path))
-    texts = [r[spec.text_field] for r in rows if isinstance(r.get(spec.text_field), str) and r[spec.text_field].strip()]
-    if not texts:
+    found = texts(read_jsonl(resolve_path(spec.text_path)), spec.text_field)
+    if not found:
         raise RecipeError(f"eval.text_path {spec.text_path}: no rows with a text field {spec.text_field!r}")
-    return texts[-spec.text_docs :]  # the tail: training data (if any) is taken from elsewhere
+    return found[-spec.text_docs :]  # the tail: training data (if any) is taken from elsewhere

@@ -43,3 +43,13 @@ def export_run(run_dir: Path, fmt: str, **options) -> dict:
     recipe = Recipe.model_validate(run.manifest()["recipe"])
     given = {name: value for name, value in options.items() if value is not None}
     return importlib.import_module(f"qatkit.export.{fmt}").export(run, recipe, **given)
+
+
+def parity_sequences(tokenizer, run: RunDir, recipe: Recipe, max_len: int | None = None) -> list[list[int]]:
+    """The convert stage's parity texts (the run's held-out items, else fixed texts) as token ids, each cut to
+    `max_len` tokens when given: what every format's engine is compared with the converted model on."""
+    from qatkit.stages.convert import parity_batch
+
+    batch = parity_batch(tokenizer, run, recipe)
+    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
+    return [ids[:max_len] for ids in rows]

@@ -160,17 +160,10 @@ def size_floor(model) -> dict:
     return {"bytes": quantized + scales + other, "quantized_weight_bytes": quantized, "scale_bytes": scales}
 
 
-def parity_sequences(tokenizer, run: RunDir, recipe: Recipe, max_seq_len: int) -> list[list[int]]:
-    """The convert stage's parity texts (the run's held-out items, else fixed texts), as token ids."""
-    from qatkit.stages.convert import parity_batch
-
-    batch = parity_batch(tokenizer, run, recipe)
-    rows = [ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)]
-    return [ids[: max_seq_len - 1] for ids in rows]
-
-
 def export_executorch(run: RunDir, recipe: Recipe, work: Path, max_seq_len: int, min_sqnr: float) -> ExecutorchExport:
     """Write `work/model.pte` (+ the tokenizer) from the run's converted checkpoint and check it in the runtime."""
+    from qatkit.export import parity_sequences
+
     model, tokenizer = load_converted(run.convert.root)
     started = time.time()
     eos = model.generation_config.eos_token_id
@@ -178,7 +171,7 @@ def export_executorch(run: RunDir, recipe: Recipe, work: Path, max_seq_len: int,
     pte_path.write_bytes(lower(model, max_seq_len, [eos] if isinstance(eos, int) else list(eos or [])))
     seconds = time.time() - started
     tokenizer.save_pretrained(str(work))
-    sequences = parity_sequences(tokenizer, run, recipe, max_seq_len)
+    sequences = parity_sequences(tokenizer, run, recipe, max_seq_len - 1)
     record = ExecutorchExport(
         scheme=recipe.quant.describe(),
         max_seq_len=max_seq_len,

@@ -203,18 +203,14 @@ def export(run: RunDir, recipe: Recipe, parity_min_sqnr: float | None = None) ->
     """<run>/export/model.gguf and gguf.json from the converted checkpoint, checked in llama.cpp when it is installed
     (parity batch: the convert stage's); the manifest gets the record. The files are published before the gate, so
     a failed one (exit 4) leaves them to inspect."""
-    from qatkit.export import export_work
+    from qatkit.export import export_work, parity_sequences
     from qatkit.export.gguf_engine import ENGINE_MISSING, engine_parity, engine_version
     from qatkit.models.loading import load_model_and_tokenizer
-    from qatkit.stages.convert import parity_batch
 
     spec = recipe.export.gguf
     qtype = check_exportable(recipe.quant.name)
     model, tokenizer = load_model_and_tokenizer(recipe.model, str(run.convert.root))
-    batch = parity_batch(tokenizer, run, recipe)
-    sequences = [
-        ids[mask.bool()].tolist() for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
-    ]
+    sequences = parity_sequences(tokenizer, run, recipe)
     with export_work(run, owned=(run.export.gguf.name, run.export.gguf_record.name)) as work:
         files = ExportDir(work)
         info = export_gguf(model, recipe.model.name_or_path, files.gguf, qtype, spec.embeddings)

@@ -15,8 +15,7 @@ def text_nll_table(text_nll: dict[str, float]) -> str:
     base model's PTQ loss and vs the fine-tuned model's (what QAT wins back is 100% + the latter)."""
 
     def nd(variant: str, reference: str, quantized: str) -> str:
-        values = [text_nll.get(k) for k in (variant, reference, quantized)]
-        x = None if None in values else normalized_degradation(*values, lower_is_better=True)
+        x = normalized_degradation(*(text_nll.get(k) for k in (variant, reference, quantized)), lower_is_better=True)
         return "" if x is None else f"{100 * x:+.1f}%"
 
     lines = [
@@ -48,8 +47,8 @@ def quality_rows(results: dict) -> list[dict]:
         for name in sorted(by_variant, key=variant_info.order):
             m = by_variant[name]
             acc = m.get(metric)
-            nd = normalized_degradation(acc, base, ptq) if None not in (acc, base, ptq) else None
-            nd_ft = normalized_degradation(acc, ft, ft_ptq) if None not in (acc, ft, ft_ptq) else None
+            nd = normalized_degradation(acc, base, ptq)
+            nd_ft = normalized_degradation(acc, ft, ft_ptq)
             noise = _combined_stderr(ref.get(f"{metric}_stderr"), by_variant.get("ptq", {}).get(f"{metric}_stderr"))
             rows.append(
                 {
