@@ -154,15 +154,20 @@ def test_prepare_train_merge_convert_save_reload(name, learn_scales, tiny_model_
     with torch.no_grad():
         as_trained = peft_model(x).logits
     merged = peft_model.merge_and_unload()
+    with torch.no_grad():
+        fake_quant = merged(x).logits
     converted = convert(merged, spec)
     assert set(converted) == {m.fqn for m in plan.quantized}
     assert all(type(merged.get_submodule(f).weight).__name__ != "Parameter" for f in converted)
-    for fqn, scale in scales.items():  # the deployed weights are quantized with the learned scales
-        assert torch.equal(merged.get_submodule(fqn).weight.scale.reshape(scale.shape), scale.detach())
+    for fqn, scale in scales.items():  # the deployed weights are quantized with the learned scales (as rounded)
+        deployed_scale = merged.get_submodule(fqn).weight.scale
+        assert torch.equal(deployed_scale.reshape(scale.shape), scale.detach().to(deployed_scale.dtype))
 
     with torch.no_grad():
         deployed = merged(x).logits
-    # merged-LoRA QAT: the trained forward is the deployed forward
+    # the same weights fake-quantized and converted: bit for bit (scales rounded alike, integers alike)
+    assert torch.equal(fake_quant, deployed)
+    # merged-LoRA QAT: the trained forward is the deployed forward (up to the merge's float rounding)
     assert sqnr_db(as_trained, deployed) > 60
     attach_hf_quantizer(merged, converted)
     merged.save_pretrained(tmp_path / "ckpt")
@@ -267,6 +272,35 @@ def test_convert_matches_plain_ptq(tiny_model_dir):
     quantize_(b, spec.embedding_config(), filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding))
     with torch.no_grad():
         assert torch.equal(a(x).logits, b(x).logits)
+
+
+@pytest.mark.parametrize("learn_scales", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_int4_converts_to_bf16_scales_equal_to_the_fake_quantizer(tiny_model_dir, dtype, learn_scales):
+    """The Qwen3-4B card's weight_scale_dtype=bfloat16: converted linears store bf16 scales, and their dequantized
+    weights (and the model's logits) are the fake-quantized ones bit for bit. Learned scales train in float32 and are
+    rounded to bf16 in the forward and in convert alike."""
+    from torchao.quantization.qat import FakeQuantizedLinear
+
+    model = load(tiny_model_dir, dtype)
+    spec = dataclasses.replace(QuantSpec.named("int8-int4"), learn_scales=learn_scales)
+    prepare(model, spec)
+    scales = learned_scales(model)
+    assert bool(scales) == learn_scales
+    with torch.no_grad():
+        for p in scales.values():  # as training leaves them: off the bf16 grid
+            assert p.dtype == torch.float32
+            p.mul_(1 + 3e-3 * torch.rand_like(p))
+        linears = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantizedLinear)}
+        fake_quant = {n: m.weight_fake_quantizer(m.weight) for n, m in linears.items()}
+        fake_logits = model(batch(4)).logits
+    convert(model, spec)
+    for fqn, want in fake_quant.items():
+        weight = model.get_submodule(fqn).weight
+        assert weight.scale.dtype == torch.bfloat16, fqn
+        assert torch.equal(weight.dequantize(), want), fqn
+    with torch.no_grad():
+        assert torch.equal(model(batch(4)).logits, fake_logits)
 
 
 @pytest.mark.parametrize("mode", ["merged", "unmerged"])

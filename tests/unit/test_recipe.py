@@ -152,8 +152,8 @@ def test_quantize_lm_head_override():
     assert default.quantize_lm_head and not off.quantize_lm_head
     assert off.name == "int8-int4"
     # cached PTQ baselines are keyed by this: an override must never reuse the plain scheme's results
-    assert default.cache_id == "int8-int4"
-    assert off.cache_id == "int8-int4 group_size=64 quantize_lm_head=False"
+    assert default.cache_id == "int8-int4 revision=2"  # 2: bf16 scales; PTQ results cached before are not reused
+    assert off.cache_id == "int8-int4 revision=2 group_size=64 quantize_lm_head=False"
 
 
 def test_group_size_only_for_schemes_whose_granularity_is_configurable():

@@ -10,7 +10,7 @@ from qatkit.core.errors import EnvError, RecipeError
 from qatkit.quant.hardware import require_hardware
 from qatkit.quant.patches import use_straight_through_fp8
 from qatkit.quant.plan import Plan, plan_modules, untie_embeddings
-from qatkit.quant.scales import init_learned_scales
+from qatkit.quant.scales import init_learned_scales, round_learned_scales
 
 if TYPE_CHECKING:
     import torch
@@ -103,6 +103,7 @@ def convert(model: torch.nn.Module, spec: QuantSpec) -> dict[str, object]:
     from torchao.quantization.qat import FakeQuantizedEmbedding, FakeQuantizedLinear, QATConfig
 
     require_hardware(spec.scheme, "convert")
+    round_learned_scales(model)
     converted: dict[str, object] = {}
     for cls, build in ((FakeQuantizedLinear, spec.linear_config), (FakeQuantizedEmbedding, spec.embedding_config)):
         fqns = {n for n, m in model.named_modules() if isinstance(m, cls)}

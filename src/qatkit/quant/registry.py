@@ -36,6 +36,10 @@ class Scheme:
     straight_through_fp8: bool = False  # torchao casts fp8 fake-quant grads unscaled; use STE
     fixed_granularity: bool = False  # the torchao config sets its own groups/rows: qat.group_size cannot change them
     learnable_scales: bool = False  # intx weights: torchao range learning and convert with custom scales work
+    # group_size -> the linears' (activation, weight) torchao fake-quantize configs, where torchao cannot derive them
+    # from linear_config itself (None: QATConfig(linear_config) derives them)
+    fake_quantize_configs: Callable[[int | None], tuple[object | None, object]] | None = None
+    revision: int = 1  # bumped when the scheme's quantized weights change: cached PTQ results are keyed by it
     # qatkit's own weight fake quantizer for the linears instead of the one torchao derives from linear_config: a
     # factory of a torch Module with `quantize(w) -> (int8 qdata, scales)`. prepare puts it on torchao's
     # FakeQuantizedLinear; convert stores exactly those integers and scales in linear_config's intx tensor

@@ -19,13 +19,19 @@ MSE_CLIP_RATIOS = tuple(round(0.5 + 0.02 * i, 2) for i in range(26))  # scale / 
 def init_learned_scales(model: torch.nn.Module, mse: bool = False) -> None:
     """Compute each learnable weight scale from its weight now (torchao's initialize_fake_quantizers does this with a
     forward pass; the weight is all a weight scale needs): absmax, or with `mse` the clipped scale that minimises
-    each group's squared rounding + clipping error (searched over MSE_CLIP_RATIOS, like GPTQ/AWQ clip search)."""
+    each group's squared rounding + clipping error (searched over MSE_CLIP_RATIOS, like GPTQ/AWQ clip search).
+    A scale that deploys below float32 (int8-int4's bf16) is learned in float32 and used rounded
+    (RoundedScaleFakeQuantizer)."""
     import torch
 
     with torch.no_grad():
-        for mod in model.modules():
+        for mod in list(model.modules()):
             fq = getattr(mod, "weight_fake_quantizer", None)
             if getattr(getattr(fq, "config", None), "range_learning", False) and fq.scale is None:
+                if fq.config.scale_precision not in (None, torch.float32):
+                    from qatkit.quant.rounded_scales import RoundedScaleFakeQuantizer
+
+                    mod.weight_fake_quantizer = fq = RoundedScaleFakeQuantizer(fq.config)
                 fq._initialized = True
                 fq(mod.weight)
                 if mse:
@@ -50,6 +56,14 @@ def clip_search(fq, weight: torch.Tensor) -> None:
         best_scale = torch.where(better, fq.scale, best_scale)
         best_err = torch.where(better, err, best_err)
     fq.scale.copy_(best_scale)
+
+
+def round_learned_scales(model: torch.nn.Module) -> None:
+    """Before convert: each scale learned in float32 but deployed rounded, as the forward uses it."""
+    for mod in model.modules():
+        fq = getattr(mod, "weight_fake_quantizer", None)
+        if callable(getattr(fq, "round_scale", None)):
+            fq.round_scale()
 
 
 def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:

@@ -44,7 +44,27 @@ def _int8_act_int4_weight(group_size: int | None):
     from torchao.quantization import Int8DynamicActivationIntxWeightConfig, PerAxis, PerGroup
 
     granularity = PerGroup(group_size) if group_size else PerAxis(0)
-    return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=granularity)
+    # bf16 scales, as the Qwen3-4B 8da4w card and ExecuTorch's XNNPACK store them
+    return Int8DynamicActivationIntxWeightConfig(
+        weight_dtype=torch.int4, weight_granularity=granularity, weight_scale_dtype=torch.bfloat16
+    )
+
+
+def _int8_act_intx_weight_fake_quant(group_size: int | None):
+    """Fake-quantize configs doing the converted linear's arithmetic (torchao 0.18 refuses to derive them for a
+    weight_scale_dtype): torchao's for the config without it, the weight's scale_precision then set to it. Convert
+    computes each scale in the weight's dtype, rounds it to bf16 and only then the integers, round(w * (1 / scale))
+    with the reciprocal in bf16 too; scale_precision makes the fake quantizer do exactly that. Activations as torchao
+    derives them: int8 per token, asymmetric, scales in the activation's dtype, as the converted linear quantizes
+    them at run time."""
+    import dataclasses
+
+    from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
+
+    base = _int8_act_int4_weight(group_size)
+    activation, weight = _infer_fake_quantize_configs(dataclasses.replace(base, weight_scale_dtype=None))
+    weight.scale_precision = base.weight_scale_dtype
+    return activation, weight
 
 
 def _fp8_act_int4_weight(group_size: int | None):
@@ -100,9 +120,12 @@ register_scheme(
         name="int8-int4",
         weight_bits=4,
         aliases=("8da4w", "phone-deployment"),
-        summary="int8 dynamic activations + int4 symmetric weights g32; int8 embeddings; lm_head untied",
-        configs="Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32)) + IntxWeightOnlyConfig(int8, PerAxis(0)) on embeddings",
+        summary="int8 dynamic activations + int4 symmetric weights g32, bf16 scales; int8 embeddings; lm_head untied",
+        configs="Int8DynamicActivationIntxWeightConfig(int4, PerGroup(32), weight_scale_dtype=bfloat16) "
+        "+ IntxWeightOnlyConfig(int8, PerAxis(0)) on embeddings",
         linear_config=_int8_act_int4_weight,
+        fake_quantize_configs=_int8_act_intx_weight_fake_quant,
+        revision=2,  # 2: bf16 weight scales (were those of the weights' dtype)
         default_group_size=32,
         embedding_config=_int8_embedding,
         quantize_lm_head=True,

@@ -67,25 +67,31 @@ class QuantSpec:
         return self.scheme.embedding_config()
 
     def linear_prepare_config(self):
-        """QATConfig(step="prepare") for the linears. With learned scales: the base config's fake-quantize configs
-        with the weight scales static (computed once from the weights) and trainable (torchao range learning)."""
+        """QATConfig(step="prepare") for the linears: the fake-quantize configs torchao derives from the base config,
+        or the scheme's own where torchao cannot. With learned scales: the weight scales static (computed once from
+        the weights) and trainable (torchao range learning)."""
         from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig
         from torchao.quantization.qat.fake_quantize_config import _infer_fake_quantize_configs
 
-        base = self.linear_config()
-        if not self.learn_scales:
-            return QATConfig(base, step="prepare")
-        activation, weight = _infer_fake_quantize_configs(base)
-        if not isinstance(weight, IntxFakeQuantizeConfig):
-            raise RecipeError(f"qat.learn_scales: scheme {self.name} does not fake-quantize weights with intx scales")
-        weight = copy.copy(weight)
-        weight.is_dynamic, weight.range_learning = False, True
+        own = self.scheme.fake_quantize_configs
+        if own is None and not self.learn_scales:
+            return QATConfig(self.linear_config(), step="prepare")
+        activation, weight = own(self.group_size) if own else _infer_fake_quantize_configs(self.linear_config())
+        if self.learn_scales:
+            if not isinstance(weight, IntxFakeQuantizeConfig):
+                raise RecipeError(
+                    f"qat.learn_scales: scheme {self.name} does not fake-quantize weights with intx scales"
+                )
+            weight = copy.copy(weight)
+            weight.is_dynamic, weight.range_learning = False, True
         return QATConfig(activation_config=activation, weight_config=weight, step="prepare")
 
     @property
     def cache_id(self) -> str:
-        """What determines the PTQ weights: the scheme plus any setting that differs from its defaults."""
+        """What determines the PTQ weights: the scheme (and its revision) plus any setting that differs from its
+        defaults."""
         overrides = {
+            "revision": self.scheme.revision if self.scheme.revision != 1 else None,
             "group_size": self.group_size if self.group_size != self.scheme.default_group_size else None,
             "quantize_lm_head": self.quantize_lm_head
             if self.quantize_lm_head != self.scheme.quantize_lm_head
