@@ -63,7 +63,8 @@ def check_same_quantizers(run_dir: RunDir, model, recipe: Recipe) -> None:
         if a != b:
             raise GateError(
                 f"quantizer mismatch at {fqn}: trained with {a or 'no fake quant'}, converting with {b or 'no fake quant'} "
-                f"(scheme {recipe.quant.name}); convert with the scheme the model was trained with"
+                f"(scheme {recipe.quant.name}); convert with the scheme the model was trained with (a run trained before "
+                "its scheme's grid changed, e.g. int8-int4 before bf16 scales, must be trained again)"
             )
 
 
