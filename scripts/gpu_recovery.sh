@@ -13,7 +13,9 @@
 #   device call 3 (carry .gpu-recovery/3):       bash scripts/gpu_recovery.sh stage 3 && bash scripts/gpu_recovery.sh run
 # `run` stops every run at its deadline (DEADLINE_S, default 530 s after it starts) and packs what the runs wrote,
 # checkpoints left out, into $OUT/results.tar.xz; with RESUME=1 it continues the runs a previous `run` left on the
-# warm machine (finished stages skipped) instead of starting them again. EXTRA_SET adds --set overrides to every run (a quick check here:
+# warm machine (finished stages skipped) instead of starting them again; RUNS="general siqa-general" starts only those
+# (the names above). In the first session (15 device minutes, three of them to carry), the five together trained in
+# 6.5 min and evaluated in 1.5 more; llama.cpp's gguf-recovery and the SIQA run's five evals did not fit. EXTRA_SET adds --set overrides to every run (a quick check here:
 # EXTRA_SET="train.max_steps=2 qat.max_steps=2 data.eval_size=8 eval.text_docs=4").
 set -uo pipefail
 stash=/tmp/qatkit-gpu-recovery
@@ -83,9 +85,10 @@ run() {
   local again=--force resume=()
   [ "${RESUME:-0}" = 1 ] && again=--resume resume=(--resume)
 
-  chain() {  # name, then commands separated by ::, each stopped at the deadline
+  chain() {  # name, then commands separated by ::, each stopped at the deadline; only the runs RUNS names
     local name=$1 cmd=() rc=0
     shift
+    [[ " ${RUNS:-$all_runs} " == *" $name "* ]] || return 0
     export QATKIT_CACHE=$stash/cache-$name
     for arg in "$@" ::; do
       if [ "$arg" != :: ]; then cmd+=("$arg"); continue; fi
@@ -99,6 +102,7 @@ run() {
     echo "$name rc=$rc after $((SECONDS - start)) s" | tee -a "$out/status.txt"
   }
   local q4=configs/recovery/smollm2-general-q4_0-long.yaml i8=configs/recovery/smollm2-general.yaml
+  local all_runs="general-q4_0-long general-q4_0-long-full general general-full siqa-general"
   chain general-q4_0-long run $q4 --out runs/gpu/general-q4_0-long $again "${extra[@]}" \
     :: bench gguf-recovery runs/gpu/general-q4_0-long --threads 3 &
   chain general-q4_0-long-full run $q4 --out runs/gpu/general-q4_0-long-full $again "${full[@]}" "${extra[@]}" \
