@@ -16,8 +16,8 @@ from pathlib import Path
 
 from qatkit.core.errors import EnvError, GateError, RecipeError
 from qatkit.core.metrics import sqnr_db
-from qatkit.quant.registry import get_scheme, list_schemes
 from qatkit.recipe import Recipe
+from qatkit.recipe.export import export_refusal
 from qatkit.run.records import ExecutorchExport
 from qatkit.run.rundir import RunDir
 
@@ -36,9 +36,8 @@ def require_executorch() -> None:
 
 def check_scheme(scheme: str) -> None:
     """Exit 2 unless the scheme's converted model is one ExecuTorch's XNNPACK delegate runs."""
-    if FORMAT not in get_scheme(scheme).export_formats:
-        can = ", ".join(s.name for s in list_schemes() if FORMAT in s.export_formats)
-        raise RecipeError(f"scheme {scheme} does not export to ExecuTorch (XNNPACK runs: {can})")
+    if why := export_refusal(scheme, FORMAT):
+        raise RecipeError(why)
 
 
 def load_converted(model_dir: Path):

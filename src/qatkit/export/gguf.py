@@ -39,12 +39,11 @@ BLOCK = 32
 def check_exportable(scheme: str) -> str:
     """The GGUF type of a scheme's converted linears; other schemes hold integers no GGUF type reproduces exactly."""
     from qatkit.quant.registry import get_scheme
-    from qatkit.recipe.schema import gguf_refusal
+    from qatkit.recipe.export import export_refusal
 
-    qtype = get_scheme(scheme).gguf_type
-    if qtype is None:
-        raise RecipeError(gguf_refusal(scheme))
-    return qtype
+    if why := export_refusal(scheme, "gguf"):
+        raise RecipeError(why)
+    return get_scheme(scheme).gguf_type
 
 
 def pack_blocks(q: np.ndarray, d: np.ndarray, qtype: str) -> np.ndarray:

@@ -48,6 +48,10 @@ class Scheme:
     gguf_type: str | None = None  # the GGUF tensor type that holds the converted linears exactly (None: no GGUF export)
     export_formats: tuple[str, ...] = ()  # `qatkit export --format` targets whose runtime runs the converted model
 
+    def exports(self, fmt: str) -> bool:
+        """Whether `qatkit export --format fmt` takes this scheme's runs (gguf: when a GGUF type holds them)."""
+        return fmt in self.export_formats or (fmt == "gguf" and self.gguf_type is not None)
+
 
 _SCHEMES: dict[str, Scheme] = {}
 _ALIASES: dict[str, str] = {}

@@ -6,18 +6,22 @@ from typing import Literal
 
 from pydantic import Field
 
-from qatkit.quant.registry import list_schemes
+from qatkit.quant.registry import get_scheme, list_schemes
 from qatkit.recipe.strict import Strict
 
 
-def gguf_refusal(scheme: str) -> str:
-    """Why `scheme` has no GGUF export, naming the schemes that have one."""
-    exportable = ", ".join(s.name for s in list_schemes() if s.gguf_type)
-    return (
-        f"GGUF export packs the trained integers exactly, which only the schemes {exportable} (llama.cpp's own grids) "
-        f"allow; {scheme} has another grid (int8-int4 also quantizes activations as llama.cpp does not): train with "
-        "one of those"
-    )
+def export_refusal(scheme: str, fmt: str) -> str | None:
+    """Why runs of `scheme` cannot be exported to `fmt`, naming the schemes that can (None: they can)."""
+    if get_scheme(scheme).exports(fmt):
+        return None
+    can = ", ".join(s.name for s in list_schemes() if s.exports(fmt))
+    if fmt == "gguf":
+        return (
+            f"GGUF export packs the trained integers exactly, which only the schemes {can} (llama.cpp's own grids) "
+            f"allow; {scheme} has another grid (int8-int4 also quantizes activations as llama.cpp does not): train "
+            "with one of those"
+        )
+    return f"scheme {scheme} does not export to {fmt} (schemes that do: {can})"
 
 
 class GGUFExportSpec(Strict):

@@ -12,7 +12,7 @@ from pydantic import Field, field_validator, model_validator
 
 from qatkit.quant.registry import canonical_name, get_scheme, list_schemes
 from qatkit.quant.spec import QuantSpec
-from qatkit.recipe.export import ExportSpec, gguf_refusal
+from qatkit.recipe.export import ExportSpec, export_refusal
 from qatkit.recipe.strict import Strict
 
 STAGES = ("finetune", "convert", "eval")
@@ -335,16 +335,11 @@ class Recipe(Strict):
             raise ValueError(
                 "distill.general.path is eval.text_path: the held-out text NLL must score text never trained on"
             )
-        if "gguf" in self.export.formats and get_scheme(self.quant.name).gguf_type is None:
-            raise ValueError(gguf_refusal(self.quant.name))
+        for fmt in dict.fromkeys(self.export.formats):
+            if why := export_refusal(self.qat.scheme, fmt):
+                raise ValueError(f"export.formats: {why}")
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
             raise ValueError(f"stages must keep the order {list(STAGES)}")
-        for fmt in set(self.export.formats) - {"gguf"}:  # gguf: checked above, with its own message
-            if fmt not in get_scheme(self.qat.scheme).export_formats:
-                can = ", ".join(s.name for s in list_schemes() if fmt in s.export_formats)
-                raise ValueError(
-                    f"export.formats: scheme {self.qat.scheme} does not export to {fmt} (schemes that do: {can})"
-                )
         return self
 
     @functools.cached_property
