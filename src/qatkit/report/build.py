@@ -33,7 +33,7 @@ def build_report(run_dir: RunDir) -> dict:
     results = results.to_dict() if results else {}
     train, parity = TrainSummary.load(run_dir.finetune.train_summary), Parity.load(run_dir.convert.parity)
     plan = QatPlanRecord.load(run_dir.convert.qat_plan)
-    gguf = GGUFExportRecord.load(run_dir.export.gguf_record) if run_dir.is_done("export") else None
+    gguf = GGUFExportRecord.load(run_dir.export.gguf_record)
     rows = quality_rows(results) if results else []
     weights = run_dir.convert.weights_bytes()  # 0 without a convert stage
     executorch = ExecutorchExport.load(run_dir.export.executorch)
