@@ -208,3 +208,11 @@ def test_general_text_distillation_never_trains_on_the_held_out_text():
     r = validate_recipe(_with(distill=other, eval={"text_path": text}))
     assert r.distill.general.share == 1.0 and r.distill.general.field == "text"
     assert "share" in _problems(_with(distill={"teacher": "base", "general": {"path": "teacher", "share": 0}}))
+
+
+def test_gptq_needs_learned_scales_and_the_base_weights():
+    gptq = validate_recipe(_with(qat={"scheme": "int8-int4", "learn_scales": True, "gptq": {"samples": 64}}))
+    assert gptq.qat.gptq.samples == 64 and gptq.qat.gptq.max_tokens == 256
+    assert "set qat.learn_scales: true" in _problems(_with(qat={"scheme": "int8-int4", "gptq": {}}))
+    control = {"scheme": "int8-int4", "learn_scales": True, "gptq": {}, "init_from": "control"}
+    assert "cannot start from the control" in _problems(_with(qat=control))

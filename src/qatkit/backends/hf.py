@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,11 +17,13 @@ from qatkit.quant.apply import prepare
 from qatkit.quant.patches import cache_frozen_weight_fake_quant, signature
 from qatkit.quant.plan import non_language_modules
 from qatkit.quant.scales import learned_scales
-from qatkit.run.layout import FinetuneDir
+from qatkit.run.layout import GPTQ_WEIGHTS, FinetuneDir
 from qatkit.run.records import QatPlanRecord, TrainResult
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
 
 
 def load_teacher(recipe: Recipe, control: Path | None):
@@ -45,6 +48,43 @@ def _general_stream(recipe: Recipe, teacher, tokenizer, control: Path | None):
 def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
     """What the QAT run starts from besides the base model: the control's adapters or weights (qat.init_from)."""
     return _control_output(control, "qat.init_from") if recipe.qat.init_from == "control" else None
+
+
+def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens: int):
+    """qat.gptq's calibration batch: the first training examples as the model reads them (chat examples through
+    the chat template), cut to max_tokens and right-padded, with their attention mask."""
+    import torch
+
+    def text(example: dict) -> str:
+        if "text" in example:
+            return example["text"]
+        if isinstance(example["prompt"], list):
+            return tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
+        return example["prompt"] + example["completion"]
+
+    ids = [tokenizer(text(x)).input_ids[:max_tokens] for x in examples[:samples]]
+    width, pad = max(map(len, ids)), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
+    attention_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
+    return input_ids, attention_mask
+
+
+def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool) -> None:
+    """qat.gptq: GPTQ the prepared model's learned-scale linears (or, resuming, put back the saved result) and
+    keep the weights in `saved`, beside the adapter, for convert."""
+    from qatkit.quant.gptq import gptq_, load_gptq_weights, save_gptq_weights
+
+    if resume and saved.is_file():
+        load_gptq_weights(model, saved)
+        return
+    spec = recipe.qat.gptq
+    input_ids, attention_mask = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens)
+    t0 = time.time()
+    names = gptq_(model, input_ids.to(model.device), attention_mask.to(model.device), spec.damp)
+    log.info("GPTQ: %d linears on %d calibration tokens in %.0f s", len(names), attention_mask.sum(), time.time() - t0)
+    if distributed.is_main():
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        save_gptq_weights(model, names, saved)
 
 
 def _control_output(control: Path | None, setting: str) -> Path:
@@ -81,6 +121,9 @@ class HFBackend:
             require_chat_template(tokenizer, recipe.model)
         if qat:
             plan = prepare(model, recipe.quant)
+            if recipe.qat.gptq:
+                trained = FinetuneDir(work).trained(full)
+                _start_from_gptq(recipe, model, tokenizer, examples, trained / GPTQ_WEIGHTS, resume)
             if distributed.is_main():
                 QatPlanRecord.from_plan(plan, recipe.training_mode, signature(model)).save(FinetuneDir(work).qat_plan)
         if full:  # text-only training: vision/audio towers stay frozen

@@ -11,7 +11,7 @@ from qatkit.models.merged_lora import use_merged_lora_forward
 from qatkit.quant.apply import prepare
 from qatkit.quant.plan import Plan, lora_exclude_pattern
 from qatkit.quant.scales import load_learned_scales
-from qatkit.run.layout import LEARNED_SCALES
+from qatkit.run.layout import GPTQ_WEIGHTS, LEARNED_SCALES
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
@@ -56,6 +56,10 @@ def load_trained(recipe: Recipe, trained: Path):
     model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(trained) if full else None)
     plan = prepare_for_qat(recipe, model)
     if not full:
+        if recipe.qat.gptq:  # the adapter was trained on the GPTQ weights, not the model's own
+            from qatkit.quant.gptq import load_gptq_weights
+
+            load_gptq_weights(model, trained / GPTQ_WEIGHTS)
         model = attach_lora(recipe, model, trained)
     if recipe.qat.learn_scales:
         load_learned_scales(model, trained / LEARNED_SCALES)

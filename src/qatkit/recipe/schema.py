@@ -47,6 +47,14 @@ class ModelSpec(Strict):
     license: str | None = Field(None, description="The original model's license, recorded in the model card.")
 
 
+class GptqSpec(Strict):
+    samples: int = Field(128, gt=0, description="Training examples the layer Hessians are measured on.")
+    max_tokens: int = Field(256, gt=1, description="Each calibration example is cut to this many tokens.")
+    damp: float = Field(
+        0.01, gt=0, le=1, description="Added to the Hessian's diagonal, as a share of its mean (GPTQ's percdamp)."
+    )
+
+
 class QatSpec(Strict):
     scheme: str = Field(description="Scheme name; see `qatkit schemes`.")
     group_size: int | None = Field(
@@ -89,6 +97,12 @@ class QatSpec(Strict):
         description="Where learned scales start: absmax (torchao's), or mse: per group, the clipped scale with the "
         "least weight quantization error. Default absmax.",
     )
+    gptq: GptqSpec | None = Field(
+        None,
+        description="Start from GPTQ instead of round-to-nearest: each linear's integers chosen with error feedback "
+        "on calibration activations (the first training examples), on the scales qat.scale_init gives. Needs "
+        "qat.learn_scales (so backend hf).",
+    )
     init_from: Literal["base", "control"] = Field(
         "base",
         description="control: QAT starts from the recipe's fine-tune without QAT (its adapters, or its weights with "
@@ -114,6 +128,12 @@ class QatSpec(Strict):
         for name in ("scale_lr", "scale_init"):
             if getattr(self, name) is not None and not self.learn_scales:
                 raise ValueError(f"qat.{name} is set but qat.learn_scales is not: there are no scales to train")
+        if self.gptq and not self.learn_scales:
+            raise ValueError("qat.gptq keeps its weights on the learned scales' grid: set qat.learn_scales: true")
+        if self.gptq and self.init_from == "control":
+            raise ValueError(
+                "qat.gptq quantizes the base model's weights; it cannot start from the control (init_from)"
+            )
 
         return self
 

@@ -69,6 +69,8 @@ def _how_trained(report: dict, recipe: dict, base: str) -> list[str]:
     how = "fully fine-tuned" if full else "fine-tuned with LoRA"
     mode = "" if full else f", LoRA mode `{qat['lora']}`"
     scales = "; weight scales learned too" if qat.get("learn_scales") else ""
+    if qat.get("gptq"):
+        scales += "; starting from GPTQ weights instead of rounded ones"
     distill = recipe.get("distill")
     taught = f", distilling from {TEACHERS[distill['teacher']]}" if distill else ""
     if distill and distill.get("tokens") == "all":

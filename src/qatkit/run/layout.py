@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LEARNED_SCALES = "learned_scales.safetensors"  # beside a trained adapter / model (and in each trainer checkpoint)
+GPTQ_WEIGHTS = "gptq_weights.safetensors"  # beside a trained adapter: the base weights GPTQ started it from (qat.gptq)
 
 
 @dataclass(frozen=True)
