@@ -5,6 +5,7 @@ with their codes."""
 import json
 
 import pytest
+import torch
 
 from ..conftest import TINY_RECIPE, run_cli
 
@@ -78,3 +79,28 @@ def test_gguf_recovery_scores_the_three_gguf_files_in_llama_cpp(tiny_model_dir, 
     if r["recovery"] is not None:
         assert r["recovery"] == pytest.approx((nll["plain"] - nll["QAT"]) / (nll["plain"] - nll["F16"]))
     assert "QAT wins back" in (tmp_path / "bench" / "gguf-recovery.md").read_text()
+
+
+def test_learned_q4_0_scales_from_gptq_export_and_run_in_llama_cpp(tiny_model_dir, tmp_path):
+    """Q4_0 with learned block scales, started from GPTQ: any fp16 scale is a Q4_0 block, so the export packs the
+    trained integers on the trained scales bit for bit and llama.cpp runs them at the parity the gate asks."""
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python (the llamacpp extra) is not installed")
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    res = run_cli(
+        "run", str(TINY_RECIPE), "--out", str(out), "--set", f"model.name_or_path={tiny_model_dir}",
+        "--set", "stages=[finetune,convert]", *Q4_0_GGUF, "--set", "qat.learn_scales=true",
+        "--set", "qat.gptq.samples=4", "--set", "train.lr=0.01",
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    adapter = out / "finetune" / "adapter"
+    scales = load_file(adapter / "learned_scales.safetensors")["model.layers.0.mlp.down_proj"]
+    start = load_file(adapter / "gptq_weights.safetensors")["model.layers.0.mlp.down_proj.scale"]
+    assert scales.shape == start.shape and not torch.equal(scales, start)  # trained away from the start
+    assert json.loads((out / "convert" / "parity.json").read_text())["as_trained_vs_converted"]["sqnr_db"] == float(
+        "inf"
+    )
+    gguf = json.loads((out / "manifest.json").read_text())["export"]["gguf"]
+    assert gguf["weights"] == "Q4_0" and gguf["packed_not_bit_exact"] == []
+    assert gguf["llama_cpp"]["sqnr_db"] >= 30 and gguf["llama_cpp"]["top1_agreement"] >= 0.97

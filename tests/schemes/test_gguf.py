@@ -238,3 +238,30 @@ def test_signature_and_frozen_weight_cache(tiny_model_dir):
         assert cache_frozen_weight_fake_quant(model) == len(sig)
         assert torch.equal(model(x).logits, before)
         assert torch.equal(model(x).logits, before)  # served from the cache
+
+
+@pytest.mark.parametrize("qtype", QTYPES)
+def test_learned_scales_start_at_gguf_py_and_train_what_exports(qtype):
+    """With range learning each block's scale starts as gguf-py's d, the forward is exactly the dequantized
+    integers convert stores on the (fp16) learned scale, and the scale gets an LSQ gradient: nonzero, and none
+    reaches a weight clamped outside the range."""
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(6, 96, generator=g)
+    w[:, 5] *= 20
+    fq = GGUFFakeQuantizer(GGUFFakeQuantizeConfig(qtype, range_learning=True))
+    assert repr(fq.config).endswith("range_learning=True)")
+    out = fq(w)
+    _, ref_q, ref_d = gguf_reference(w.numpy(), qtype)
+    assert fq.scale.dtype == torch.float32 and fq.scale.shape == (6, 3)
+    assert np.array_equal(fq.scale.detach().to(torch.float16).numpy().view(np.uint16), ref_d.view(np.uint16))
+    q, d = fq.quantize(w)
+    assert np.mean(q.numpy() == ref_q) > 0.99  # gguf-py divides by the float32 d, the learned grid by its fp16
+    assert torch.equal(out, (q.float().reshape(6, 3, 32) * d.float().unsqueeze(-1)).reshape(6, 96))
+
+    with torch.no_grad():
+        fq.scale.mul_(0.5)  # half the range: the largest weights of each block now clamp
+    w.requires_grad_(True)
+    fq(w).pow(2).sum().backward()
+    assert fq.scale.grad.abs().min() > 0
+    clamped = (w.detach().reshape(6, 3, 32) / fq.scale.detach().unsqueeze(-1)).abs() > (8 if qtype == "Q4_0" else 127)
+    assert clamped.any() and (w.grad.reshape(6, 3, 32)[clamped] == 0).all()

@@ -170,7 +170,7 @@ def test_learn_scales_only_for_schemes_with_intx_scales():
     qat = validate_recipe(_with(qat={"scheme": "w4-channel", "learn_scales": True})).quant
     assert qat.learn_scales
     assert qat.cache_id == "w4-channel"  # PTQ computes scales from the weights either way
-    assert "has no learnable intx scales" in _problems(_with(qat={"scheme": "q4_0", "learn_scales": True}))
+    assert "has no learnable weight scales" in _problems(_with(qat={"scheme": "fp8-fp8", "learn_scales": True}))
     problems = _problems(_with(qat={"scheme": "int4", "learn_scales": True}))
     assert "qat.learn_scales" in problems and "w4-channel" in problems
     assert "qat.learn_scales is not" in _problems(_with(qat={"scheme": "int8", "scale_lr": 1e-4}))

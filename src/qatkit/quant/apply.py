@@ -3,6 +3,7 @@ transformers hook that makes the converted model save as a checkpoint plain `fro
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING
 
@@ -39,7 +40,8 @@ def prepare(model: torch.nn.Module, spec: QuantSpec) -> Plan:
     linears = {m.fqn for m in plan.quantized if m.kind == "linear"}
     embeddings = {m.fqn for m in plan.quantized if m.kind == "embedding"}
     if linears and spec.scheme.weight_fake_quantizer is not None:
-        _prepare_own_weight_fake_quant(model, linears, spec.scheme.weight_fake_quantizer)
+        build = functools.partial(spec.scheme.weight_fake_quantizer, range_learning=spec.learn_scales)
+        _prepare_own_weight_fake_quant(model, linears, build)
     elif linears:
         quantize_(model, spec.linear_prepare_config(), _fqn_filter(linears))
     if embeddings:

@@ -82,6 +82,45 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return (blocks * scale.to(torch.float32).unsqueeze(-1)).reshape(q.shape)
 
 
+QRANGE: dict[str, tuple[int, int]] = {"Q4_0": (-8, 7), "Q8_0": (-127, 127)}
+
+
+def levels_with_scale(x: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """The integers of x = weight / d for a scale chosen elsewhere (learned, or GPTQ's): round half up for Q4_0 (as
+    gguf-py's trunc(x + 8.5) - 8), half away from zero for Q8_0, clamped to the type's range. Any fp16 d is a valid
+    GGUF block (llama.cpp only dequantizes d · q), so these blocks run in llama.cpp as they are."""
+    qmin, qmax = QRANGE[qtype]
+    q = torch.floor(x + 0.5) if qtype == "Q4_0" else _round_half_away_from_zero(x)
+    return q.clamp(qmin, qmax)
+
+
+def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF integers and fp16 scales of a weight on given per-block scales (out, in_features // 32)."""
+    d = scale.detach().to(torch.float16).to(torch.float32).unsqueeze(-1)
+    q = levels_with_scale(_blocks(w) / torch.where(d == 0, 1.0, d), qtype)  # a zero scale: an all-zero block
+    return q.to(torch.int8).reshape(w.shape), d.squeeze(-1).to(torch.float16)
+
+
+class _RoundStraightThrough(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, qtype: str) -> torch.Tensor:
+        return torch.floor(x + 0.5) if qtype == "Q4_0" else _round_half_away_from_zero(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None
+
+
+def fake_quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """dequantize(quantize_with_scale(w, scale)), differentiable LSQ-style: the rounding straight through, the
+    clamp's gradient zero outside the range, the gradient reaching the float32 scale through its fp16 rounding."""
+    qmin, qmax = QRANGE[qtype]
+    d = scale.to(torch.float16).to(torch.float32).unsqueeze(-1)
+    b = w.to(torch.float32).reshape(*w.shape[:-1], w.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
+    q = _RoundStraightThrough.apply(torch.clamp(b / torch.where(d == 0, 1.0, d), qmin, qmax), qtype)
+    return (q * d).reshape(w.shape).to(w.dtype)
+
+
 def fake_quantize(w: torch.Tensor, qtype: QType) -> torch.Tensor:
     """The weight llama.cpp would run: quantized to the GGUF grid and dequantized, in w's dtype."""
     return dequantize(*quantize(w, qtype)).to(w.dtype)
@@ -99,13 +138,18 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class GGUFFakeQuantizeConfig:
     """What a GGUF weight fake quantizer does; its repr is part of the QAT signature convert checks."""
 
     qtype: QType
     block_size: int = BLOCK_SIZE
-    range_learning: ClassVar[bool] = False  # scales always come from the weights (read by qatkit's fq(W) cache)
+    range_learning: bool = False  # True: each block's fp16 scale is a trained parameter (qat.learn_scales)
+    scale_precision: ClassVar[torch.dtype] = torch.float16  # what GGUF stores
+
+    def __repr__(self) -> str:  # range learning named only when on: signatures of runs without it are unchanged
+        learning = ", range_learning=True" if self.range_learning else ""
+        return f"GGUFFakeQuantizeConfig(qtype={self.qtype!r}, block_size={self.block_size}{learning})"
 
     def __post_init__(self):
         if self.qtype not in BITS:
@@ -128,14 +172,32 @@ class GGUFFakeQuantizer(torch.nn.Module):
         self.enabled = True  # torchao's enable/disable_linear_fake_quant toggle this
         self.input_changes_every_step = False  # set by the merged-LoRA forward: its input W + s·BA is never cached
 
+        self.scale: torch.nn.Parameter | None = None  # with config.range_learning: float32 (out, in // 32)
+
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return w
+        if self.config.range_learning:
+            if self.scale is None:
+                self.init_scale(w)
+            return fake_quantize_with_scale(w, self.scale, self.config.qtype)
         return _StraightThrough.apply(w, self.config.qtype)
+
+    def init_scale(self, w: torch.Tensor) -> None:
+        """The learned scale starts as gguf-py's own (float32, before its fp16 rounding)."""
+        with torch.no_grad():
+            b = _blocks(w)
+            if self.config.qtype == "Q4_0":
+                d = _divide(b.gather(-1, b.abs().argmax(dim=-1, keepdim=True)), -8.0, b[..., :1])
+            else:
+                d = _divide(b.abs().amax(dim=-1, keepdim=True), 127.0, b[..., :1])
+        self.scale = torch.nn.Parameter(d.squeeze(-1).clone())
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(int8 q shaped like w, fp16 scales (out, in // 32)): what convert stores."""
         with torch.no_grad():
+            if self.config.range_learning:
+                return quantize_with_scale(w, self.scale, self.config.qtype)
             return quantize(w, self.config.qtype)
 
     def extra_repr(self) -> str:

@@ -26,22 +26,30 @@ LAZY_BLOCK = 128  # columns updated at once before the trailing weights get the 
 
 
 class _Grid:
-    """A linear's weight grid as its fake quantizer applies it: per group, q = clamp(round(w · (1/s)) + z), then
-    (q - z) · s, with s the scale as the forward uses it (rounded to the scale precision)."""
+    """A linear's weight grid as its fake quantizer applies it, per group on the scale as the forward uses it
+    (rounded to the precision it deploys in): torchao's q = clamp(round(w · (1/s)) + z), dequantized (q - z) · s;
+    a GGUF block's q from w / d, dequantized q · d (zero point 0)."""
 
     def __init__(self, fq, weight: torch.Tensor):
-        from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
-
-        precision = fq.config.scale_precision or torch.float32
         rows = weight.shape[0]
-        self.scale = fq.scale.detach().to(precision).float().reshape(rows, -1)
-        self.zero = fq.zero_point.detach().float().reshape(rows, -1)
+        self.scale = fq.scale.detach().to(fq.config.scale_precision or torch.float32).float().reshape(rows, -1)
         self.group_size = weight.shape[1] // self.scale.shape[1]
-        self.qmin, self.qmax = _DTYPE_TO_QVALUE_BOUNDS[fq.config.dtype]
+        self._gguf = getattr(fq.config, "qtype", None)
+        if self._gguf:
+            self.zero = torch.zeros_like(self.scale)
+        else:
+            from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
+
+            self.zero = fq.zero_point.detach().float().reshape(rows, -1)
+            self.qmin, self.qmax = _DTYPE_TO_QVALUE_BOUNDS[fq.config.dtype]
 
     def column(self, w: torch.Tensor, col: int) -> torch.Tensor:
         g = col // self.group_size
         s, z = self.scale[:, g], self.zero[:, g]
+        if self._gguf:
+            from qatkit.quant.gguf_grid import levels_with_scale
+
+            return levels_with_scale(w / torch.where(s == 0, 1.0, s), self._gguf) * s
         q = torch.clamp(torch.round(w * (1.0 / s)) + z, self.qmin, self.qmax)
         return (q - z) * s
 

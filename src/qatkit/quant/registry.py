@@ -35,16 +35,17 @@ class Scheme:
     convert_packages: tuple[str, ...] = ()  # imported by torchao when converting (its CUDA kernels)
     straight_through_fp8: bool = False  # torchao casts fp8 fake-quant grads unscaled; use STE
     fixed_granularity: bool = False  # the torchao config sets its own groups/rows: qat.group_size cannot change them
-    learnable_scales: bool = False  # intx weights: torchao range learning and convert with custom scales work
+    learnable_scales: bool = False  # range learning trains the weight scales and convert quantizes with them
     # group_size -> the linears' (activation, weight) torchao fake-quantize configs, where torchao cannot derive them
     # from linear_config itself (None: QATConfig(linear_config) derives them)
     fake_quantize_configs: Callable[[int | None], tuple[object | None, object]] | None = None
     revision: int = 1  # bumped when the scheme's quantized weights change: cached PTQ results are keyed by it
     # qatkit's own weight fake quantizer for the linears instead of the one torchao derives from linear_config: a
-    # factory of a torch Module with `quantize(w) -> (int8 qdata, scales)`. prepare puts it on torchao's
+    # factory (range_learning: bool) of a torch Module with `quantize(w) -> (int8 qdata, scales)`, and with
+    # range_learning a trainable `scale` and `init_scale(w)`. prepare puts it on torchao's
     # FakeQuantizedLinear; convert stores exactly those integers and scales in linear_config's intx tensor
     # (an IntxWeightOnlyConfig with PerGroup granularity), zero point 0
-    weight_fake_quantizer: Callable[[], object] | None = None
+    weight_fake_quantizer: Callable[..., object] | None = None
     gguf_type: str | None = None  # the GGUF tensor type that holds the converted linears exactly (None: no GGUF export)
     export_formats: tuple[str, ...] = ()  # `qatkit export --format` targets whose runtime runs the converted model
 

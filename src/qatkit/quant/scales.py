@@ -28,12 +28,15 @@ def init_learned_scales(model: torch.nn.Module, mse: bool = False) -> None:
         for mod in list(model.modules()):
             fq = getattr(mod, "weight_fake_quantizer", None)
             if getattr(getattr(fq, "config", None), "range_learning", False) and fq.scale is None:
-                if fq.config.scale_precision not in (None, torch.float32):
-                    from qatkit.quant.rounded_scales import RoundedScaleFakeQuantizer
+                if callable(getattr(fq, "init_scale", None)):  # qatkit's own (GGUF) quantizer
+                    fq.init_scale(mod.weight)
+                else:
+                    if fq.config.scale_precision not in (None, torch.float32):
+                        from qatkit.quant.rounded_scales import RoundedScaleFakeQuantizer
 
-                    mod.weight_fake_quantizer = fq = RoundedScaleFakeQuantizer(fq.config)
-                fq._initialized = True
-                fq(mod.weight)
+                        mod.weight_fake_quantizer = fq = RoundedScaleFakeQuantizer(fq.config)
+                    fq._initialized = True
+                    fq(mod.weight)
                 if mse:
                     clip_search(fq, mod.weight)
 

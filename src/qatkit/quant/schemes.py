@@ -27,10 +27,10 @@ def _intx_weight_only(bits: int):
 
 
 def _gguf_fake_quantizer(qtype: str):
-    def build():
+    def build(range_learning: bool = False):
         from qatkit.quant.gguf_grid import GGUFFakeQuantizeConfig, GGUFFakeQuantizer
 
-        return GGUFFakeQuantizer(GGUFFakeQuantizeConfig(qtype))
+        return GGUFFakeQuantizer(GGUFFakeQuantizeConfig(qtype, range_learning=range_learning))
 
     return build
 
@@ -224,6 +224,7 @@ register_scheme(
         default_group_size=32,
         fixed_granularity=True,
         weight_fake_quantizer=_gguf_fake_quantizer("Q4_0"),
+        learnable_scales=True,  # any fp16 block scale is a valid Q4_0 block
         gguf_type="Q4_0",
         notes="embeddings and lm_head kept in high precision (export.gguf.embeddings picks their GGUF type)",
     )
@@ -238,6 +239,7 @@ register_scheme(
         default_group_size=32,
         fixed_granularity=True,
         weight_fake_quantizer=_gguf_fake_quantizer("Q8_0"),
+        learnable_scales=True,  # any fp16 block scale is a valid Q8_0 block
         gguf_type="Q8_0",
         notes="embeddings and lm_head kept in high precision (export.gguf.embeddings picks their GGUF type)",
     )

@@ -75,7 +75,7 @@ class QatSpec(Strict):
     learn_scales: bool | None = Field(
         None,
         description="Train the linears' weight quantization scales with the adapters (torchao range learning, "
-        "LSQ-style); convert quantizes with the learned scales. Intx-weight schemes; default off.",
+        "LSQ-style); convert quantizes with the learned scales. Intx-weight and GGUF schemes; default off.",
     )
     lr: float | None = Field(
         None,
@@ -124,7 +124,7 @@ class QatSpec(Strict):
             raise ValueError(f"qat.group_size: scheme {self.scheme} has a fixed granularity ({fixed})")
         if self.learn_scales and not scheme.learnable_scales:
             learnable = ", ".join(s.name for s in list_schemes() if s.learnable_scales)
-            raise ValueError(f"qat.learn_scales: scheme {self.scheme} has no learnable intx scales (use {learnable})")
+            raise ValueError(f"qat.learn_scales: scheme {self.scheme} has no learnable weight scales (use {learnable})")
         for name in ("scale_lr", "scale_init"):
             if getattr(self, name) is not None and not self.learn_scales:
                 raise ValueError(f"qat.{name} is set but qat.learn_scales is not: there are no scales to train")
