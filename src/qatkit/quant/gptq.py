@@ -201,7 +201,9 @@ def save_gptq_weights(model: torch.nn.Module, names: list[str], path: Path) -> N
         scale = grid.scale.repeat_interleave(grid.group_size, dim=1)
         zero = grid.zero.repeat_interleave(grid.group_size, dim=1)
         tensors[f"{name}.q"] = (torch.round(linear.weight.detach().float() / scale) + zero).to(torch.int8)
-        tensors[f"{name}.scale"], tensors[f"{name}.zero"] = grid.scale.contiguous(), grid.zero.contiguous()
+        tensors[f"{name}.scale"] = grid.scale.contiguous()
+        if grid.zero.any():  # symmetric grids: no zero points to keep
+            tensors[f"{name}.zero"] = grid.zero.contiguous()
     save_file(tensors, str(path))
 
 
@@ -219,7 +221,8 @@ def load_gptq_weights(model: torch.nn.Module, path: Path) -> None:
         raise RecipeError(f"{path} holds GPTQ weights of modules this model lacks: {', '.join(missing[:3])}")
     with torch.no_grad():
         for name in names:
-            q, scale, zero = saved[f"{name}.q"].float(), saved[f"{name}.scale"], saved[f"{name}.zero"]
+            q, scale = saved[f"{name}.q"].float(), saved[f"{name}.scale"]
+            zero = saved.get(f"{name}.zero", torch.zeros_like(scale))
             group_size = q.shape[1] // scale.shape[1]
             weight = (q - zero.repeat_interleave(group_size, 1)) * scale.repeat_interleave(group_size, 1)
             modules[name].weight.copy_(weight.to(modules[name].weight.dtype))
