@@ -211,8 +211,12 @@ def test_mse_scale_init_lowers_every_groups_weight_error(name, tiny_model_dir):
         ratio = scales["mse"][fqn] / scales["absmax"][fqn]
         assert ratio.min() >= min(MSE_CLIP_RATIOS) - 1e-6 and ratio.max() <= 1 + 1e-6
     total = {init: sum(e.sum().item() for e in errs.values()) for init, errs in errors.items()}
-    # 8-bit rounding error is small next to what clipping an outlier costs: absmax is close to the best there
-    assert total["mse"] < (1.0 if name == "int8" else 0.95) * total["absmax"], total
+    # 8-bit rounding error is small next to what clipping an outlier costs: absmax is close to the best there (with
+    # Q8_0's blocks of 32 it is the best for every group of this weight)
+    if name == "q8_0":
+        assert total["mse"] <= total["absmax"], total
+    else:
+        assert total["mse"] < (1.0 if name == "int8" else 0.95) * total["absmax"], total
 
 
 @pytest.mark.parametrize("name", [n for n in CUDA_CONVERT if n not in CONVERTIBLE_HERE])
