@@ -33,16 +33,21 @@ class GeneralBatches:
         self.order: list[int] = []
 
     def next(self, device=None) -> dict:
-        import torch
-
         while len(self.order) < self.batch_size:
             self.order += self.rng.sample(range(len(self.sequences)), len(self.sequences))
         picked = [self.sequences[i] for i in self.order[: self.batch_size]]
         del self.order[: self.batch_size]
-        width = max(map(len, picked))
-        ids = torch.tensor([s + [self.pad_id] * (width - len(s)) for s in picked], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in picked], device=device)
-        return {"input_ids": ids, "attention_mask": mask}
+        return right_padded(picked, self.pad_id, device)
+
+
+def right_padded(sequences: list[list[int]], pad_id: int, device=None) -> dict:
+    """Token sequences as one right-padded batch: input_ids and attention_mask."""
+    import torch
+
+    width = max(map(len, sequences))
+    ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 def general_batches(

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit.backends.general_text import general_batches
+from qatkit.backends.general_text import general_batches, right_padded
 from qatkit.backends.trainer import check_train_dataset, qat_trainer_class, sft_config, train_and_save
 from qatkit.core import distributed
 from qatkit.core.cache import file_digest
@@ -50,10 +50,9 @@ def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
     return _control_output(control, "qat.init_from") if recipe.qat.init_from == "control" else None
 
 
-def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens: int):
+def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens: int, device=None) -> dict:
     """qat.gptq's calibration batch: the first training examples as the model reads them (chat examples through
     the chat template), cut to max_tokens and right-padded, with their attention mask."""
-    import torch
 
     def text(example: dict) -> str:
         if "text" in example:
@@ -63,10 +62,7 @@ def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens
         return example["prompt"] + example["completion"]
 
     ids = [tokenizer(text(x)).input_ids[:max_tokens] for x in examples[:samples]]
-    width, pad = max(map(len, ids)), tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    input_ids = torch.tensor([x + [pad] * (width - len(x)) for x in ids])
-    attention_mask = torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids])
-    return input_ids, attention_mask
+    return right_padded(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, device)
 
 
 def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool) -> None:
@@ -78,10 +74,11 @@ def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], sav
         load_gptq_weights(model, saved)
         return
     spec = recipe.qat.gptq
-    input_ids, attention_mask = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens)
+    batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens, model.device)
     t0 = time.time()
-    names = gptq_(model, input_ids.to(model.device), attention_mask.to(model.device), spec.damp)
-    log.info("GPTQ: %d linears on %d calibration tokens in %.0f s", len(names), attention_mask.sum(), time.time() - t0)
+    names = gptq_(model, batch["input_ids"], batch["attention_mask"], spec.damp)
+    tokens = int(batch["attention_mask"].sum())
+    log.info("GPTQ: %d linears on %d calibration tokens in %.0f s", len(names), tokens, time.time() - t0)
     if distributed.is_main():
         saved.parent.mkdir(parents=True, exist_ok=True)
         save_gptq_weights(model, names, saved)

@@ -50,18 +50,22 @@ def _divide(num: torch.Tensor | float, den: torch.Tensor | float, like: torch.Te
     return torch.div(as_tensor(num), as_tensor(den))
 
 
-def quantize(w: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
-    """GGUF integers and scales of a weight: (q as int8, shaped like w; fp16 d, shaped (..., in_features // 32))."""
-    b = _blocks(w)
+def _block_scale(b: torch.Tensor, qtype: QType) -> torch.Tensor:
+    """gguf-py's float32 d of each block of `b` (..., blocks, 32), shaped (..., blocks, 1)."""
     if qtype == "Q4_0":
         imax = b.abs().argmax(dim=-1, keepdim=True)  # the first maximum, as numpy's argmax
         peak = b.gather(-1, imax)
-        d = _divide(peak, -8.0, peak)
-    elif qtype == "Q8_0":
+        return _divide(peak, -8.0, peak)
+    if qtype == "Q8_0":
         amax = b.abs().amax(dim=-1, keepdim=True)
-        d = _divide(amax, 127.0, amax)
-    else:
-        raise ValueError(f"unknown GGUF type {qtype!r} (known: {', '.join(BITS)})")
+        return _divide(amax, 127.0, amax)
+    raise ValueError(f"unknown GGUF type {qtype!r} (known: {', '.join(BITS)})")
+
+
+def quantize(w: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGUF integers and scales of a weight: (q as int8, shaped like w; fp16 d, shaped (..., in_features // 32))."""
+    b = _blocks(w)
+    d = _block_scale(b, qtype)
     inverse = torch.where(d == 0, torch.zeros_like(d), _divide(1.0, d, d))
     scaled = b * inverse
     if qtype == "Q4_0":
@@ -90,8 +94,11 @@ def levels_with_scale(x: torch.Tensor, qtype: QType) -> torch.Tensor:
     gguf-py's trunc(x + 8.5) - 8), half away from zero for Q8_0, clamped to the type's range. Any fp16 d is a valid
     GGUF block (llama.cpp only dequantizes d · q), so these blocks run in llama.cpp as they are."""
     qmin, qmax = QRANGE[qtype]
-    q = torch.floor(x + 0.5) if qtype == "Q4_0" else _round_half_away_from_zero(x)
-    return q.clamp(qmin, qmax)
+    return _round_level(x, qtype).clamp(qmin, qmax)
+
+
+def _round_level(x: torch.Tensor, qtype: QType) -> torch.Tensor:
+    return torch.floor(x + 0.5) if qtype == "Q4_0" else _round_half_away_from_zero(x)
 
 
 def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qtype: QType) -> tuple[torch.Tensor, torch.Tensor]:
@@ -101,14 +108,17 @@ def quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qtype: QType) -> t
     return q.to(torch.int8).reshape(w.shape), d.squeeze(-1).to(torch.float16)
 
 
-class _RoundStraightThrough(torch.autograd.Function):
+class _StraightThrough(torch.autograd.Function):
+    """Forward: exactly `fn(x, qtype)` (the dequantized GGUF grid, or the rounding to levels); backward: the identity
+    (straight-through estimator)."""
+
     @staticmethod
-    def forward(ctx, x: torch.Tensor, qtype: str) -> torch.Tensor:
-        return torch.floor(x + 0.5) if qtype == "Q4_0" else _round_half_away_from_zero(x)
+    def forward(ctx, x: torch.Tensor, fn, qtype: str) -> torch.Tensor:
+        return fn(x, qtype)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return grad, None
+        return grad, None, None
 
 
 def fake_quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qtype: QType) -> torch.Tensor:
@@ -117,25 +127,13 @@ def fake_quantize_with_scale(w: torch.Tensor, scale: torch.Tensor, qtype: QType)
     qmin, qmax = QRANGE[qtype]
     d = scale.to(torch.float16).to(torch.float32).unsqueeze(-1)
     b = w.to(torch.float32).reshape(*w.shape[:-1], w.shape[-1] // BLOCK_SIZE, BLOCK_SIZE)
-    q = _RoundStraightThrough.apply(torch.clamp(b / torch.where(d == 0, 1.0, d), qmin, qmax), qtype)
+    q = _StraightThrough.apply(torch.clamp(b / torch.where(d == 0, 1.0, d), qmin, qmax), _round_level, qtype)
     return (q * d).reshape(w.shape).to(w.dtype)
 
 
 def fake_quantize(w: torch.Tensor, qtype: QType) -> torch.Tensor:
     """The weight llama.cpp would run: quantized to the GGUF grid and dequantized, in w's dtype."""
     return dequantize(*quantize(w, qtype)).to(w.dtype)
-
-
-class _StraightThrough(torch.autograd.Function):
-    """Forward: exactly the dequantized GGUF grid; backward: the identity (straight-through estimator)."""
-
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, qtype: str) -> torch.Tensor:
-        return fake_quantize(w, qtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
 
 
 @dataclass(frozen=True, repr=False)
@@ -181,16 +179,12 @@ class GGUFFakeQuantizer(torch.nn.Module):
             if self.scale is None:
                 self.init_scale(w)
             return fake_quantize_with_scale(w, self.scale, self.config.qtype)
-        return _StraightThrough.apply(w, self.config.qtype)
+        return _StraightThrough.apply(w, fake_quantize, self.config.qtype)
 
     def init_scale(self, w: torch.Tensor) -> None:
         """The learned scale starts as gguf-py's own (float32, before its fp16 rounding)."""
         with torch.no_grad():
-            b = _blocks(w)
-            if self.config.qtype == "Q4_0":
-                d = _divide(b.gather(-1, b.abs().argmax(dim=-1, keepdim=True)), -8.0, b[..., :1])
-            else:
-                d = _divide(b.abs().amax(dim=-1, keepdim=True), 127.0, b[..., :1])
+            d = _block_scale(_blocks(w), self.config.qtype)
         self.scale = torch.nn.Parameter(d.squeeze(-1).clone())
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

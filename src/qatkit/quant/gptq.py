@@ -19,6 +19,7 @@ import torch
 
 from qatkit.core.errors import RecipeError
 from qatkit.quant.plan import stable_fqn
+from qatkit.quant.scales import has_learned_scale
 
 log = logging.getLogger(__name__)
 
@@ -126,10 +127,7 @@ def _layer_inputs(model, layers, input_ids: torch.Tensor, attention_mask: torch.
 
 def _learned_scale_linears(module: torch.nn.Module, prefix: str = "") -> dict[str, torch.nn.Module]:
     return {
-        f"{prefix}{n}": m
-        for n, m in module.named_modules()
-        if isinstance(m, torch.nn.Linear)
-        and isinstance(getattr(getattr(m, "weight_fake_quantizer", None), "scale", None), torch.nn.Parameter)
+        f"{prefix}{n}": m for n, m in module.named_modules() if isinstance(m, torch.nn.Linear) and has_learned_scale(m)
     }
 
 

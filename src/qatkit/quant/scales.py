@@ -69,14 +69,17 @@ def round_learned_scales(model: torch.nn.Module) -> None:
             fq.round_scale()
 
 
-def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
-    """Module fqn -> its trainable weight scale (empty unless the scheme learns scales)."""
+def has_learned_scale(module: torch.nn.Module) -> bool:
+    """Whether the module's weight fake quantizer trains its scale."""
     import torch
 
+    return isinstance(getattr(getattr(module, "weight_fake_quantizer", None), "scale", None), torch.nn.Parameter)
+
+
+def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    """Module fqn -> its trainable weight scale (empty unless the scheme learns scales)."""
     return {
-        stable_fqn(fqn): mod.weight_fake_quantizer.scale
-        for fqn, mod in model.named_modules()
-        if isinstance(getattr(getattr(mod, "weight_fake_quantizer", None), "scale", None), torch.nn.Parameter)
+        stable_fqn(fqn): mod.weight_fake_quantizer.scale for fqn, mod in model.named_modules() if has_learned_scale(mod)
     }
 
 
