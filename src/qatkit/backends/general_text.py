@@ -40,6 +40,11 @@ class GeneralBatches:
         return right_padded(picked, self.pad_id, device)
 
 
+def pad_id(tokenizer) -> int:
+    """The id right padding fills with: the tokenizer's pad token, else 0 (masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
 def right_padded(sequences: list[list[int]], pad_id: int, device=None) -> dict:
     """Token sequences as one right-padded batch: input_ids and attention_mask."""
     import torch
@@ -59,8 +64,7 @@ def general_batches(
     else:
         sequences = [tokenizer(t, add_special_tokens=True).input_ids[: spec.max_tokens] for t in corpus(spec)]
     sequences = [s for s in sequences if len(s) > 1]  # a single token has nothing to predict
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    return GeneralBatches(sequences, max(1, round(task_batch_size * spec.share)), pad, seed)
+    return GeneralBatches(sequences, max(1, round(task_batch_size * spec.share)), pad_id(tokenizer), seed)
 
 
 def corpus(spec: GeneralTextSpec) -> list[str]:

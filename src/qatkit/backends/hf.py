@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit.backends.general_text import general_batches, right_padded
+from qatkit.backends.general_text import general_batches, pad_id, right_padded
 from qatkit.backends.trainer import check_train_dataset, qat_trainer_class, sft_config, train_and_save
 from qatkit.core import distributed
 from qatkit.core.cache import file_digest
@@ -62,7 +62,7 @@ def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens
         return example["prompt"] + example["completion"]
 
     ids = [tokenizer(text(x)).input_ids[:max_tokens] for x in examples[:samples]]
-    return right_padded(ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, device)
+    return right_padded(ids, pad_id(tokenizer), device)
 
 
 def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool) -> None:
