@@ -48,7 +48,8 @@ def _distill_compute_loss(teacher, distill, general=None):
         ce, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
         with torch.no_grad():
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            teacher_logits = teacher.to(outputs.logits.device)(**teacher_inputs, use_cache=False).logits
+            with self.accelerator.autocast():  # the student's precision (its forward is autocast by accelerate)
+                teacher_logits = teacher.to(outputs.logits.device)(**teacher_inputs, use_cache=False).logits
         # normalized like Trainer normalizes the cross-entropy: per token of the accumulated batch when the model
         # takes num_items_in_batch (Trainer then leaves the loss as is), else per token of this batch (Trainer
         # divides it by the accumulation steps)
@@ -72,7 +73,7 @@ def _distill_compute_loss(teacher, distill, general=None):
         loss = (1 - distill.weight) * ce + distill.weight * kd
         if general is not None:
             text = general.next(outputs.logits.device)
-            with torch.no_grad():
+            with torch.no_grad(), self.accelerator.autocast():
                 teacher_text = teacher(**text, use_cache=False).logits
             kd_text = distill_loss(
                 model(**text, use_cache=False).logits,
@@ -188,7 +189,7 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool):
         max_length=recipe.model.max_seq_length,
         completion_only_loss=True,  # loss on the answer only, like Unsloth's train_on_responses_only
         packing=False,
-        bf16=not use_cpu and model.dtype == torch.bfloat16,
+        bf16=t.mixed_precision == "bf16" or (not use_cpu and model.dtype == torch.bfloat16),
         fp16=not use_cpu and model.dtype == torch.float16,
         use_cpu=use_cpu,
         report_to="none",
