@@ -370,6 +370,28 @@ def test_distilling_on_every_token_scores_the_prompt_too(tiny_model_dir, tmp_pat
     assert accumulated.item() == pytest.approx(want.item() / 2, rel=1e-5)
 
 
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_mixed_precision_runs_student_and_teacher_in_one_precision(tiny_model_dir, tmp_path, precision):
+    """train.mixed_precision=bf16: the student's forward (autocast by accelerate) and the teacher's run their linears
+    in bfloat16, so a teacher identical to the student gives a first-step KL of exactly zero; a float32 teacher
+    beside a bfloat16 student would not. Without it both stay float32."""
+    import copy
+
+    mixed = [f"train.mixed_precision={precision}"] if precision else []
+    recipe = tiny_recipe(tiny_model_dir, "distill.teacher=base", "train.max_steps=1", *mixed)
+    trainer, model, _ = _distill_trainer(recipe, tmp_path, copy.deepcopy)
+    teacher = trainer.compute_loss.__closure__  # the teacher is the deepcopy the loss closes over
+    teacher = next(c.cell_contents for c in teacher if isinstance(c.cell_contents, torch.nn.Module))
+    dtypes = {"student": set(), "teacher": set()}
+    for name, net in (("student", model), ("teacher", teacher)):
+        linear = next(m for n, m in net.named_modules() if n.endswith("layers.0.mlp.down_proj"))
+        linear.register_forward_hook(lambda mod, args, out, name=name: dtypes[name].add(out.dtype))
+    trainer.train()
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert dtypes == {"student": {want}, "teacher": {want}}
+    assert trainer.state.log_history[0]["loss"] == 0.0
+
+
 def test_distill_from_the_control_trains_it_first_and_learns_from_it(tiny_model_dir, tmp_path):
     """distill.teacher=control: the no-QAT control is trained (or reused) before the QAT run, which then fits its
     predictions (weight 1: a KL far below the cross-entropy the control started from); the model card says so."""

@@ -216,3 +216,10 @@ def test_gptq_needs_learned_scales_and_the_base_weights():
     assert "set qat.learn_scales: true" in _problems(_with(qat={"scheme": "int8-int4", "gptq": {}}))
     control = {"scheme": "int8-int4", "learn_scales": True, "gptq": {}, "init_from": "control"}
     assert "cannot start from the control" in _problems(_with(qat=control))
+
+
+def test_bf16_mixed_precision_refuses_a_float16_model():
+    assert "train.mixed_precision: bf16 needs a float32 or bfloat16 model" in _problems(
+        _with(model={**MIN["model"], "dtype": "float16"}, train={"mixed_precision": "bf16"})
+    )
+    assert validate_recipe(_with(train={"mixed_precision": "bf16"})).train.mixed_precision == "bf16"

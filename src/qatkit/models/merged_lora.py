@@ -34,7 +34,8 @@ class _MergedLoRALinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, quantized, lora_a, lora_b = ctx.saved_tensors
-        grad_x = grad_out @ quantized if ctx.needs_input_grad[0] else None
+        # under autocast grad_out is in the autocast dtype (autograd casts grad_x back to x's dtype)
+        grad_x = grad_out @ quantized.to(grad_out.dtype) if ctx.needs_input_grad[0] else None
         g = grad_out.reshape(-1, grad_out.shape[-1]).to(lora_a.dtype)
         x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
         grad_a = (g @ lora_b).T @ x2 * ctx.scaling

@@ -225,8 +225,8 @@ class TrainSpec(Strict):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, slower steps."
     )
-    mixed_precision: Literal["no", "bf16"] = Field(
-        "no",
+    mixed_precision: Literal["bf16"] | None = Field(
+        None,
         description="bf16: forward passes (student and teacher) under bfloat16 autocast, weights, gradients and the "
         "optimizer in the model's dtype, like transformers' `bf16=True` (on CPUs with AMX or AVX512-BF16 about twice "
         "as fast; convert and eval run unchanged). Implied on CUDA for a bfloat16 model.",
