@@ -379,9 +379,14 @@ def test_mixed_precision_runs_student_and_teacher_in_one_precision(tiny_model_di
 
     mixed = [f"train.mixed_precision={precision}"] if precision else []
     recipe = tiny_recipe(tiny_model_dir, "distill.teacher=base", "train.max_steps=1", *mixed)
-    trainer, model, _ = _distill_trainer(recipe, tmp_path, copy.deepcopy)
-    teacher = trainer.compute_loss.__closure__  # the teacher is the deepcopy the loss closes over
-    teacher = next(c.cell_contents for c in teacher if isinstance(c.cell_contents, torch.nn.Module))
+    teachers = []
+
+    def copy_of_student(student):
+        teachers.append(copy.deepcopy(student))
+        return teachers[0]
+
+    trainer, model, _ = _distill_trainer(recipe, tmp_path, copy_of_student)
+    (teacher,) = teachers
     dtypes = {"student": set(), "teacher": set()}
     for name, net in (("student", model), ("teacher", teacher)):
         linear = next(m for n, m in net.named_modules() if n.endswith("layers.0.mlp.down_proj"))

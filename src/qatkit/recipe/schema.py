@@ -228,8 +228,9 @@ class TrainSpec(Strict):
     mixed_precision: Literal["bf16"] | None = Field(
         None,
         description="bf16: forward passes (student and teacher) under bfloat16 autocast, weights, gradients and the "
-        "optimizer in the model's dtype, like transformers' `bf16=True` (on CPUs with AMX or AVX512-BF16 about twice "
-        "as fast; convert and eval run unchanged). Implied on CUDA for a bfloat16 model.",
+        "optimizer in the model's dtype, like transformers' `bf16=True` (pays on CPUs with AMX or AVX512-BF16: a SmolLM2 "
+        "distillation step 15.5 s instead of 21 s on one; convert and eval run unchanged). Implied on CUDA for a "
+        "bfloat16 model.",
     )
     full_finetuning: bool = Field(
         False,
