@@ -83,6 +83,27 @@ def test_gptq_weights_are_on_the_grid_and_beat_round_to_nearest(tiny_model_dir, 
             assert (x @ (gptq - w).T).pow(2).sum() < (x @ (rtn[n] - w).T).pow(2).sum(), n
 
 
+def test_gptq_of_lm_head_only_keeps_the_decoder_at_round_to_nearest(tiny_model_dir):
+    """targets="lm_head": the decoder's weights are untouched and lm_head gets GPTQ weights on its grid, whose
+    output error on what the fake-quantized decoder feeds it is below round-to-nearest's."""
+    from qatkit.quant.gptq import gptq_
+
+    model = _prepared(tiny_model_dir, "mse")
+    ids, mask = _calibration(model)
+    decoder_before = {n: p.detach().clone() for n, p in model.model.named_parameters()}
+    head = model.lm_head
+    original = head.weight.detach().clone()
+    with torch.no_grad():
+        x = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[mask.bool()]
+        rtn = head.weight_fake_quantizer(original)
+
+    assert gptq_(model, ids, mask, targets="lm_head") == ["lm_head"]
+    assert all(torch.equal(p, decoder_before[n]) for n, p in model.model.named_parameters())
+    with torch.no_grad():
+        assert torch.equal(head.weight_fake_quantizer(head.weight), head.weight)
+        assert (x @ (head.weight - original).T).pow(2).sum() < (x @ (rtn - original).T).pow(2).sum()
+
+
 def test_qat_from_gptq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path):
     """The adapter was trained on the GPTQ weights: convert rebuilds them from the file beside it, so the converted
     checkpoint is exactly the trained forward; without that file convert refuses."""

@@ -216,6 +216,9 @@ def test_gptq_needs_learned_scales_and_the_base_weights():
     assert "set qat.learn_scales: true" in _problems(_with(qat={"scheme": "int8-int4", "gptq": {}}))
     control = {"scheme": "int8-int4", "learn_scales": True, "gptq": {}, "init_from": "control"}
     assert "cannot start from the control" in _problems(_with(qat=control))
+    head_only = {"scheme": "int8-int4", "learn_scales": True, "gptq": {"targets": "lm_head"}}
+    assert validate_recipe(_with(qat=head_only)).qat.gptq.targets == "lm_head"
+    assert "leaves lm_head unquantized" in _problems(_with(qat={**head_only, "quantize_lm_head": False}))
 
 
 def test_bf16_mixed_precision_refuses_a_float16_model():

@@ -76,7 +76,7 @@ def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], sav
     spec = recipe.qat.gptq
     batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens, model.device)
     t0 = time.time()
-    names = gptq_(model, batch["input_ids"], batch["attention_mask"], spec.damp)
+    names = gptq_(model, batch["input_ids"], batch["attention_mask"], spec.damp, spec.targets)
     tokens = int(batch["attention_mask"].sum())
     log.info("GPTQ: %d linears on %d calibration tokens in %.0f s", len(names), tokens, time.time() - t0)
     if distributed.is_main():

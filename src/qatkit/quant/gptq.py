@@ -138,9 +138,12 @@ def _quantize_linears(linears: dict[str, torch.nn.Module], hessians: dict[str, t
         linear.weight.copy_(gptq_weight(linear.weight, hessians[name], grid, damp).to(linear.weight.dtype))
 
 
-def gptq_(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, damp: float = 0.01) -> list[str]:
+def gptq_(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, damp: float = 0.01, targets: str = "all"
+) -> list[str]:
     """GPTQ every learned-scale linear of a QAT-prepared decoder in place (layer by layer, then the output
-    layer) on the calibration batch; returns the stable names of the linears it changed. Weight fake quantization
+    layer) on the calibration batch, or only the output layer (`targets="lm_head"`, on the outputs of the decoder
+    as its fake quantizers leave it); returns the stable names of the linears it changed. Weight fake quantization
     is off while a layer's own inputs are measured and on for the layers already done."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     layers = getattr(decoder, "layers", None)
@@ -151,23 +154,29 @@ def gptq_(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, damp: fl
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        hidden, layer_kwargs = _layer_inputs(decoder, layers, input_ids, attention_mask)
         names = {id(m): n for n, m in model.named_modules()}
-        for layer, kwargs in zip(layers, layer_kwargs, strict=True):
-            linears = _learned_scale_linears(layer, prefix=names[id(layer)] + ".")
-            hessians = _Hessians(linears, mask)
-            with _weight_fake_quant_off(linears.values()):
-                layer(hidden, **kwargs)
-            _quantize_linears(linears, hessians.close(), damp)
-            out = layer(hidden, **kwargs)
-            hidden = out[0] if isinstance(out, tuple) else out
-            done += linears
         head = model.get_output_embeddings()
         head_linears = _learned_scale_linears(head, prefix=names[id(head)]) if head is not None else {}
+        if targets == "lm_head":
+            if not head_linears:
+                raise RecipeError("qat.gptq.targets: lm_head, but this recipe does not quantize lm_head")
+            normed = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state
+        else:
+            hidden, layer_kwargs = _layer_inputs(decoder, layers, input_ids, attention_mask)
+            for layer, kwargs in zip(layers, layer_kwargs, strict=True):
+                linears = _learned_scale_linears(layer, prefix=names[id(layer)] + ".")
+                hessians = _Hessians(linears, mask)
+                with _weight_fake_quant_off(linears.values()):
+                    layer(hidden, **kwargs)
+                _quantize_linears(linears, hessians.close(), damp)
+                out = layer(hidden, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+                done += linears
+            normed = decoder.norm(hidden)
         if head_linears:
             hessians = _Hessians(head_linears, mask)
             with _weight_fake_quant_off(head_linears.values()):
-                head(decoder.norm(hidden))
+                head(normed)
             _quantize_linears(head_linears, hessians.close(), damp)
             done += head_linears
     model.train(was_training)

@@ -53,6 +53,12 @@ class GptqSpec(Strict):
     damp: float = Field(
         0.01, gt=0, le=1, description="Added to the Hessian's diagonal, as a share of its mean (GPTQ's percdamp)."
     )
+    targets: Literal["all", "lm_head"] = Field(
+        "all",
+        description="The linears GPTQ quantizes: all (each decoder layer in turn, then lm_head) or lm_head only (the "
+        "output layer, which LoRA does not train, starts from GPTQ on the round-to-nearest decoder's outputs; the "
+        "decoder starts from round-to-nearest).",
+    )
 
 
 class QatSpec(Strict):
@@ -367,6 +373,8 @@ class Recipe(Strict):
                 raise ValueError(f"export.formats: {why}")
         if self.train.mixed_precision == "bf16" and self.model.dtype == "float16":
             raise ValueError("train.mixed_precision: bf16 needs a float32 or bfloat16 model, not model.dtype float16")
+        if self.qat.gptq and self.qat.gptq.targets == "lm_head" and not self.quant.quantize_lm_head:
+            raise ValueError(f"qat.gptq.targets: lm_head, but {self.qat.scheme} leaves lm_head unquantized here")
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
             raise ValueError(f"stages must keep the order {list(STAGES)}")
         return self
