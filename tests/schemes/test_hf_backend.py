@@ -7,7 +7,7 @@ import signal
 import pytest
 import torch
 
-from qatkit.core.errors import GateError
+from qatkit.core.errors import GateError, RecipeError
 from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
 
@@ -225,6 +225,21 @@ def test_ctrl_c_before_training_starts_stops_the_stage_without_training(
     assert manifest["stages"]["finetune"]["status"] == "interrupted"
     assert not list((out / ".finetune.partial" / "checkpoints").glob("checkpoint-*"))
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the stage's handler is gone
+
+
+def test_bf16_mixed_precision_refuses_a_model_loaded_in_float16(tiny_model_dir, tmp_path):
+    """Unsloth picks float16 by itself on GPUs without bfloat16, which the recipe check cannot see: the Trainer
+    would get fp16 and bf16 at once."""
+    import torch
+
+    from qatkit.backends.trainer import sft_config
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(tiny_model_dir, "train.mixed_precision=bf16")
+    model, _ = load_model_and_tokenizer(recipe.model)
+    assert sft_config(recipe, tmp_path, model, use_cpu=True, qat=True).bf16
+    with pytest.raises(RecipeError, match="the model loaded in float16"):
+        sft_config(recipe, tmp_path, model.to(torch.float16), use_cpu=True, qat=True)
 
 
 def test_learned_scales_get_their_own_optimizer_group(tiny_model_dir, tmp_path):

@@ -171,6 +171,11 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool):
     from trl import SFTConfig
 
     t = recipe.train
+    if t.mixed_precision == "bf16" and model.dtype == torch.float16:  # the recipe check sees model.dtype, not this
+        raise RecipeError(
+            "train.mixed_precision: bf16, but the model loaded in float16 (Unsloth's choice where the GPU has no "
+            "bfloat16): set model.dtype: float32, or leave train.mixed_precision unset"
+        )
     return SFTConfig(
         output_dir=str(ckpt_dir),
         max_steps=(recipe.qat.max_steps or t.max_steps) if qat else t.max_steps,
