@@ -1,0 +1,55 @@
+"""Held-out text NLL/token of a trainer checkpoint of an unfinished run (`.finetune.partial/checkpoints/checkpoint-N`),
+rebuilt as trained (base, GPTQ weights if any, fake quantization, adapter, learned scales), with all its fake
+quantization on and with lm_head's weight quantization off: how far a run had got, and what lm_head still costs.
+
+  python scripts/checkpoint_text_nll.py RUN_DIR checkpoint-350 out.json
+"""
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from qatkit.evaluation.nll import load_texts, text_nll
+from qatkit.models.assembly import load_trained
+from qatkit.recipe import load_recipe
+from qatkit.run.layout import GPTQ_WEIGHTS
+
+
+def main(run_dir: str, checkpoint: str, out: str) -> None:
+    run = Path(run_dir).resolve()
+    partial = run / ".finetune.partial"
+    recipe = load_recipe(run / "recipe.resolved.yaml")
+    trained = Path(tempfile.mkdtemp())  # the checkpoint's files, with the GPTQ weights the adapter was trained on
+    for f in (partial / "checkpoints" / checkpoint).iterdir():
+        (trained / f.name).symlink_to(f)
+    if recipe.qat.gptq:
+        (trained / GPTQ_WEIGHTS).symlink_to(partial / "adapter" / GPTQ_WEIGHTS)
+    model, tokenizer, _ = load_trained(recipe, trained)
+    model.eval()
+    texts = load_texts(recipe.eval)
+    quantizers = [
+        (fqn, kind, fq)
+        for fqn, mod in model.named_modules()
+        for kind in ("weight", "activation")
+        if (fq := getattr(mod, f"{kind}_fake_quantizer", None)) is not None
+    ]
+    settings = {
+        "as trained (all quantized)": lambda fqn, kind: True,
+        "all but lm_head weight": lambda fqn, kind: not (kind == "weight" and fqn.split(".")[-1] == "lm_head"),
+    }
+    nll = {}
+    with torch.no_grad():
+        for name, switched_on in settings.items():
+            for fqn, kind, fq in quantizers:
+                fq.enabled = switched_on(fqn, kind)
+            nll[name] = text_nll(model, tokenizer, texts, recipe.eval.text_max_tokens, recipe.eval.batch_size)
+            print(f"{checkpoint} {name}: {nll[name]:.4f}", flush=True)
+    with open(out, "w") as f:
+        json.dump({"run": recipe.name, "checkpoint": checkpoint, "texts": len(texts), "text_nll": nll}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])
