@@ -14,6 +14,7 @@ import torch
 
 from qatkit.evaluation.nll import load_texts, text_nll
 from qatkit.models.assembly import load_trained
+from qatkit.quant.patches import each_fake_quantizer
 from qatkit.recipe import load_recipe
 from qatkit.run.layout import GPTQ_WEIGHTS
 
@@ -30,12 +31,7 @@ def main(run_dir: str, checkpoint: str, out: str) -> None:
     model, tokenizer, _ = load_trained(recipe, trained)
     model.eval()
     texts = load_texts(recipe.eval)
-    quantizers = [
-        (fqn, kind, fq)
-        for fqn, mod in model.named_modules()
-        for kind in ("weight", "activation")
-        if (fq := getattr(mod, f"{kind}_fake_quantizer", None)) is not None
-    ]
+    quantizers = each_fake_quantizer(model)
     settings = {
         "as trained (all quantized)": lambda fqn, kind: True,
         "all but lm_head weight": lambda fqn, kind: not (kind == "weight" and fqn.split(".")[-1] == "lm_head"),

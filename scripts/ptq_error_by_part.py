@@ -19,6 +19,7 @@ from qatkit.evaluation.nll import load_texts, text_nll
 from qatkit.models.loading import load_model_and_tokenizer
 from qatkit.quant.apply import prepare
 from qatkit.quant.gptq import gptq_
+from qatkit.quant.patches import each_fake_quantizer
 from qatkit.recipe import load_recipe
 
 
@@ -45,12 +46,7 @@ def main(recipe_path: str, out: str) -> None:
     prepare(model, recipe.quant)
     model.eval()
     texts = load_texts(recipe.eval)
-    quantizers = [
-        (fqn, kind, fq)
-        for fqn, mod in model.named_modules()
-        for kind in ("weight", "activation")
-        if (fq := getattr(mod, f"{kind}_fake_quantizer", None)) is not None
-    ]
+    quantizers = each_fake_quantizer(model)
 
     def score(parts: dict) -> dict[str, float]:
         results = {}

@@ -15,6 +15,7 @@ from pathlib import Path
 from qatkit.core.io import read_jsonl
 from qatkit.evaluation.nll import gold_nll
 from qatkit.models.assembly import load_finetuned, load_trained
+from qatkit.quant.patches import each_fake_quantizer
 from qatkit.recipe import load_recipe
 from qatkit.run.layout import RunLayout
 
@@ -36,12 +37,7 @@ def main(run_dir: str, n: int, out: str) -> None:
 
     model, tokenizer, _ = load_trained(recipe, run.finetune.trained(full))
     model.eval()
-    quantizers = []  # (fqn, kind, fake quantizer) for every fake quantizer in the model
-    for fqn, mod in model.named_modules():
-        for kind in ("weight", "activation"):
-            fq = getattr(mod, f"{kind}_fake_quantizer", None)
-            if fq is not None:
-                quantizers.append((fqn, kind, fq))
+    quantizers = each_fake_quantizer(model)
     off_sets = {
         "QAT model as trained (all fake quantization on)": lambda fqn, kind: False,
         "lm_head weight not quantized": lambda fqn, kind: kind == "weight" and _is_lm_head(fqn),

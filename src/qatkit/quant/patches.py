@@ -22,6 +22,17 @@ def fake_quantizers(model: torch.nn.Module) -> dict[str, tuple[str | None, str |
     return out
 
 
+def each_fake_quantizer(model: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module]]:
+    """(fqn, "weight" or "activation", fake quantizer) for every fake quantizer in the model: what diagnostics switch
+    on and off (`fq.enabled`) to see what each part costs."""
+    return [
+        (fqn, kind, fq)
+        for fqn, mod in model.named_modules()
+        for kind in ("weight", "activation")
+        if (fq := getattr(mod, f"{kind}_fake_quantizer", None)) is not None
+    ]
+
+
 def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
     """Compute fq(W) once for frozen weights instead of every step (same values, so parity is unchanged).
 
