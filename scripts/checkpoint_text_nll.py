@@ -23,12 +23,13 @@ def main(run_dir: str, checkpoint: str, out: str) -> None:
     run = Path(run_dir).resolve()
     partial = run / ".finetune.partial"
     recipe = load_recipe(run / "recipe.resolved.yaml")
-    trained = Path(tempfile.mkdtemp())  # the checkpoint's files, with the GPTQ weights the adapter was trained on
-    for f in (partial / "checkpoints" / checkpoint).iterdir():
-        (trained / f.name).symlink_to(f)
-    if recipe.qat.gptq:
-        (trained / GPTQ_WEIGHTS).symlink_to(partial / "adapter" / GPTQ_WEIGHTS)
-    model, tokenizer, _ = load_trained(recipe, trained)
+    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's files, with the GPTQ weights it was trained on
+        trained = Path(tmp)
+        for f in (partial / "checkpoints" / checkpoint).iterdir():
+            (trained / f.name).symlink_to(f)
+        if recipe.qat.gptq:
+            (trained / GPTQ_WEIGHTS).symlink_to(partial / "adapter" / GPTQ_WEIGHTS)
+        model, tokenizer, _ = load_trained(recipe, trained)
     model.eval()
     texts = load_texts(recipe.eval)
     quantizers = each_fake_quantizer(model)

@@ -230,8 +230,6 @@ def test_ctrl_c_before_training_starts_stops_the_stage_without_training(
 def test_bf16_mixed_precision_refuses_a_model_loaded_in_float16(tiny_model_dir, tmp_path):
     """Unsloth picks float16 by itself on GPUs without bfloat16, which the recipe check cannot see: the Trainer
     would get fp16 and bf16 at once."""
-    import torch
-
     from qatkit.backends.trainer import sft_config
     from qatkit.models.loading import load_model_and_tokenizer
 
