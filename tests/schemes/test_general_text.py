@@ -179,6 +179,51 @@ def test_a_recipe_with_no_task_trains_on_running_text_and_scores_held_out_items(
     assert json.loads((out / "finetune" / "train_summary.json").read_text())["steps"] == 2
 
 
+def test_packing_joins_every_document_into_full_length_sequences(tiny_model_dir, tmp_path, text_file):
+    """train.packing: the documents, each ended by EOS, fill sequences of exactly max_seq_length with no padding and
+    no token lost (long ones are not cut), and the distillation trainer trains on them."""
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    from qatkit.backends.trainer import sft_config
+    from qatkit.data import load_splits, training_examples
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    text_overrides = [
+        f"data.path={text_file}",
+        "data.format=text",
+        "data.text_field=body",
+        "data.eval_path=tests/data/arith_mc.jsonl",
+        "data.eval_size=16",
+        "data.train_size=null",
+        "distill.teacher=base",
+        "distill.tokens=all",
+        "model.max_seq_length=32",
+    ]
+    recipe = tiny_recipe(tiny_model_dir, *text_overrides, "train.packing=true")
+    examples = training_examples(load_splits(recipe.data))
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    trainer = SFTTrainer(
+        model=model,
+        args=sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True, qat=True),
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+    )
+    packed = [row["input_ids"] for row in trainer.train_dataset]
+    document_tokens = sum(len(tokenizer(x["text"]).input_ids) + 1 for x in examples)  # + its EOS
+    assert sum(map(len, packed)) == document_tokens
+    assert sum(row.count(tokenizer.eos_token_id) for row in packed) == len(examples)
+    assert sorted(map(len, packed))[1:] == [32] * (len(packed) - 1)  # only the remainder is shorter
+    batch = next(iter(trainer.get_train_dataloader()))
+    real = batch["attention_mask"].bool()
+    assert batch["input_ids"].shape[1] == 32 and (~real).any(dim=1).sum() <= 1  # padding: the remainder at most
+    assert (batch["labels"][real] != -100).all()
+
+    out = tmp_path / "run"
+    run_recipe(recipe, out, only=["finetune"])
+    assert json.loads((out / "finetune" / "train_summary.json").read_text())["steps"] == 2
+
+
 def test_running_text_cannot_be_mixed_with_task_data(tiny_model_dir, text_file):
     from qatkit.core.errors import RecipeError
     from qatkit.data import load_splits

@@ -226,3 +226,11 @@ def test_bf16_mixed_precision_refuses_a_float16_model():
         _with(model={**MIN["model"], "dtype": "float16"}, train={"mixed_precision": "bf16"})
     )
     assert validate_recipe(_with(train={"mixed_precision": "bf16"})).train.mixed_precision == "bf16"
+
+
+def test_packing_is_for_running_text_only():
+    text = {"path": "x.jsonl", "format": "text"}
+    assert validate_recipe(_with(data=text, train={"packing": True})).train.packing
+    assert "task examples would be cut mid-answer" in _problems(_with(train={"packing": True}))
+    mixed = {**text, "mix": [{"path": "y.jsonl", "format": "prompt-completion"}]}
+    assert "train.packing" in _problems(_with(data=mixed, train={"packing": True}))

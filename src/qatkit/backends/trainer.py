@@ -193,7 +193,8 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool):
         save_total_limit=2,
         max_length=recipe.model.max_seq_length,
         completion_only_loss=True,  # loss on the answer only, like Unsloth's train_on_responses_only
-        packing=False,
+        packing=t.packing,
+        packing_strategy="wrapped",  # no padding-free attention on CPU: plain fixed-length blocks
         bf16=t.mixed_precision == "bf16" or (not use_cpu and model.dtype == torch.bfloat16),
         fp16=not use_cpu and model.dtype == torch.float16,
         use_cpu=use_cpu,
@@ -205,8 +206,11 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool):
 
 def check_train_dataset(trainer, given: int) -> None:
     """TRL truncates each example to max_length and drops those with no answer token left: refuse a run that would
-    train on nothing, and say how many examples were lost."""
+    train on nothing, and say how many examples were lost. Packed running text (train.packing) loses none."""
     kept, max_length = len(trainer.train_dataset), trainer.args.max_length
+    if trainer.args.packing:
+        log.info("%d documents packed into %d sequences of %d tokens", given, kept, max_length)
+        return
     if kept == 0:
         raise RecipeError(f"model.max_seq_length {max_length} cuts off the answer of every training example: raise it")
     if kept < given:

