@@ -16,6 +16,21 @@ def tiny_recipe(model_dir, *overrides):
     return load_recipe(TINY_RECIPE, [f"model.name_or_path={model_dir}", "train.max_steps=2", *overrides])
 
 
+def no_task(text_file) -> list[str]:
+    """A recipe with no task: the file's text trained on every token by self-distillation; held-out items from
+    eval_path."""
+    return [
+        f"data.path={text_file}",
+        "data.format=text",
+        "data.text_field=body",
+        "data.eval_path=tests/data/arith_mc.jsonl",
+        "data.eval_size=16",
+        "data.train_size=null",
+        "distill.teacher=base",
+        "distill.tokens=all",
+    ]
+
+
 @pytest.fixture
 def text_file(tmp_path):
     path = tmp_path / "general.jsonl"
@@ -139,18 +154,7 @@ def test_a_recipe_with_no_task_trains_on_running_text_and_scores_held_out_items(
     from qatkit.backends.trainer import sft_config
     from qatkit.data import load_splits, training_examples
 
-    overrides = [
-        f"data.path={text_file}",
-        "data.format=text",
-        "data.text_field=body",
-        "data.eval_path=tests/data/arith_mc.jsonl",
-        "data.eval_size=16",
-        "data.train_size=null",
-        "distill.teacher=base",
-        "distill.tokens=all",
-        "eval.baselines=[bf16,ptq]",
-    ]
-    recipe = tiny_recipe(tiny_model_dir, *overrides)
+    recipe = tiny_recipe(tiny_model_dir, *no_task(text_file), "eval.baselines=[bf16,ptq]")
     splits = load_splits(recipe.data)
     assert len(splits.train) == 40 and len(splits.eval) == 16 and not splits.format_is_mc
     examples = training_examples(splits)
@@ -189,18 +193,7 @@ def test_packing_joins_every_document_into_full_length_sequences(tiny_model_dir,
     from qatkit.data import load_splits, training_examples
     from qatkit.models.loading import load_model_and_tokenizer
 
-    text_overrides = [
-        f"data.path={text_file}",
-        "data.format=text",
-        "data.text_field=body",
-        "data.eval_path=tests/data/arith_mc.jsonl",
-        "data.eval_size=16",
-        "data.train_size=null",
-        "distill.teacher=base",
-        "distill.tokens=all",
-        "model.max_seq_length=32",
-    ]
-    recipe = tiny_recipe(tiny_model_dir, *text_overrides, "train.packing=true")
+    recipe = tiny_recipe(tiny_model_dir, *no_task(text_file), "model.max_seq_length=32", "train.packing=true")
     examples = training_examples(load_splits(recipe.data))
     model, tokenizer = load_model_and_tokenizer(recipe.model)
     trainer = SFTTrainer(
