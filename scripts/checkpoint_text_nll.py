@@ -16,19 +16,19 @@ from qatkit.evaluation.nll import load_texts, text_nll
 from qatkit.models.assembly import load_trained
 from qatkit.quant.patches import each_fake_quantizer
 from qatkit.recipe import load_recipe
-from qatkit.run.layout import GPTQ_WEIGHTS
+from qatkit.run.layout import GPTQ_WEIGHTS, FinetuneDir, RunLayout
 
 
 def main(run_dir: str, checkpoint: str, out: str) -> None:
-    run = Path(run_dir).resolve()
-    partial = run / ".finetune.partial"
-    recipe = load_recipe(run / "recipe.resolved.yaml")
+    run = RunLayout(Path(run_dir).resolve())
+    partial = FinetuneDir(run.partial("finetune"))  # an unfinished fine-tune's stage dir
+    recipe = load_recipe(run.resolved_recipe)
     with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's files, with the GPTQ weights it was trained on
         trained = Path(tmp)
-        for f in (partial / "checkpoints" / checkpoint).iterdir():
+        for f in (partial.checkpoints / checkpoint).iterdir():
             (trained / f.name).symlink_to(f)
         if recipe.qat.gptq:
-            (trained / GPTQ_WEIGHTS).symlink_to(partial / "adapter" / GPTQ_WEIGHTS)
+            (trained / GPTQ_WEIGHTS).symlink_to(partial.trained(full_finetuning=False) / GPTQ_WEIGHTS)
         model, tokenizer, _ = load_trained(recipe, trained)
     model.eval()
     texts = load_texts(recipe.eval)

