@@ -109,6 +109,43 @@ def test_general_batches_cycle_through_every_sequence_before_repeating():
     assert sorted(seen[:5]) == sorted(seen[5:]) == [(1, 2), (3, 4, 5), (6, 7), (8, 9, 10, 11), (12, 13)]
 
 
+def test_packed_general_text_fills_every_sequence_and_keeps_every_document_whole(tiny_model_dir, text_file):
+    """distill.general.packing: each document plus one EOS, none cut at max_tokens, joined in a seeded order into
+    sequences of exactly max_tokens (the last holds the remainder), so the batches carry no padding."""
+    from qatkit.backends.general_text import corpus, general_batches
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        "distill.teacher=base",
+        f"distill.general.path={text_file}",
+        "distill.general.field=body",
+        "distill.general.max_tokens=16",
+        "distill.general.packing=true",
+    )
+    spec = recipe.distill.general
+    tokenizer = load_model_and_tokenizer(recipe.model)[1]
+    documents = [tokenizer(t).input_ids for t in corpus(spec)]
+    assert max(map(len, documents)) > 16  # long ones would be cut without packing
+
+    stream = general_batches(spec, None, tokenizer, recipe.train.batch_size, 7, {})
+    lengths = [len(s) for s in stream.sequences]
+    assert set(lengths[:-1]) == {16} and 1 < lengths[-1] <= 16
+    joined = [t for s in stream.sequences for t in s]
+    assert len(joined) == sum(len(d) + 1 for d in documents)
+    eos, pieces = tokenizer.eos_token_id, [[]]
+    for token in joined:  # the stream split after each EOS: the documents, whole
+        pieces[-1].append(token)
+        if token == eos:
+            pieces.append([])
+    assert pieces[-1] == [] and all(p.count(eos) == 1 for p in pieces[:-1])
+    assert sorted(p[:-1] for p in pieces[:-1]) == sorted(documents)
+    assert [p[:-1] for p in pieces[:-1]] != documents  # in a shuffled order
+    batch = stream.next()
+    assert batch["input_ids"].shape == (4, 16) and batch["attention_mask"].all()
+    assert general_batches(spec, None, tokenizer, 8, 7, {}).sequences == stream.sequences  # seeded
+
+
 def test_teacher_samples_start_random_then_greedy_then_sampled_and_are_cached(tiny_model_dir, monkeypatch):
     """path: teacher (LLM-QAT): a random first token, GREEDY_PREFIX greedy tokens, then sampling; cached per
     model, settings and seed."""

@@ -338,23 +338,33 @@ def _distill_trainer(recipe, tmp_path, teacher):
 
 def test_distillation_mixes_cross_entropy_and_kl_to_the_teacher(tiny_model_dir, tmp_path):
     """weight 0: the plain cross-entropy; weight 1 with the student as its own teacher: zero; with the unquantized
-    model as teacher: the KL that fake quantization opens, positive; in between: the mix of the two."""
+    model as teacher: the KL that fake quantization opens, positive (the cross-entropy not even computed); in
+    between: the mix of the two."""
     import copy
 
     from transformers import Trainer
 
     from qatkit.backends.hf import load_teacher
 
-    losses = {}
+    losses, given_labels = {}, {}
     for weight, teacher in [(0.0, "base"), (1.0, "self"), (1.0, "base"), (0.25, "base")]:
         r = tiny_recipe(tiny_model_dir, "distill.teacher=base", f"distill.weight={weight}")
         make_teacher = copy.deepcopy if teacher == "self" else (lambda _, r=r: load_teacher(r, None))
         trainer, model, inputs = _distill_trainer(r, tmp_path, make_teacher)
+        calls = []
+        hook = model.register_forward_pre_hook(
+            lambda mod, args, kwargs, calls=calls: calls.append("labels" in kwargs), with_kwargs=True
+        )
         with torch.no_grad():
             losses[weight, teacher] = trainer.compute_loss(model, inputs).item()
-            if weight == 0.0:
+        hook.remove()
+        given_labels[weight] = calls == [True]
+        if weight == 0.0:
+            with torch.no_grad():
                 ce = Trainer.compute_loss(trainer, model, inputs).item()
     assert losses[0.0, "base"] == pytest.approx(ce)
+    # the cross-entropy is computed only where it is part of the loss
+    assert given_labels == {0.0: True, 1.0: False, 0.25: True}
     assert losses[1.0, "self"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < losses[1.0, "base"] < 0.1 * ce
     assert losses[0.25, "base"] == pytest.approx(0.75 * ce + 0.25 * losses[1.0, "base"], rel=1e-5)

@@ -1,5 +1,6 @@
 """General text for distillation beside the task (`distill.general`): running text from a file, or sequences the
-teacher samples itself (LLM-QAT, Liu et al. 2023: data-free), served as a cycling stream of padded batches."""
+teacher samples itself (LLM-QAT, Liu et al. 2023: data-free), served as a cycling stream of padded batches, or
+packed into full-length sequences."""
 
 from __future__ import annotations
 
@@ -62,9 +63,21 @@ def general_batches(
     if spec.path == TEACHER:
         sequences = teacher_samples(spec, teacher, tokenizer, seed, model_identity)
     else:
-        sequences = [tokenizer(t, add_special_tokens=True).input_ids[: spec.max_tokens] for t in corpus(spec)]
+        sequences = [tokenizer(t, add_special_tokens=True).input_ids for t in corpus(spec)]
+    if spec.packing:
+        sequences = packed(sequences, spec.max_tokens, tokenizer.eos_token_id, seed)
+    else:
+        sequences = [s[: spec.max_tokens] for s in sequences]
     sequences = [s for s in sequences if len(s) > 1]  # a single token has nothing to predict
     return GeneralBatches(sequences, max(1, round(task_batch_size * spec.share)), pad_id(tokenizer), seed)
+
+
+def packed(documents: list[list[int]], length: int, eos_id: int, seed: int) -> list[list[int]]:
+    """The documents in a seeded random order, each ended by EOS (unless it already is: a teacher sample that
+    stopped), joined and cut into sequences of `length` tokens; the last one holds the remainder."""
+    order = random.Random(seed).sample(documents, len(documents))
+    stream = [token for doc in order for token in (doc if doc[-1:] == [eos_id] else [*doc, eos_id])]
+    return [stream[i : i + length] for i in range(0, len(stream), length)]
 
 
 def corpus(spec: GeneralTextSpec) -> list[str]:

@@ -45,7 +45,10 @@ def _distill_compute_loss(teacher, distill, general=None):
     teacher.eval().requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        ce, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+        if distill.weight == 1.0:  # no cross-entropy in the loss: skip its full-vocabulary softmax and backward
+            ce, outputs = 0.0, model(**{k: v for k, v in inputs.items() if k != "labels"})
+        else:
+            ce, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
         with torch.no_grad():
             teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
             with self.accelerator.autocast():  # the student's precision (its forward is autocast by accelerate)

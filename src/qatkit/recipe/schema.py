@@ -263,7 +263,17 @@ class GeneralTextSpec(Strict):
     docs: int = Field(
         1000, gt=0, description="Documents used: the first ones of `path`, or how many the teacher generates."
     )
-    max_tokens: int = Field(256, gt=1, description="Each document is cut to (or generated up to) this many tokens.")
+    max_tokens: int = Field(
+        256,
+        gt=1,
+        description="Each document is cut to (or generated up to) this many tokens; with packing, the length of "
+        "every packed sequence instead (documents are then not cut).",
+    )
+    packing: bool = Field(
+        False,
+        description="Join the documents, each ended by EOS, in a seeded random order, and cut the stream into "
+        "sequences of exactly max_tokens (like train.packing): no step computes padding, no document is cut short.",
+    )
     share: float = Field(
         0.5, gt=0.0, le=4.0, description="General sequences per task example in each batch (at least one)."
     )
