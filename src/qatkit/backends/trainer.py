@@ -28,12 +28,23 @@ def distill_loss(student_logits, teacher_logits, scored, temperature: float = 1.
     """KL(teacher || student) summed over the positions `scored` marks (bool, one fewer than the logits along the
     sequence: position t predicts token t + 1, like the shifted cross-entropy), times temperature² (Hinton et al.),
     divided by `num_items` when given, else by the scored positions."""
+    import torch
     import torch.nn.functional as F
 
-    student = F.log_softmax(student_logits[:, :-1][scored].float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits[:, :-1][scored].float() / temperature, dim=-1)
-    kl = F.kl_div(student, teacher, log_target=True, reduction="sum") * temperature**2
-    return kl / (num_items if num_items is not None else scored.sum().clamp(min=1))
+    student, teacher = student_logits[:, :-1], teacher_logits[:, :-1]
+    # every position scored (packed text): views, no copies of the full-vocabulary logits (the boolean gather, its
+    # scatter in the backward and a float32 copy took 1.4 s of a 3.5 s KL on a packed SmolLM2 batch here)
+    if not scored.all():
+        student, teacher = student[scored], teacher[scored]
+    if temperature != 1.0:
+        student, teacher = student / temperature, teacher / temperature
+    kl = F.kl_div(
+        F.log_softmax(student, dim=-1, dtype=torch.float32),
+        F.log_softmax(teacher, dim=-1, dtype=torch.float32),
+        log_target=True,
+        reduction="sum",
+    )
+    return kl * temperature**2 / (num_items if num_items is not None else scored.sum().clamp(min=1))
 
 
 def _distill_compute_loss(teacher, distill, general=None):
