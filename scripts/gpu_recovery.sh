@@ -5,10 +5,11 @@
 #   general                  configs/recovery/smollm2-general.yaml (int8-int4)
 #   general-full             the same, full-rank (lr 2e-5)
 #   siqa-general             qatkit bench recovery of configs/recovery/smollm2-siqa-general.yaml (int8-int4, merged)
+#   siqa-general-packed      the same of configs/recovery/smollm2-siqa-general-packed.yaml (4x the general text, packed)
 #   general-gptq             configs/recovery/smollm2-general-gptq-long.yaml (int8-int4 from GPTQ, MSE scales)
 #   general-q4_0-gptq        configs/recovery/smollm2-general-q4_0-gptq-long.yaml (Q4_0, learned scales, from GPTQ),
 #                            then gguf-recovery
-# By default `run` starts the ones the first session left undone: general-gptq, general-q4_0-gptq and
+# By default `run` starts the ones no session has finished: siqa-general-packed, general-gptq, general-q4_0-gptq and
 # general-q4_0-long (whose llama.cpp gguf-recovery is still owed).
 # A device call carries at most 64 MiB with the working tree, and SmolLM2's GGUF alone is 94 MiB, so what the runs
 # need travels in three calls and waits in /tmp on the warm machine:
@@ -108,7 +109,7 @@ run() {
   }
   local q4=configs/recovery/smollm2-general-q4_0-long.yaml i8=configs/recovery/smollm2-general.yaml
   local i8g=configs/recovery/smollm2-general-gptq-long.yaml q4g=configs/recovery/smollm2-general-q4_0-gptq-long.yaml
-  local all_runs="general-gptq general-q4_0-gptq general-q4_0-long"
+  local all_runs="siqa-general-packed general-gptq general-q4_0-gptq general-q4_0-long"
   chain general-q4_0-long run $q4 --out runs/gpu/general-q4_0-long $again "${extra[@]}" \
     :: bench gguf-recovery runs/gpu/general-q4_0-long --threads 3 &
   chain general-q4_0-long-full run $q4 --out runs/gpu/general-q4_0-long-full $again "${full[@]}" "${extra[@]}" \
@@ -120,6 +121,8 @@ run() {
     :: bench gguf-recovery runs/gpu/general-q4_0-gptq --threads 3 &
   chain siqa-general bench recovery --recipe configs/recovery/smollm2-siqa-general.yaml --schemes int8-int4 \
     --lora-modes merged --out runs/gpu/siqa-general "${resume[@]}" "${extra[@]}" &
+  chain siqa-general-packed bench recovery --recipe configs/recovery/smollm2-siqa-general-packed.yaml \
+    --schemes int8-int4 --lora-modes merged --out runs/gpu/siqa-general-packed "${resume[@]}" "${extra[@]}" &
   wait
   tar -C runs -cf - --exclude='*.safetensors' --exclude='*.gguf' --exclude='*.pte' --exclude='*.bin' \
     --exclude='*.pt' --exclude='*.pth' --exclude='checkpoint-*' gpu | xz -T0 >"$out/results.tar.xz"
