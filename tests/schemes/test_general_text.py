@@ -2,6 +2,7 @@
 samples (data-free), on the tiny model through the hf backend's trainer."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -146,6 +147,49 @@ def test_packed_general_text_fills_every_sequence_and_keeps_every_document_whole
     assert general_batches(spec, None, tokenizer, 8, 7, {}).sequences == stream.sequences  # seeded
 
 
+def with_leading_bos(tokenizer):
+    """The tokenizer made to start every text with BOS, as Gemma's does."""
+    from tokenizers import processors
+
+    tokenizer.bos_token = tokenizer.pad_token
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{tokenizer.bos_token} $A", special_tokens=[(tokenizer.bos_token, bos)]
+    )
+    return tokenizer
+
+
+def test_for_a_model_that_needs_bos_every_packed_sequence_and_sample_starts_with_it(tiny_model_dir):
+    """Gemma scores text only after BOS: packed general text starts each sequence with BOS (the documents' own
+    dropped, so none doubles), and the teacher's samples are BOS, a random token, then greedy tokens."""
+    from qatkit.backends import general_text
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(
+        tiny_model_dir, "distill.teacher=base", "distill.general.path=teacher", "distill.general.docs=6"
+    )
+    teacher, tokenizer = load_model_and_tokenizer(recipe.model)
+    assert general_text.leading_bos(tokenizer) is None
+    bos = general_text.leading_bos(with_leading_bos(tokenizer))
+    assert bos is not None and tokenizer("a b").input_ids[0] == bos
+
+    documents = [[bos, 5, 6, 7], [bos, 8, 9], [bos, 10, 11, 12, 13, 14]]
+    sequences = general_text.packed(documents, 4, eos_id=2, seed=0, bos_id=bos)
+    assert all(s[0] == bos and bos not in s[1:] for s in sequences)
+    assert [len(s) for s in sequences] == [4, 4, 4, 4, 2]  # 3 + 3 + 3 + 3 + 1 of the 13 document tokens and EOSes
+    assert sorted(t for s in sequences for t in s[1:]) == sorted([5, 6, 7, 2, 8, 9, 2, 10, 11, 12, 13, 14, 2])
+
+    spec = recipe.distill.general.model_copy(update={"max_tokens": 12})
+    samples = general_text.teacher_samples(spec, teacher, tokenizer, 0, {"m": "bos"})
+    assert len(samples) == 6 and all(s[0] == bos and s[1] != bos for s in samples)
+    assert len({s[1] for s in samples}) > 1  # random first tokens after BOS
+    with torch.no_grad():
+        for s in samples:
+            for t in range(2, 2 + general_text.GREEDY_PREFIX):
+                if t < len(s):
+                    assert teacher(torch.tensor([s[:t]])).logits[0, -1].argmax().item() == s[t]
+
+
 def test_teacher_samples_start_random_then_greedy_then_sampled_and_are_cached(tiny_model_dir, monkeypatch):
     """path: teacher (LLM-QAT): a random first token, GREEDY_PREFIX greedy tokens, then sampling; cached per
     model, settings and seed."""
@@ -220,13 +264,13 @@ def test_a_recipe_with_no_task_trains_on_running_text_and_scores_held_out_items(
     assert json.loads((out / "finetune" / "train_summary.json").read_text())["steps"] == 2
 
 
-def test_packing_joins_every_document_into_full_length_sequences(tiny_model_dir, tmp_path, text_file):
+def test_packing_joins_every_document_into_full_length_sequences(tiny_model_dir, tmp_path, text_file, caplog):
     """train.packing: the documents, each ended by EOS, fill sequences of exactly max_seq_length with no padding and
     no token lost (long ones are not cut), and the distillation trainer trains on them."""
     from datasets import Dataset
     from trl import SFTTrainer
 
-    from qatkit.backends.trainer import sft_config
+    from qatkit.backends.trainer import check_train_dataset, sft_config
     from qatkit.data import load_splits, training_examples
     from qatkit.models.loading import load_model_and_tokenizer
 
@@ -252,6 +296,14 @@ def test_packing_joins_every_document_into_full_length_sequences(tiny_model_dir,
     out = tmp_path / "run"
     run_recipe(recipe, out, only=["finetune"])
     assert json.loads((out / "finetune" / "train_summary.json").read_text())["steps"] == 2
+
+    # TRL's packing leaves BOS only where a document starts: a tokenizer that needs it at first is warned about
+    with caplog.at_level(logging.WARNING, logger="qatkit"):
+        check_train_dataset(trainer, len(examples))
+        assert not caplog.records
+        trainer.processing_class = with_leading_bos(tokenizer)
+        check_train_dataset(trainer, len(examples))
+    assert "has none at its first position" in caplog.text
 
 
 def test_running_text_cannot_be_mixed_with_task_data(tiny_model_dir, text_file):

@@ -65,19 +65,32 @@ def general_batches(
     else:
         sequences = [tokenizer(t, add_special_tokens=True).input_ids for t in corpus(spec)]
     if spec.packing:
-        sequences = packed(sequences, spec.max_tokens, tokenizer.eos_token_id, seed)
+        sequences = packed(sequences, spec.max_tokens, tokenizer.eos_token_id, seed, leading_bos(tokenizer))
     else:
         sequences = [s[: spec.max_tokens] for s in sequences]
     sequences = [s for s in sequences if len(s) > 1]  # a single token has nothing to predict
     return GeneralBatches(sequences, max(1, round(task_batch_size * spec.share)), pad_id(tokenizer), seed)
 
 
-def packed(documents: list[list[int]], length: int, eos_id: int, seed: int) -> list[list[int]]:
+def leading_bos(tokenizer) -> int | None:
+    """The BOS id when the tokenizer starts every text with it (Gemma, whose predictions collapse without it)."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a").input_ids[:1] == [bos] else None
+
+
+def packed(
+    documents: list[list[int]], length: int, eos_id: int, seed: int, bos_id: int | None = None
+) -> list[list[int]]:
     """The documents in a seeded random order, each ended by EOS (unless it already is: a teacher sample that
-    stopped), joined and cut into sequences of `length` tokens; the last one holds the remainder."""
+    stopped), joined and cut into sequences of `length` tokens; the last one holds the remainder. With `bos_id`,
+    every sequence starts with BOS, as every text the model saw did, and the documents lose their own."""
+    prefix = [] if bos_id is None else [bos_id]
     order = random.Random(seed).sample(documents, len(documents))
+    if prefix:
+        order = [doc[1:] if doc[:1] == prefix else doc for doc in order]
     stream = [token for doc in order for token in (doc if doc[-1:] == [eos_id] else [*doc, eos_id])]
-    return [stream[i : i + length] for i in range(0, len(stream), length)]
+    step = length - len(prefix)
+    return [prefix + stream[i : i + step] for i in range(0, len(stream), step)]
 
 
 def corpus(spec: GeneralTextSpec) -> list[str]:
@@ -91,28 +104,33 @@ def teacher_samples(
     spec: GeneralTextSpec, teacher, tokenizer, seed: int, model_identity: dict, batch_size: int = 16
 ) -> list[list[int]]:
     """`docs` sequences of up to `max_tokens` the teacher samples from its own distribution, each started from a
-    random vocabulary token, the next GREEDY_PREFIX tokens greedy and the rest sampled at temperature 1 (LLM-QAT's
-    hybrid), cached under the model, settings and seed."""
-    key = cache_key({"model": model_identity, "docs": spec.docs, "max_tokens": spec.max_tokens, "seed": seed, "v": 1})
+    random vocabulary token (after BOS, for a tokenizer that starts every text with it), the next GREEDY_PREFIX
+    tokens greedy and the rest sampled at temperature 1 (LLM-QAT's hybrid), cached under the model, settings and
+    seed."""
+    key = cache_key({"model": model_identity, "docs": spec.docs, "max_tokens": spec.max_tokens, "seed": seed, "v": 2})
     entry = cache_root() / "general-text" / f"{key}.json"
     with cache_lock(entry):
         if entry.exists():
             return read_json(entry)["sequences"]
         log.info("sampling %d general-text sequences from the teacher (cached in %s)", spec.docs, entry)
-        sequences = _sample(teacher, tokenizer, spec.docs, spec.max_tokens, seed, batch_size)
+        sequences = _sample(teacher, tokenizer, spec.docs, spec.max_tokens, seed, batch_size, leading_bos(tokenizer))
         write_json_atomic(entry, {"model": model_identity, "seed": seed, "sequences": sequences})
     return sequences
 
 
-def _sample(teacher, tokenizer, docs: int, max_tokens: int, seed: int, batch_size: int) -> list[list[int]]:
+def _sample(
+    teacher, tokenizer, docs: int, max_tokens: int, seed: int, batch_size: int, bos: int | None
+) -> list[list[int]]:
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
+
+    prompt = [] if bos is None else [bos]  # then the random first token
 
     class GreedyPrefix(LogitsProcessor):
         """Leaves only the most likely token while fewer than GREEDY_PREFIX tokens follow the random first one."""
 
         def __call__(self, input_ids, scores):
-            if input_ids.shape[1] > GREEDY_PREFIX:
+            if input_ids.shape[1] - len(prompt) > GREEDY_PREFIX:
                 return scores
             top = scores.argmax(dim=-1, keepdim=True)
             return torch.full_like(scores, -float("inf")).scatter(1, top, scores.gather(1, top))
@@ -126,7 +144,7 @@ def _sample(teacher, tokenizer, docs: int, max_tokens: int, seed: int, batch_siz
     teacher.eval()
     with torch.no_grad():
         for start in range(0, docs, batch_size):
-            first = torch.tensor([[rng.choice(candidates)] for _ in range(min(batch_size, docs - start))])
+            first = torch.tensor([[*prompt, rng.choice(candidates)] for _ in range(min(batch_size, docs - start))])
             rows = teacher.generate(
                 first.to(teacher.device),
                 attention_mask=torch.ones_like(first).to(teacher.device),
@@ -134,10 +152,12 @@ def _sample(teacher, tokenizer, docs: int, max_tokens: int, seed: int, batch_siz
                 temperature=1.0,
                 top_k=0,
                 top_p=1.0,
-                max_new_tokens=max_tokens - 1,
+                max_new_tokens=max_tokens - first.shape[1],
                 logits_processor=LogitsProcessorList([GreedyPrefix()]),
                 pad_token_id=stop,
             ).tolist()
             # a row that ended early is padded with eos after its own eos: keep it up to and including that one
-            out += [row[: row.index(stop, 1) + 1] if stop in row[1:] else row for row in rows]
+            out += [
+                row[: row.index(stop, first.shape[1]) + 1] if stop in row[first.shape[1] :] else row for row in rows
+            ]
     return out

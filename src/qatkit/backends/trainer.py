@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qatkit.backends.general_text import leading_bos
 from qatkit.core import distributed, interrupts, progress
 from qatkit.core.errors import Interrupted, RecipeError
 from qatkit.quant.patches import fake_quantizers
@@ -224,6 +225,12 @@ def check_train_dataset(trainer, given: int) -> None:
     kept, max_length = len(trainer.train_dataset), trainer.args.max_length
     if trainer.args.packing:
         log.info("%d documents packed into %d sequences of %d tokens", given, kept, max_length)
+        if leading_bos(trainer.processing_class) is not None:
+            log.warning(
+                "train.packing: this tokenizer starts every text with BOS, but a packed sequence that starts inside a "
+                "document has none at its first position; a model that needs it (Gemma) learns from poor predictions "
+                "there (distill.general.packing puts BOS first)"
+            )
         return
     if kept == 0:
         raise RecipeError(f"model.max_seq_length {max_length} cuts off the answer of every training example: raise it")

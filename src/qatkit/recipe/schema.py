@@ -272,7 +272,8 @@ class GeneralTextSpec(Strict):
     packing: bool = Field(
         False,
         description="Join the documents, each ended by EOS, in a seeded random order, and cut the stream into "
-        "sequences of exactly max_tokens (like train.packing): no step computes padding, no document is cut short.",
+        "sequences of exactly max_tokens (like train.packing): no step computes padding, no document is cut short. "
+        "With a tokenizer that starts every text with BOS (Gemma), every sequence starts with it.",
     )
     share: float = Field(
         0.5, gt=0.0, le=4.0, description="General sequences per task example in each batch (at least one)."
