@@ -57,14 +57,14 @@ def _distill_compute_loss(teacher, distill, general=None):
     teacher.eval().requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unlabelled = {k: v for k, v in inputs.items() if k != "labels"}
         if distill.weight == 1.0:  # no cross-entropy in the loss: skip its full-vocabulary softmax and backward
-            ce, outputs = 0.0, model(**{k: v for k, v in inputs.items() if k != "labels"})
+            ce, outputs = 0.0, model(**unlabelled)
         else:
             ce, outputs = Trainer.compute_loss(self, model, inputs, True, num_items_in_batch)
-        with torch.no_grad():
-            teacher_inputs = {k: v for k, v in inputs.items() if k != "labels"}
-            with self.accelerator.autocast():  # the student's precision (its forward is autocast by accelerate)
-                teacher_logits = teacher.to(outputs.logits.device)(**teacher_inputs, use_cache=False).logits
+        # the teacher in the student's precision (the student's forward is autocast by accelerate)
+        with torch.no_grad(), self.accelerator.autocast():
+            teacher_logits = teacher.to(outputs.logits.device)(**unlabelled, use_cache=False).logits
         # normalized like Trainer normalizes the cross-entropy: per token of the accumulated batch when the model
         # takes num_items_in_batch (Trainer then leaves the loss as is), else per token of this batch (Trainer
         # divides it by the accumulation steps)
