@@ -2,7 +2,6 @@
 samples (data-free), on the tiny model through the hf backend's trainer."""
 
 import json
-import logging
 
 import pytest
 import torch
@@ -264,25 +263,20 @@ def test_a_recipe_with_no_task_trains_on_running_text_and_scores_held_out_items(
     assert json.loads((out / "finetune" / "train_summary.json").read_text())["steps"] == 2
 
 
-def test_packing_joins_every_document_into_full_length_sequences(tiny_model_dir, tmp_path, text_file, caplog):
+def test_packing_joins_every_document_into_full_length_sequences(tiny_model_dir, tmp_path, text_file):
     """train.packing: the documents, each ended by EOS, fill sequences of exactly max_seq_length with no padding and
     no token lost (long ones are not cut), and the distillation trainer trains on them."""
-    from datasets import Dataset
     from trl import SFTTrainer
 
-    from qatkit.backends.trainer import check_train_dataset, sft_config
+    from qatkit.backends.trainer import sft_trainer
     from qatkit.data import load_splits, training_examples
     from qatkit.models.loading import load_model_and_tokenizer
 
     recipe = tiny_recipe(tiny_model_dir, *no_task(text_file), "model.max_seq_length=32", "train.packing=true")
     examples = training_examples(load_splits(recipe.data))
     model, tokenizer = load_model_and_tokenizer(recipe.model)
-    trainer = SFTTrainer(
-        model=model,
-        args=sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True, qat=True),
-        train_dataset=Dataset.from_list(examples),
-        processing_class=tokenizer,
-    )
+    trainer = sft_trainer(SFTTrainer, recipe, model, tokenizer, examples, tmp_path / "ckpt", True, True)
+    assert trainer.args.packing  # TRL packs
     packed = [row["input_ids"] for row in trainer.train_dataset]
     document_tokens = sum(len(tokenizer(x["text"]).input_ids) + 1 for x in examples)  # + its EOS
     assert sum(map(len, packed)) == document_tokens
@@ -297,13 +291,32 @@ def test_packing_joins_every_document_into_full_length_sequences(tiny_model_dir,
     run_recipe(recipe, out, only=["finetune"])
     assert json.loads((out / "finetune" / "train_summary.json").read_text())["steps"] == 2
 
-    # TRL's packing leaves BOS only where a document starts: a tokenizer that needs it at first is warned about
-    with caplog.at_level(logging.WARNING, logger="qatkit"):
-        check_train_dataset(trainer, len(examples))
-        assert not caplog.records
-        trainer.processing_class = with_leading_bos(tokenizer)
-        check_train_dataset(trainer, len(examples))
-    assert "has none at its first position" in caplog.text
+
+def test_packing_for_a_model_that_needs_bos_starts_every_sequence_with_it(tiny_model_dir, tmp_path, text_file):
+    """train.packing with a tokenizer that starts every text with BOS (Gemma): TRL's wrapped packing would start
+    most sequences inside a document without one; qatkit packs instead, BOS first in every sequence, none doubled,
+    every document token and its EOS kept, and every token trained on."""
+    from trl import SFTTrainer
+
+    from qatkit.backends.trainer import sft_trainer
+    from qatkit.data import load_splits, training_examples
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(tiny_model_dir, *no_task(text_file), "model.max_seq_length=32", "train.packing=true")
+    examples = training_examples(load_splits(recipe.data))
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    tokenizer = with_leading_bos(tokenizer)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    trainer = sft_trainer(SFTTrainer, recipe, model, tokenizer, examples, tmp_path / "ckpt", True, True)
+    assert not trainer.args.packing  # packed by qatkit, not again by TRL
+    rows = [row["input_ids"] for row in trainer.train_dataset]
+    assert all(row[0] == bos and bos not in row[1:] for row in rows)
+    assert sorted(map(len, rows))[1:] == [32] * (len(rows) - 1)
+    body = sorted(t for row in rows for t in row[1:])
+    assert body == sorted(t for x in examples for t in [*tokenizer(x["text"]).input_ids[1:], eos])
+    batch = next(iter(trainer.get_train_dataloader()))
+    real = batch["attention_mask"].bool()
+    assert (batch["input_ids"][:, 0] == bos).all() and (batch["labels"][real] != -100).all()
 
 
 def test_running_text_cannot_be_mixed_with_task_data(tiny_model_dir, text_file):

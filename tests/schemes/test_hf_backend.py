@@ -210,14 +210,14 @@ def test_ctrl_c_before_training_starts_stops_the_stage_without_training(
     from qatkit.backends import hf
     from qatkit.core.errors import Interrupted
 
-    original = hf.sft_config
+    original = hf.sft_trainer
 
-    def sft_config_then_ctrl_c(*args, **kwargs):
-        config = original(*args, **kwargs)
+    def sft_trainer_then_ctrl_c(*args, **kwargs):
+        trainer = original(*args, **kwargs)
         os.kill(os.getpid(), signal.SIGINT)
-        return config
+        return trainer
 
-    monkeypatch.setattr(hf, "sft_config", sft_config_then_ctrl_c)
+    monkeypatch.setattr(hf, "sft_trainer", sft_trainer_then_ctrl_c)
     out = tmp_path / "run"
     with pytest.raises(Interrupted, match="before training started"):
         run_recipe(tiny_recipe(tiny_model_dir), out, only=["finetune"])

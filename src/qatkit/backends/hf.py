@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatkit.backends.general_text import general_batches, pad_id, right_padded
-from qatkit.backends.trainer import check_train_dataset, qat_trainer_class, sft_config, train_and_save
+from qatkit.backends.trainer import qat_trainer_class, sft_trainer, train_and_save
 from qatkit.core import distributed
 from qatkit.core.cache import file_digest
 from qatkit.models.assembly import attach_lora, load_finetuned
@@ -106,7 +106,6 @@ class HFBackend:
         fake quant). With the recipe's `distill` section the QAT run learns from a teacher: the model as loaded, or
         the control run trained into `control`; with qat.init_from: control it starts from that run's output."""
         import torch
-        from datasets import Dataset
         from transformers import set_seed
 
         t0 = time.time()
@@ -138,11 +137,9 @@ class HFBackend:
         if recipe.train.gradient_checkpointing:
             model.enable_input_require_grads()
 
-        args = sft_config(recipe, FinetuneDir(work).checkpoints, model, use_cpu=not on_cuda, qat=qat)
         teacher = load_teacher(recipe, control) if qat and recipe.distill else None
         general = _general_stream(recipe, teacher, tokenizer, control) if teacher is not None else None
-        trainer = qat_trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill, general)(
-            model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
-        )
-        check_train_dataset(trainer, len(examples))
+        trainer_class = qat_trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill, general)
+        ckpt_dir = FinetuneDir(work).checkpoints
+        trainer = sft_trainer(trainer_class, recipe, model, tokenizer, examples, ckpt_dir, not on_cuda, qat)
         return train_and_save(trainer, model, tokenizer, work, FinetuneDir(work).trained(full), resume, t0)

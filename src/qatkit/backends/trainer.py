@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit.backends.general_text import leading_bos
+from qatkit.backends.general_text import leading_bos, packed
 from qatkit.core import distributed, interrupts, progress
 from qatkit.core.errors import Interrupted, RecipeError
 from qatkit.quant.patches import fake_quantizers
@@ -219,18 +219,36 @@ def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool):
     )
 
 
-def check_train_dataset(trainer, given: int) -> None:
+def sft_trainer(
+    trainer_class, recipe: Recipe, model, tokenizer, examples: list[dict], ckpt_dir: Path, use_cpu: bool, qat: bool
+):
+    """`trainer_class` (SFTTrainer or a qat_trainer_class) on the training examples, with sft_config's settings.
+
+    train.packing, for a tokenizer that starts every text with BOS (Gemma): packed here, every sequence started by
+    BOS as every text the model saw was (the documents lose their own), because TRL's wrapped packing starts most
+    sequences inside a document, with no BOS; for other tokenizers TRL packs."""
+    from datasets import Dataset
+
+    args = sft_config(recipe, ckpt_dir, model, use_cpu, qat)
+    bos = leading_bos(tokenizer) if args.packing else None
+    if bos is None:
+        dataset = Dataset.from_list(examples)
+    else:
+        documents = [tokenizer(x["text"]).input_ids for x in examples]
+        sequences = packed(documents, args.max_length, tokenizer.eos_token_id, recipe.train.seed, bos)
+        dataset = Dataset.from_list([{"input_ids": s} for s in sequences])  # tokenized: TRL only adds labels
+        args.packing = False  # TRL would pack them again
+    trainer = trainer_class(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    check_train_dataset(trainer, len(examples), recipe.train.packing)
+    return trainer
+
+
+def check_train_dataset(trainer, given: int, packing: bool) -> None:
     """TRL truncates each example to max_length and drops those with no answer token left: refuse a run that would
     train on nothing, and say how many examples were lost. Packed running text (train.packing) loses none."""
     kept, max_length = len(trainer.train_dataset), trainer.args.max_length
-    if trainer.args.packing:
+    if packing:
         log.info("%d documents packed into %d sequences of %d tokens", given, kept, max_length)
-        if leading_bos(trainer.processing_class) is not None:
-            log.warning(
-                "train.packing: this tokenizer starts every text with BOS, but a packed sequence that starts inside a "
-                "document has none at its first position; a model that needs it (Gemma) learns from poor predictions "
-                "there (distill.general.packing puts BOS first)"
-            )
         return
     if kept == 0:
         raise RecipeError(f"model.max_seq_length {max_length} cuts off the answer of every training example: raise it")

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatkit.backends.support import check_unsloth_recipe
-from qatkit.backends.trainer import check_train_dataset, sft_config, train_and_save
+from qatkit.backends.trainer import sft_trainer, train_and_save
 from qatkit.core import distributed
 from qatkit.core.errors import EnvError
 from qatkit.models.loading import check_model_available, materialize_gguf, resolve_model, torch_dtype
@@ -145,7 +145,6 @@ class UnslothBackend:
 
         check_unsloth_recipe(recipe)
         unsloth = import_unsloth()  # before transformers/peft/trl
-        from datasets import Dataset
         from transformers import AutoConfig
         from trl import SFTTrainer
 
@@ -193,11 +192,7 @@ class UnslothBackend:
             if recipe.qat.cache_frozen_fake_quant:
                 cache_frozen_weight_fake_quant(model)
 
-        args = sft_config(recipe, FinetuneDir(work).checkpoints, model, use_cpu=False, qat=qat)
-        trainer = SFTTrainer(
-            model=model, args=args, train_dataset=Dataset.from_list(examples), processing_class=tokenizer
-        )
-        check_train_dataset(trainer, len(examples))
+        trainer = sft_trainer(SFTTrainer, recipe, model, tokenizer, examples, FinetuneDir(work).checkpoints, False, qat)
         return train_and_save(
             trainer, model, tokenizer, work, FinetuneDir(work).trained(full_finetuning=False), resume, t0
         )

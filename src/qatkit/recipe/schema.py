@@ -242,7 +242,8 @@ class TrainSpec(Strict):
         False,
         description="Pack running text (data.format: text) into sequences of exactly model.max_seq_length tokens: "
         "the documents shuffled, each ended by EOS, joined and cut at the length (TRL's wrapped packing, pretraining's "
-        "layout), so no step computes padding and long documents are used whole. Task data is never packed.",
+        "layout), so no step computes padding and long documents are used whole. With a tokenizer that starts every "
+        "text with BOS (Gemma), every sequence starts with it. Task data is never packed.",
     )
     full_finetuning: bool = Field(
         False,
