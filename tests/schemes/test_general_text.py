@@ -40,10 +40,8 @@ def text_file(tmp_path):
 
 
 def _trainer(recipe, tmp_path, general):
-    from datasets import Dataset
-
     from qatkit.backends.hf import load_teacher
-    from qatkit.backends.trainer import qat_trainer_class, sft_config
+    from qatkit.backends.trainer import qat_trainer_class, sft_trainer
     from qatkit.data import load_splits, training_examples
     from qatkit.models.assembly import attach_lora, prepare_for_qat
     from qatkit.models.loading import load_model_and_tokenizer
@@ -53,10 +51,8 @@ def _trainer(recipe, tmp_path, general):
     model = attach_lora(recipe, model)
     teacher = load_teacher(recipe, None)
     rows = training_examples(load_splits(recipe.data), recipe.data.answer_style)
-    args = sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True, qat=True)
-    trainer = qat_trainer_class(model, None, teacher, recipe.distill, general(teacher, tokenizer))(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-    )
+    trainer_class = qat_trainer_class(model, None, teacher, recipe.distill, general(teacher, tokenizer))
+    trainer = sft_trainer(trainer_class, recipe, model, tokenizer, rows, tmp_path / "ckpt", True, True)
     return trainer, model, teacher, next(iter(trainer.get_train_dataloader()))
 
 

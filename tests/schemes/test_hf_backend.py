@@ -317,9 +317,7 @@ def test_distill_loss_is_the_kl_on_the_scored_tokens():
 
 def _distill_trainer(recipe, tmp_path, teacher):
     """A QAT trainer distilling from `teacher(student)`, its student and its first batch."""
-    from datasets import Dataset
-
-    from qatkit.backends.trainer import qat_trainer_class, sft_config
+    from qatkit.backends.trainer import qat_trainer_class, sft_trainer
     from qatkit.data import load_splits, training_examples
     from qatkit.models.assembly import attach_lora, prepare_for_qat
     from qatkit.models.loading import load_model_and_tokenizer
@@ -328,10 +326,8 @@ def _distill_trainer(recipe, tmp_path, teacher):
     prepare_for_qat(recipe, model)
     model = attach_lora(recipe, model)
     rows = training_examples(load_splits(recipe.data), recipe.data.answer_style)
-    args = sft_config(recipe, tmp_path / "ckpt", model, use_cpu=True, qat=True)
-    trainer = qat_trainer_class(model, None, teacher(model), recipe.distill)(
-        model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
-    )
+    trainer_class = qat_trainer_class(model, None, teacher(model), recipe.distill)
+    trainer = sft_trainer(trainer_class, recipe, model, tokenizer, rows, tmp_path / "ckpt", True, True)
     inputs = next(iter(trainer.get_train_dataloader()))
     return trainer, model, inputs
 
