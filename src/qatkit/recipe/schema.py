@@ -252,6 +252,12 @@ class TrainSpec(Strict):
     )
 
 
+class GeneralTextSource(Strict):
+    path: str = Field(description="jsonl of running text (local, pkg:<package>/<file>).")
+    field: str = Field("text", description="Field of each row that holds the text.")
+    docs: int | None = Field(None, gt=0, description="Documents used: the first ones of `path`; default all.")
+
+
 class GeneralTextSpec(Strict):
     """General text the student learns to match the teacher on, beside the task (keeps what the model could do
     before; LLM-QAT, Gemma 3's QAT): each step adds the KL on every token of a batch of it to the task loss."""
@@ -280,6 +286,21 @@ class GeneralTextSpec(Strict):
         0.5, gt=0.0, le=4.0, description="General sequences per task example in each batch (at least one)."
     )
     weight: float = Field(1.0, gt=0.0, description="Multiplier of the general-text KL added to the task loss.")
+    mix: tuple[GeneralTextSource, ...] = Field(
+        (),
+        description="More running text pooled with `path`'s documents before batching or packing (like data.mix, "
+        "Axolotl's datasets list): each source's first `docs` documents. Not with path: teacher.",
+    )
+
+    @model_validator(mode="after")
+    def _mix_needs_a_corpus(self) -> GeneralTextSpec:
+        if self.mix and self.path == "teacher":
+            raise ValueError("distill.general.mix pools running text with path's; path: teacher samples instead")
+        return self
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path, *(source.path for source in self.mix))
 
 
 class DistillSpec(Strict):
@@ -382,9 +403,9 @@ class Recipe(Strict):
         if self.qat.lora == "merged" and self.lora.dropout > 0:
             raise ValueError("qat.lora: merged trains fq(W + s·BA) and cannot apply LoRA dropout; set lora.dropout: 0")
         general = self.distill.general if self.distill else None
-        if general and general.path == self.eval.text_path:
+        if general and self.eval.text_path in general.paths:
             raise ValueError(
-                "distill.general.path is eval.text_path: the held-out text NLL must score text never trained on"
+                "distill.general reads eval.text_path: the held-out text NLL must score text never trained on"
             )
         for fmt in dict.fromkeys(self.export.formats):
             if why := export_refusal(self.qat.scheme, fmt):
