@@ -61,6 +61,12 @@ class GptqSpec(Strict):
     )
 
 
+class AwqSpec(Strict):
+    samples: int = Field(64, gt=0, description="Training examples down_proj's inputs are measured on.")
+    max_tokens: int = Field(256, gt=1, description="Each calibration example is cut to this many tokens.")
+    grid: int = Field(20, gt=1, description="Exponents a tried per layer, evenly spaced over [0, 1] (AWQ's n_grid).")
+
+
 class QatSpec(Strict):
     scheme: str = Field(description="Scheme name; see `qatkit schemes`.")
     group_size: int | None = Field(
@@ -109,6 +115,13 @@ class QatSpec(Strict):
         "on calibration activations (the first training examples), on the scales qat.scale_init gives. Needs "
         "qat.learn_scales (so backend hf).",
     )
+    awq: AwqSpec | None = Field(
+        None,
+        description="Start from AWQ's activation-aware scaling of each gated MLP (up_proj rows divided, down_proj input "
+        "channels multiplied by the same s, searched per layer on calibration activations, the first training "
+        "examples): the same model in full precision, with down_proj's salient input channels on a finer grid. The "
+        "scaled weights are what is trained, converted and exported.",
+    )
     init_from: Literal["base", "control"] = Field(
         "base",
         description="control: QAT starts from the recipe's fine-tune without QAT (its adapters, or its weights with "
@@ -136,6 +149,10 @@ class QatSpec(Strict):
                 raise ValueError(f"qat.{name} is set but qat.learn_scales is not: there are no scales to train")
         if self.gptq and not self.learn_scales:
             raise ValueError("qat.gptq keeps its weights on the learned scales' grid: set qat.learn_scales: true")
+        if self.awq and self.gptq:
+            raise ValueError("qat.awq and qat.gptq: pick one start (both is not supported)")
+        if self.awq and self.init_from == "control":
+            raise ValueError("qat.awq scales the base model's weights; it cannot start from the control (init_from)")
         if self.gptq and self.init_from == "control":
             raise ValueError(
                 "qat.gptq quantizes the base model's weights; it cannot start from the control (init_from)"
