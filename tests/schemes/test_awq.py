@@ -45,7 +45,7 @@ def _down_proj_inputs(model, ids, mask):
     return inputs, logits
 
 
-@pytest.mark.parametrize("scheme", ["int8-int4", "q4_0"])
+@pytest.mark.parametrize("scheme", ["int8-int4", "w4-channel", "q4_0"])
 def test_awq_keeps_the_model_and_lowers_down_projs_quantized_error(tiny_model_dir, scheme):
     """Unquantized, the scaled model computes what the original did; quantized, each down_proj's output error on
     the calibration tokens is at most what it was unscaled; the saved scales rebuild the same weights."""

@@ -62,10 +62,11 @@ class _DownProjInputs:
             hook.remove()
 
 
-def _candidates(x_mean: torch.Tensor, weight: torch.Tensor, group_size: int, grid: int):
-    """AutoAWQ's duo-scaling candidates: s for each a in 0, 1/(grid-1), ..., 1."""
+def _candidates(x_mean: torch.Tensor, weight: torch.Tensor, group_size: int | None, grid: int):
+    """AutoAWQ's duo-scaling candidates: s for each a in 0, 1/(grid-1), ..., 1 (group_size None: one group a row)."""
     w = weight.detach().float().abs()
     rows, cols = w.shape
+    group_size = group_size or cols
     grouped = w.reshape(rows, cols // group_size, group_size)
     w_mean = (grouped / grouped.amax(-1, keepdim=True).clamp(min=1e-12)).reshape(rows, cols).mean(0)
     for i in range(grid):
@@ -83,7 +84,9 @@ def _output_error(down: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor, 
     return (down(x / s) - want).pow(2).mean().item()
 
 
-def awq_(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int, grid: int = 20, mse=False):
+def awq_(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int | None, grid: int = 20, mse=False
+):
     """Scale every gated MLP's up_proj / down_proj pair of a QAT-prepared model in place, each by the s its search
     picks on the calibration batch (fake quantization off while the inputs are measured, as AWQ measures the
     unquantized model); their learned scales, if any, start again from the new weights. Returns the stable name of

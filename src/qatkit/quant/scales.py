@@ -29,19 +29,21 @@ def init_learned_scales(model: torch.nn.Module, mse: bool = False) -> None:
 
 
 def init_learned_scale(mod: torch.nn.Module, mse: bool = False) -> None:
-    """One module's learnable weight scale from its weight as it is now (see init_learned_scales)."""
+    """One module's learnable weight scale from its weight as it is now (see init_learned_scales). A torchao
+    quantizer is replaced by a fresh one, which computes its scale on its first call."""
     import torch
 
     fq = mod.weight_fake_quantizer
-    fq.scale = None
     with torch.no_grad():
         if callable(getattr(fq, "init_scale", None)):  # qatkit's own (GGUF) quantizer
             fq.init_scale(mod.weight)
         else:
+            quantizer = type(fq)
             if fq.config.scale_precision not in (None, torch.float32):
                 from qatkit.quant.rounded_scales import RoundedScaleFakeQuantizer
 
-                mod.weight_fake_quantizer = fq = RoundedScaleFakeQuantizer(fq.config)
+                quantizer = RoundedScaleFakeQuantizer
+            mod.weight_fake_quantizer = fq = quantizer(fq.config)
             fq._initialized = True
             fq(mod.weight)
         if mse:
