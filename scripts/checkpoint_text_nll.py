@@ -1,6 +1,7 @@
 """Held-out text NLL/token of a trainer checkpoint of an unfinished run (`.finetune.partial/checkpoints/checkpoint-N`),
-rebuilt as trained (base, GPTQ weights if any, fake quantization, adapter, learned scales), with all its fake
-quantization on and with lm_head's weight quantization off: how far a run had got, and what lm_head still costs.
+rebuilt as trained (base, GPTQ weights or AWQ scales if any, fake quantization, adapter, learned scales), with all
+its fake quantization on and with lm_head's weight quantization off: how far a run had got, and what lm_head still
+costs.
 
   python scripts/checkpoint_text_nll.py RUN_DIR checkpoint-350 out.json
 """
@@ -16,7 +17,7 @@ from qatkit.evaluation.nll import load_texts, text_nll
 from qatkit.models.assembly import load_trained
 from qatkit.quant.patches import each_fake_quantizer
 from qatkit.recipe import load_recipe
-from qatkit.run.layout import GPTQ_WEIGHTS, FinetuneDir, RunLayout
+from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, FinetuneDir, RunLayout
 
 
 def main(run_dir: str, checkpoint: str, out: str) -> None:
@@ -27,8 +28,9 @@ def main(run_dir: str, checkpoint: str, out: str) -> None:
         trained = Path(tmp)
         for f in (partial.checkpoints / checkpoint).iterdir():
             (trained / f.name).symlink_to(f)
-        if recipe.qat.gptq:
-            (trained / GPTQ_WEIGHTS).symlink_to(partial.trained(full_finetuning=False) / GPTQ_WEIGHTS)
+        for start, needed in ((GPTQ_WEIGHTS, recipe.qat.gptq), (AWQ_SCALES, recipe.qat.awq)):
+            if needed:
+                (trained / start).symlink_to(partial.trained(full_finetuning=False) / start)
         model, tokenizer, _ = load_trained(recipe, trained)
     model.eval()
     texts = load_texts(recipe.eval)

@@ -61,8 +61,8 @@ def test_the_loss_adds_the_kl_on_every_token_of_a_general_batch(tiny_model_dir, 
     of the next general batch: share 0.5 of a batch of 8 is 4 sequences, padding excluded."""
     from transformers import Trainer
 
+    from qatkit.backends.distill import distill_loss
     from qatkit.backends.general_text import general_batches
-    from qatkit.backends.trainer import distill_loss
 
     recipe = tiny_recipe(
         tiny_model_dir,
@@ -91,6 +91,25 @@ def test_the_loss_adds_the_kl_on_every_token_of_a_general_batch(tiny_model_dir, 
         loss = trainer.compute_loss(model, inputs).item()
     assert kl > 0
     assert loss == pytest.approx(ce + 2 * kl, rel=1e-5)
+
+
+def test_general_text_pools_the_head_of_every_source(text_file, tmp_path):
+    """distill.general.mix: path's first `docs` documents, then each mix source's (all of them without `docs`)."""
+    from qatkit.backends.general_text import corpus
+    from qatkit.recipe.schema import GeneralTextSpec
+
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "".join(json.dumps({"passage": f"passage {i}", "body": "not this field"}) + "\n" for i in range(4))
+    )
+    first = [json.loads(line)["body"] for line in text_file.read_text().splitlines()]
+    spec = GeneralTextSpec(
+        path=str(text_file),
+        field="body",
+        docs=5,
+        mix=[{"path": str(other), "field": "passage", "docs": 2}, {"path": str(other), "field": "passage"}],
+    )
+    assert corpus(spec) == [*first[:5], "passage 0", "passage 1", *(f"passage {i}" for i in range(4))]
 
 
 def test_general_batches_cycle_through_every_sequence_before_repeating():

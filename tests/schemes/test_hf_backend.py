@@ -297,7 +297,7 @@ def test_full_finetuning_trains_every_weight_and_deploys_exactly(tiny_model_dir,
 
 
 def test_distill_loss_is_the_kl_on_the_scored_tokens():
-    from qatkit.backends.trainer import distill_loss
+    from qatkit.backends.distill import distill_loss
 
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
@@ -313,6 +313,39 @@ def test_distill_loss_is_the_kl_on_the_scored_tokens():
     torch.testing.assert_close(distill_loss(student, teacher, scored, temperature=2.0), want / n)
     torch.testing.assert_close(distill_loss(student, teacher, scored, 2.0, num_items=10), want / 10)
     assert distill_loss(student, student, scored) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("every_position", [True, False])
+def test_distill_loss_gradient_is_autograds(monkeypatch, dtype, every_position):
+    """The blockwise KL's hand-written gradient equals autograd's through log-softmax and kl_div, whatever the
+    block size, times the weight the loss is given."""
+    import torch.nn.functional as F
+
+    from qatkit.backends import distill
+
+    torch.manual_seed(0)
+    student, teacher = (torch.randn(3, 9, 50) * 3).to(dtype), (torch.randn(3, 9, 50) * 3).to(dtype)
+    scored = torch.ones(3, 8, dtype=torch.bool)
+    if not every_position:
+        scored[0, :5] = scored[2, 3:] = False
+
+    def reference(s):
+        s, t = s[:, :-1][scored].float() / 2.0, teacher[:, :-1][scored].float() / 2.0
+        kl = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="sum")
+        return kl * 4.0 / scored.sum()
+
+    want = student.clone().requires_grad_()
+    reference(want).backward()
+    tolerance = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-4}
+    for block_rows in (1, 3, 100):  # blocks of one row, blocks that do not divide a sequence, whole sequences
+        monkeypatch.setattr(distill, "BLOCK_ELEMENTS", block_rows * 50)
+        for weight in (1.0, 0.5):  # the KL alone, or a share of the loss
+            s = student.clone().requires_grad_()
+            loss = distill.distill_loss(s, teacher, scored, temperature=2.0)
+            (weight * loss).backward()
+            torch.testing.assert_close(loss, reference(student.float()), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(s.grad.float(), weight * want.grad.float(), **tolerance)
 
 
 def _distill_trainer(recipe, tmp_path, teacher):
@@ -370,8 +403,8 @@ def test_distilling_on_every_token_scores_the_prompt_too(tiny_model_dir, tmp_pat
     """distill.tokens=all: the KL covers every real token (prompt and answer, not padding), averaged over the
     batch; under gradient accumulation each micro-batch's average is divided by the accumulation steps, as Trainer
     does for a loss it does not normalize itself."""
+    from qatkit.backends.distill import distill_loss
     from qatkit.backends.hf import load_teacher
-    from qatkit.backends.trainer import distill_loss
 
     recipe = tiny_recipe(tiny_model_dir, "distill.teacher=base", "distill.tokens=all")
     teacher = load_teacher(recipe, None)

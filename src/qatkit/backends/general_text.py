@@ -94,10 +94,15 @@ def packed(
 
 
 def corpus(spec: GeneralTextSpec) -> list[str]:
-    found = texts(read_jsonl(resolve_path(spec.path)), spec.field)
-    if not found:
-        raise RecipeError(f"distill.general.path {spec.path}: no rows with a text field {spec.field!r}")
-    return found[: spec.docs]  # the head: a held-out text NLL on the same file would take the tail
+    """The documents of `path`, then of each `mix` source: the head of each file (a held-out text NLL on the same
+    file would take the tail)."""
+    documents = []
+    for path, field, docs in [(spec.path, spec.field, spec.docs), *((m.path, m.field, m.docs) for m in spec.mix)]:
+        found = texts(read_jsonl(resolve_path(path)), field)
+        if not found:
+            raise RecipeError(f"distill.general: {path} has no rows with a text field {field!r}")
+        documents += found[:docs]
+    return documents
 
 
 def teacher_samples(

@@ -17,7 +17,7 @@ from qatkit.quant.apply import prepare
 from qatkit.quant.patches import cache_frozen_weight_fake_quant, signature
 from qatkit.quant.plan import non_language_modules
 from qatkit.quant.scales import learned_scales
-from qatkit.run.layout import GPTQ_WEIGHTS, FinetuneDir
+from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, FinetuneDir
 from qatkit.run.records import QatPlanRecord, TrainResult
 
 if TYPE_CHECKING:
@@ -51,7 +51,7 @@ def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
 
 
 def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens: int, device=None) -> dict:
-    """qat.gptq's calibration batch: the first training examples as the model reads them (chat examples through
+    """qat.gptq's and qat.awq's calibration batch: the first training examples as the model reads them (chat examples through
     the chat template), cut to max_tokens and right-padded, with their attention mask."""
 
     def text(example: dict) -> str:
@@ -82,6 +82,28 @@ def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], sav
     if distributed.is_main():
         saved.parent.mkdir(parents=True, exist_ok=True)
         save_gptq_weights(model, names, saved)
+
+
+def _start_from_awq(recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool) -> None:
+    """qat.awq: scale the prepared model's MLPs as AWQ's search picks (or, resuming, as it picked) and keep the
+    scales in `saved`, beside the adapter, for convert."""
+    from qatkit.quant.awq import awq_, load_awq_scales, save_awq_scales
+
+    if resume and saved.is_file():
+        load_awq_scales(model, saved)
+        return
+    spec = recipe.qat.awq
+    batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens, model.device)
+    t0 = time.time()
+    quant = recipe.quant
+    scales = awq_(
+        model, batch["input_ids"], batch["attention_mask"], quant.group_size, spec.grid, quant.scale_init == "mse"
+    )
+    tokens = int(batch["attention_mask"].sum())
+    log.info("AWQ: %d MLPs scaled on %d calibration tokens in %.0f s", len(scales), tokens, time.time() - t0)
+    if distributed.is_main():
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        save_awq_scales(scales, saved)
 
 
 def _control_output(control: Path | None, setting: str) -> Path:
@@ -117,8 +139,10 @@ class HFBackend:
             require_chat_template(tokenizer, recipe.model)
         if qat:
             plan = prepare(model, recipe.quant)
+            trained = FinetuneDir(work).trained(full)
+            if recipe.qat.awq:
+                _start_from_awq(recipe, model, tokenizer, examples, trained / AWQ_SCALES, resume)
             if recipe.qat.gptq:
-                trained = FinetuneDir(work).trained(full)
                 _start_from_gptq(recipe, model, tokenizer, examples, trained / GPTQ_WEIGHTS, resume)
             if distributed.is_main():
                 QatPlanRecord.from_plan(plan, recipe.training_mode, signature(model)).save(FinetuneDir(work).qat_plan)

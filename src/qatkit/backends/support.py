@@ -42,6 +42,8 @@ def check_unsloth_recipe(recipe: Recipe) -> None:
         )
     if recipe.distill is not None:
         raise RecipeError("qatkit's Unsloth backend trains with cross-entropy only: use backend: hf for distill")
+    if recipe.qat.awq is not None:
+        raise RecipeError("qatkit's Unsloth backend trains the model's own weights: use backend: hf for qat.awq")
     if recipe.qat.init_from != "base":
         raise RecipeError("qatkit's Unsloth backend starts QAT from the base model: use backend: hf for qat.init_from")
     if spec.scheme.weight_fake_quantizer is not None:

@@ -25,34 +25,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def distill_loss(student_logits, teacher_logits, scored, temperature: float = 1.0, num_items=None):
-    """KL(teacher || student) summed over the positions `scored` marks (bool, one fewer than the logits along the
-    sequence: position t predicts token t + 1, like the shifted cross-entropy), times temperature² (Hinton et al.),
-    divided by `num_items` when given, else by the scored positions."""
-    import torch
-    import torch.nn.functional as F
-
-    student, teacher = student_logits[:, :-1], teacher_logits[:, :-1]
-    # every position scored (packed text): views, no copies of the full-vocabulary logits (the boolean gather, its
-    # scatter in the backward and a float32 copy took 1.4 s of a 3.5 s KL on a packed SmolLM2 batch here)
-    if not scored.all():
-        student, teacher = student[scored], teacher[scored]
-    if temperature != 1.0:
-        student, teacher = student / temperature, teacher / temperature
-    kl = F.kl_div(
-        F.log_softmax(student, dim=-1, dtype=torch.float32),
-        F.log_softmax(teacher, dim=-1, dtype=torch.float32),
-        log_target=True,
-        reduction="sum",
-    )
-    return kl * temperature**2 / (num_items if num_items is not None else scored.sum().clamp(min=1))
-
-
 def _distill_compute_loss(teacher, distill, general=None):
     """Trainer.compute_loss mixing the cross-entropy with KL(teacher || student) on the same tokens, plus, with a
     `general` stream (distill.general), the KL on every token of a batch of general text."""
     import torch
     from transformers import Trainer
+
+    from qatkit.backends.distill import distill_loss
 
     teacher.eval().requires_grad_(False)
 

@@ -11,7 +11,7 @@ from qatkit.models.merged_lora import use_merged_lora_forward
 from qatkit.quant.apply import prepare
 from qatkit.quant.plan import Plan, lora_exclude_pattern
 from qatkit.quant.scales import load_learned_scales
-from qatkit.run.layout import GPTQ_WEIGHTS, LEARNED_SCALES
+from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, LEARNED_SCALES
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
@@ -55,7 +55,11 @@ def load_trained(recipe: Recipe, trained: Path):
     full = recipe.train.full_finetuning
     model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(trained) if full else None)
     plan = prepare_for_qat(recipe, model)
-    if not full:
+    if not full:  # a full fine-tune saved its weights as trained, scaled and all
+        if recipe.qat.awq:
+            from qatkit.quant.awq import load_awq_scales
+
+            load_awq_scales(model, trained / AWQ_SCALES)
         if recipe.qat.gptq:  # the adapter was trained on the GPTQ weights, not the model's own
             from qatkit.quant.gptq import load_gptq_weights
 

@@ -22,23 +22,32 @@ def init_learned_scales(model: torch.nn.Module, mse: bool = False) -> None:
     each group's squared rounding + clipping error (searched over MSE_CLIP_RATIOS, like GPTQ/AWQ clip search).
     A scale that deploys below float32 (int8-int4's bf16) is learned in float32 and used rounded
     (RoundedScaleFakeQuantizer)."""
+    for mod in list(model.modules()):
+        fq = getattr(mod, "weight_fake_quantizer", None)
+        if getattr(getattr(fq, "config", None), "range_learning", False) and fq.scale is None:
+            init_learned_scale(mod, mse)
+
+
+def init_learned_scale(mod: torch.nn.Module, mse: bool = False) -> None:
+    """One module's learnable weight scale from its weight as it is now (see init_learned_scales). A torchao
+    quantizer is replaced by a fresh one, which computes its scale on its first call."""
     import torch
 
+    fq = mod.weight_fake_quantizer
     with torch.no_grad():
-        for mod in list(model.modules()):
-            fq = getattr(mod, "weight_fake_quantizer", None)
-            if getattr(getattr(fq, "config", None), "range_learning", False) and fq.scale is None:
-                if callable(getattr(fq, "init_scale", None)):  # qatkit's own (GGUF) quantizer
-                    fq.init_scale(mod.weight)
-                else:
-                    if fq.config.scale_precision not in (None, torch.float32):
-                        from qatkit.quant.rounded_scales import RoundedScaleFakeQuantizer
+        if callable(getattr(fq, "init_scale", None)):  # qatkit's own (GGUF) quantizer
+            fq.init_scale(mod.weight)
+        else:
+            quantizer = type(fq)
+            if fq.config.scale_precision not in (None, torch.float32):
+                from qatkit.quant.rounded_scales import RoundedScaleFakeQuantizer
 
-                        mod.weight_fake_quantizer = fq = RoundedScaleFakeQuantizer(fq.config)
-                    fq._initialized = True
-                    fq(mod.weight)
-                if mse:
-                    clip_search(fq, mod.weight)
+                quantizer = RoundedScaleFakeQuantizer
+            mod.weight_fake_quantizer = fq = quantizer(fq.config)
+            fq._initialized = True
+            fq(mod.weight)
+        if mse:
+            clip_search(fq, mod.weight)
 
 
 def clip_search(fq, weight: torch.Tensor) -> None:

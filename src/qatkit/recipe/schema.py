@@ -61,6 +61,12 @@ class GptqSpec(Strict):
     )
 
 
+class AwqSpec(Strict):
+    samples: int = Field(64, gt=0, description="Training examples down_proj's inputs are measured on.")
+    max_tokens: int = Field(256, gt=1, description="Each calibration example is cut to this many tokens.")
+    grid: int = Field(20, gt=1, description="Exponents a tried per layer, evenly spaced over [0, 1] (AWQ's n_grid).")
+
+
 class QatSpec(Strict):
     scheme: str = Field(description="Scheme name; see `qatkit schemes`.")
     group_size: int | None = Field(
@@ -109,6 +115,13 @@ class QatSpec(Strict):
         "on calibration activations (the first training examples), on the scales qat.scale_init gives. Needs "
         "qat.learn_scales (so backend hf).",
     )
+    awq: AwqSpec | None = Field(
+        None,
+        description="Start from AWQ's activation-aware scaling of each gated MLP (up_proj rows divided, down_proj input "
+        "channels multiplied by the same s, searched per layer on calibration activations, the first training "
+        "examples): the same model in full precision, with down_proj's salient input channels on a finer grid. The "
+        "scaled weights are what is trained, converted and exported.",
+    )
     init_from: Literal["base", "control"] = Field(
         "base",
         description="control: QAT starts from the recipe's fine-tune without QAT (its adapters, or its weights with "
@@ -136,6 +149,10 @@ class QatSpec(Strict):
                 raise ValueError(f"qat.{name} is set but qat.learn_scales is not: there are no scales to train")
         if self.gptq and not self.learn_scales:
             raise ValueError("qat.gptq keeps its weights on the learned scales' grid: set qat.learn_scales: true")
+        if self.awq and self.gptq:
+            raise ValueError("qat.awq and qat.gptq: pick one start (both is not supported)")
+        if self.awq and self.init_from == "control":
+            raise ValueError("qat.awq scales the base model's weights; it cannot start from the control (init_from)")
         if self.gptq and self.init_from == "control":
             raise ValueError(
                 "qat.gptq quantizes the base model's weights; it cannot start from the control (init_from)"
@@ -252,6 +269,12 @@ class TrainSpec(Strict):
     )
 
 
+class GeneralTextSource(Strict):
+    path: str = Field(description="jsonl of running text (local, pkg:<package>/<file>).")
+    field: str = Field("text", description="Field of each row that holds the text.")
+    docs: int | None = Field(None, gt=0, description="Documents used: the first ones of `path`; default all.")
+
+
 class GeneralTextSpec(Strict):
     """General text the student learns to match the teacher on, beside the task (keeps what the model could do
     before; LLM-QAT, Gemma 3's QAT): each step adds the KL on every token of a batch of it to the task loss."""
@@ -280,6 +303,21 @@ class GeneralTextSpec(Strict):
         0.5, gt=0.0, le=4.0, description="General sequences per task example in each batch (at least one)."
     )
     weight: float = Field(1.0, gt=0.0, description="Multiplier of the general-text KL added to the task loss.")
+    mix: tuple[GeneralTextSource, ...] = Field(
+        (),
+        description="More running text pooled with `path`'s documents before batching or packing (like data.mix, "
+        "Axolotl's datasets list): each source's first `docs` documents. Not with path: teacher.",
+    )
+
+    @model_validator(mode="after")
+    def _mix_needs_a_corpus(self) -> GeneralTextSpec:
+        if self.mix and self.path == "teacher":
+            raise ValueError("distill.general.mix pools running text with path's; path: teacher samples instead")
+        return self
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.path, *(source.path for source in self.mix))
 
 
 class DistillSpec(Strict):
@@ -382,9 +420,9 @@ class Recipe(Strict):
         if self.qat.lora == "merged" and self.lora.dropout > 0:
             raise ValueError("qat.lora: merged trains fq(W + s·BA) and cannot apply LoRA dropout; set lora.dropout: 0")
         general = self.distill.general if self.distill else None
-        if general and general.path == self.eval.text_path:
+        if general and self.eval.text_path in general.paths:
             raise ValueError(
-                "distill.general.path is eval.text_path: the held-out text NLL must score text never trained on"
+                "distill.general reads eval.text_path: the held-out text NLL must score text never trained on"
             )
         for fmt in dict.fromkeys(self.export.formats):
             if why := export_refusal(self.qat.scheme, fmt):

@@ -76,7 +76,8 @@ def _how_trained(report: dict, recipe: dict, base: str) -> list[str]:
     if distill and distill.get("tokens") == "all":
         taught += " on every token, prompt included"
     if distill and (general := distill.get("general")):
-        source = "sequences the teacher sampled itself" if general["path"] == "teacher" else f"`{general['path']}`"
+        paths = [general["path"], *(m["path"] for m in general.get("mix", ()))]
+        source = "sequences the teacher sampled itself" if paths == ["teacher"] else ", ".join(f"`{p}`" for p in paths)
         taught += f", and on every token of general text beside the task ({source})"
     first = f"{base} {how}"
     if qat.get("init_from") == "control":
