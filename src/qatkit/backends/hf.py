@@ -51,8 +51,8 @@ def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
 
 
 def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens: int, device=None) -> dict:
-    """qat.gptq's and qat.awq's calibration batch: the first training examples as the model reads them (chat examples through
-    the chat template), cut to max_tokens and right-padded, with their attention mask."""
+    """qat.gptq's and qat.awq's calibration batch: the first training examples as the model reads them (chat
+    examples through the chat template), cut to max_tokens and right-padded, with their attention mask."""
 
     def text(example: dict) -> str:
         if "text" in example:

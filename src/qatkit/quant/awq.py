@@ -94,21 +94,17 @@ def awq_(
     mlps = gated_mlps(model)
     if not mlps:
         raise RecipeError(f"qat.awq: {type(model).__name__} has no gated MLP (up_proj and down_proj linears)")
-    from qatkit.quant.patches import each_fake_quantizer
+    from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
 
-    quantizers = [fq for _, _, fq in each_fake_quantizer(model)]
     was_training = model.training
     model.eval()
     inputs = _DownProjInputs(mlps, attention_mask)
     with torch.no_grad():
-        for fq in quantizers:
-            fq.enabled = False
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
+            with fake_quant_off(fq for _, _, fq in each_fake_quantizer(model)):
+                model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         finally:
             inputs.close()
-            for fq in quantizers:
-                fq.enabled = True
         chosen = {}
         for name, mlp in mlps.items():
             down, up = mlp.down_proj, mlp.up_proj
@@ -119,7 +115,8 @@ def awq_(
                 err = _output_error(down, weight, x, want, s, mse)
                 if best_err is None or err < best_err:
                     best, best_err = s, err
-            apply_awq_scale(mlp, best, weight)
+            down.weight.copy_(weight)  # back from the last candidate: the search's own copy, exact in its dtype
+            apply_awq_scale(mlp, best)
             if has_learned_scale(up):
                 init_learned_scale(up, mse)
             if has_learned_scale(down):
@@ -130,12 +127,10 @@ def awq_(
     return chosen
 
 
-def apply_awq_scale(mlp: torch.nn.Module, s: torch.Tensor, down_weight: torch.Tensor | None = None) -> None:
-    """down_proj's input channels times s, up_proj's output rows divided by it (in float32, then the weights' dtype).
-    `down_weight`: down_proj's weight before scaling, if the module's holds something else now."""
+def apply_awq_scale(mlp: torch.nn.Module, s: torch.Tensor) -> None:
+    """down_proj's input channels times s, up_proj's output rows divided by it (in float32, then the weights' dtype)."""
     with torch.no_grad():
-        down = (mlp.down_proj.weight if down_weight is None else down_weight).float()
-        mlp.down_proj.weight.copy_((down * s).to(mlp.down_proj.weight.dtype))
+        mlp.down_proj.weight.copy_((mlp.down_proj.weight.float() * s).to(mlp.down_proj.weight.dtype))
         mlp.up_proj.weight.copy_((mlp.up_proj.weight.float() / s[:, None]).to(mlp.up_proj.weight.dtype))
 
 

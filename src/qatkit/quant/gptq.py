@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from qatkit.core.errors import RecipeError
+from qatkit.quant.patches import fake_quant_off
 from qatkit.quant.plan import stable_fqn
 from qatkit.quant.scales import has_learned_scale
 
@@ -166,7 +167,7 @@ def gptq_(
             for layer, kwargs in zip(layers, layer_kwargs, strict=True):
                 linears = _learned_scale_linears(layer, prefix=names[id(layer)] + ".")
                 hessians = _Hessians(linears, mask)
-                with _weight_fake_quant_off(linears.values()):
+                with fake_quant_off(m.weight_fake_quantizer for m in linears.values()):
                     layer(hidden, **kwargs)
                 _quantize_linears(linears, hessians.close(), damp)
                 out = layer(hidden, **kwargs)
@@ -175,25 +176,12 @@ def gptq_(
             normed = decoder.norm(hidden)
         if head_linears:
             hessians = _Hessians(head_linears, mask)
-            with _weight_fake_quant_off(head_linears.values()):
+            with fake_quant_off(m.weight_fake_quantizer for m in head_linears.values()):
                 head(normed)
             _quantize_linears(head_linears, hessians.close(), damp)
             done += head_linears
     model.train(was_training)
     return [stable_fqn(n) for n in done]
-
-
-class _weight_fake_quant_off:
-    def __init__(self, linears):
-        self._quantizers = [m.weight_fake_quantizer for m in linears]
-
-    def __enter__(self):
-        for fq in self._quantizers:
-            fq.enabled = False
-
-    def __exit__(self, *exc):
-        for fq in self._quantizers:
-            fq.enabled = True
 
 
 def save_gptq_weights(model: torch.nn.Module, names: list[str], path: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from qatkit.quant.plan import stable_fqn
@@ -31,6 +33,19 @@ def each_fake_quantizer(model: torch.nn.Module) -> list[tuple[str, str, torch.nn
         for kind in ("weight", "activation")
         if (fq := getattr(mod, f"{kind}_fake_quantizer", None)) is not None
     ]
+
+
+@contextlib.contextmanager
+def fake_quant_off(quantizers: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """The given fake quantizers pass their input through unchanged inside the block, and are on again after it."""
+    quantizers = list(quantizers)
+    for fq in quantizers:
+        fq.enabled = False
+    try:
+        yield
+    finally:
+        for fq in quantizers:
+            fq.enabled = True
 
 
 def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
