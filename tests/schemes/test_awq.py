@@ -172,9 +172,10 @@ def test_awq_mlp_input_keeps_the_model_and_lowers_the_mlps_quantized_error(
         load_awq_scales(fresh, path, ["mlp_hidden"])
 
 
-def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path):
-    """The adapter was trained on the scaled MLPs: convert rescales a fresh base from the file beside it, so the
-    converted checkpoint is exactly the trained forward; without that file convert refuses."""
+@pytest.mark.parametrize("channels", ["[mlp_hidden]", "[mlp_input,mlp_hidden]"])
+def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path, channels):
+    """The adapter was trained on the scaled MLPs (and norms): convert rescales a fresh base from the file beside it,
+    so the converted checkpoint is exactly the trained forward; without that file convert refuses."""
     out = tmp_path / "run"
     recipe = load_recipe(
         TINY_RECIPE,
@@ -185,6 +186,7 @@ def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path)
             "qat.learn_scales=true",
             "qat.awq.samples=4",
             "qat.awq.max_tokens=32",
+            f"qat.awq.channels={channels}",
         ],
     )
     run_recipe(recipe, out, only=["finetune", "convert"])
