@@ -31,7 +31,6 @@ from qatkit.quant.scales import has_learned_scale, init_learned_scale
 log = logging.getLogger(__name__)
 
 SEARCH_ROWS = 4096  # calibration tokens per layer the output error is measured on (all of them go into mean|x|)
-CHANNELS = ("mlp_input", "mlp_hidden")  # the order each layer's pairs are searched and applied in
 
 
 def gated_mlps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
