@@ -3,7 +3,8 @@ the last DOCS documents) of the base model, of its round-to-nearest fake quantiz
 scales at their start), and of the same after AWQ (the recipe's qat.awq, else its defaults) on the recipe's
 calibration examples; plus the AWQ-scaled model with fake quantization off, which must equal the base model's.
 
-  python scripts/awq_ptq_text_nll.py configs/recovery/gemma3-270m-general-q4_0-packed.yaml 25 out.json
+  python scripts/awq_ptq_text_nll.py configs/recovery/gemma3-270m-general-q4_0-packed.yaml 25 out.json \
+      [qat.awq.channels=[mlp_input,mlp_hidden] ...]   # recipe overrides, as `qatkit run --set`
 """
 
 import json
@@ -19,43 +20,46 @@ from qatkit.evaluation.nll import load_texts, text_nll
 from qatkit.models.assembly import prepare_for_qat
 from qatkit.models.loading import load_model_and_tokenizer
 from qatkit.quant.awq import awq_
-from qatkit.quant.patches import each_fake_quantizer
+from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
 from qatkit.recipe import load_recipe
 from qatkit.recipe.schema import AwqSpec
 
 
-def main(recipe_path: str, docs: str, out: str) -> None:
-    recipe = load_recipe(recipe_path)
+def main(recipe_path: str, docs: str, out: str, *overrides: str) -> None:
+    recipe = load_recipe(recipe_path, list(overrides))
     texts = load_texts(recipe.eval)[-int(docs) :]
     model, tokenizer = load_model_and_tokenizer(recipe.model)
     model.eval()
     prepare_for_qat(recipe, model)
 
     def nll(quantized: bool) -> float:
-        quantizers = [fq for _, _, fq in each_fake_quantizer(model)]  # AWQ gives up/down_proj fresh ones
-        for fq in quantizers:
-            fq.enabled = quantized
-        with torch.no_grad():
+        quantizers = [fq for _, _, fq in each_fake_quantizer(model)]  # AWQ gives the scaled linears fresh ones
+        with torch.no_grad(), fake_quant_off([] if quantized else quantizers):
             value = text_nll(model, tokenizer, texts, recipe.eval.text_max_tokens, recipe.eval.batch_size)
-        for fq in quantizers:
-            fq.enabled = True
         return round(value, 4)
 
-    result = {"recipe": recipe_path, "texts": len(texts), "base": nll(False), "rtn": nll(True)}
+    result = {
+        "recipe": recipe_path,
+        "overrides": list(overrides),
+        "texts": len(texts),
+        "base": nll(False),
+        "rtn": nll(True),
+    }
     print(result, flush=True)
     examples = training_examples(load_splits(recipe.data), recipe.data.answer_style)
     spec = recipe.qat.awq or AwqSpec()  # the recipe's AWQ settings, else the defaults
     batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens)
     t0 = time.time()
-    scales = awq_(model, batch["input_ids"], batch["attention_mask"], recipe.quant.group_size, spec.grid)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    scales = awq_(model, ids, mask, recipe.quant.group_size, spec.grid, channels=spec.channels)
     result["awq_seconds"] = round(time.time() - t0, 1)
     result["awq_scaled_unquantized"] = nll(False)
     result["awq_rtn"] = nll(True)
-    result["scaled_layers"] = sum(not torch.equal(s, torch.ones_like(s)) for s in scales.values())
-    result["layers"] = len(scales)
+    result["scaled_pairs"] = sum(not torch.equal(s, torch.ones_like(s)) for s in scales.values())
+    result["pairs"] = len(scales)
     print(result, flush=True)
     Path(out).write_text(json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:])

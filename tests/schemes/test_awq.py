@@ -9,16 +9,24 @@ from qatkit.core.errors import RecipeError
 from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
 
-from ..conftest import TINY_RECIPE
+from ..conftest import TINY_RECIPE, arith_texts
 
 
-def _prepared(model_dir, scheme):
+def _prepared(model_dir, scheme, random_norms=False):
+    """The model QAT-prepared for `scheme` (learned scales); random_norms: every norm weight drawn at random (seeded)
+    instead of the init's constant, so a wrong norm rescaling shows."""
     from qatkit.models.loading import load_model_and_tokenizer
     from qatkit.quant.apply import prepare
     from qatkit.quant.spec import QuantSpec
 
     recipe = load_recipe(TINY_RECIPE, [f"model.name_or_path={model_dir}"])
     model, _ = load_model_and_tokenizer(recipe.model)
+    if random_norms:
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    param.copy_(1 + 0.3 * torch.randn(param.shape, generator=generator))
     spec = QuantSpec.resolve(scheme, learn_scales=True)
     prepare(model, spec)
     return model.eval(), spec
@@ -81,9 +89,93 @@ def test_awq_keeps_the_model_and_lowers_down_projs_quantized_error(tiny_model_di
         assert torch.equal(mlp.up_proj.weight, mlps[name].up_proj.weight)
 
 
-def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path):
-    """The adapter was trained on the scaled MLPs: convert rescales a fresh base from the file beside it, so the
-    converted checkpoint is exactly the trained forward; without that file convert refuses."""
+@pytest.fixture(scope="module")
+def tiny_gemma3_dir(tmp_path_factory):
+    from qatkit.testing import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-gemma3"), arith_texts(), arch="gemma3_text")
+
+
+def _mlp_inputs_and_logits(model, ids, mask):
+    """Each MLP's input rows (real tokens) and the logits, with all fake quantization off."""
+    from qatkit.quant.awq import gated_mlps
+    from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
+
+    inputs, hooks = {}, []
+    for name, mlp in gated_mlps(model).items():
+        hook = (lambda n: lambda module, args: inputs.__setitem__(n, args[0][mask.bool()]))(name)
+        hooks.append(mlp.register_forward_pre_hook(hook))
+    with torch.no_grad(), fake_quant_off(fq for _, _, fq in each_fake_quantizer(model)):
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    for h in hooks:
+        h.remove()
+    return inputs, logits
+
+
+def _mlp_error_with_gate_up_quantized(mlp, x, want):
+    from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
+
+    with torch.no_grad(), fake_quant_off(fq for _, _, fq in each_fake_quantizer(mlp.down_proj)):
+        return (mlp(x) - want).pow(2).mean()
+
+
+@pytest.mark.parametrize(
+    ("arch", "scheme", "channels"),
+    [
+        ("llama", "int8-int4", ["mlp_input"]),
+        ("gemma3_text", "q4_0", ["mlp_input"]),
+        ("gemma3_text", "q4_0", ["mlp_input", "mlp_hidden"]),
+    ],
+)
+def test_awq_mlp_input_keeps_the_model_and_lowers_the_mlps_quantized_error(
+    tiny_model_dir, tiny_gemma3_dir, arch, scheme, channels
+):
+    """gate/up_proj's inputs times s, the norm before the MLP divided by it (Gemma's 1 + w included): unquantized,
+    the same model; with gate/up_proj quantized, each MLP's output error at most what it was; the saved scales
+    rebuild the same weights, norms included."""
+    from qatkit.quant.awq import awq_, gated_mlps, load_awq_scales, mlp_input_norm, save_awq_scales
+    from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
+
+    model_dir = tiny_gemma3_dir if arch == "gemma3_text" else tiny_model_dir
+    model, spec = _prepared(model_dir, scheme, random_norms=True)
+    ids = torch.randint(3, model.config.vocab_size, (6, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[-2:, 12:] = 0
+    inputs, logits = _mlp_inputs_and_logits(model, ids, mask)
+    mlps = gated_mlps(model)
+    with torch.no_grad(), fake_quant_off(fq for _, _, fq in each_fake_quantizer(model)):
+        exact = {n: m(inputs[n]) for n, m in mlps.items()}
+    unscaled = {n: _mlp_error_with_gate_up_quantized(m, inputs[n], exact[n]) for n, m in mlps.items()}
+
+    scales = awq_(model, ids, mask, spec.group_size, grid=10, channels=channels)
+    norm_keys = {mlp_input_norm(model, n)[0] for n in mlps}
+    assert set(scales) == norm_keys | (set(mlps) if "mlp_hidden" in channels else set())
+    assert any(not torch.equal(scales[k], torch.ones_like(scales[k])) for k in norm_keys)
+    scaled_inputs, scaled_logits = _mlp_inputs_and_logits(model, ids, mask)
+    torch.testing.assert_close(scaled_logits, logits, rtol=1e-4, atol=1e-4)
+    for name, mlp in mlps.items():
+        s = scales[mlp_input_norm(model, name)[0]]
+        torch.testing.assert_close(scaled_inputs[name] * s, inputs[name], rtol=1e-4, atol=1e-5)
+        if channels == ["mlp_input"]:
+            assert _mlp_error_with_gate_up_quantized(mlp, scaled_inputs[name], exact[name]) <= unscaled[name] * (
+                1 + 1e-4
+            )
+
+    fresh, _ = _prepared(model_dir, scheme, random_norms=True)
+    path = model_dir.parent / f"awq-{arch}-{'-'.join(channels)}.safetensors"
+    save_awq_scales(scales, path)
+    load_awq_scales(fresh, path, channels)
+    trained = dict(model.named_parameters())
+    differ = [n for n, p in fresh.named_parameters() if n.endswith(".weight") and not torch.equal(p, trained[n])]
+    assert differ == []  # learned scales are not compared: a run loads its trained ones after the AWQ scales
+    with pytest.raises(RecipeError, match="other modules"):
+        load_awq_scales(fresh, path, ["mlp_hidden"])
+
+
+@pytest.mark.parametrize("channels", ["[mlp_hidden]", "[mlp_input,mlp_hidden]"])
+def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path, channels):
+    """The adapter was trained on the scaled MLPs (and norms): convert rescales a fresh base from the file beside it,
+    so the converted checkpoint is exactly the trained forward; without that file convert refuses."""
     out = tmp_path / "run"
     recipe = load_recipe(
         TINY_RECIPE,
@@ -94,6 +186,7 @@ def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path)
             "qat.learn_scales=true",
             "qat.awq.samples=4",
             "qat.awq.max_tokens=32",
+            f"qat.awq.channels={channels}",
         ],
     )
     run_recipe(recipe, out, only=["finetune", "convert"])

@@ -89,18 +89,17 @@ def _start_from_awq(recipe: Recipe, model, tokenizer, examples: list[dict], save
     scales in `saved`, beside the adapter, for convert."""
     from qatkit.quant.awq import awq_, load_awq_scales, save_awq_scales
 
-    if resume and saved.is_file():
-        load_awq_scales(model, saved)
-        return
     spec = recipe.qat.awq
+    if resume and saved.is_file():
+        load_awq_scales(model, saved, spec.channels)
+        return
     batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens, model.device)
     t0 = time.time()
     quant = recipe.quant
-    scales = awq_(
-        model, batch["input_ids"], batch["attention_mask"], quant.group_size, spec.grid, quant.scale_init == "mse"
-    )
+    mse = quant.scale_init == "mse"
+    scales = awq_(model, batch["input_ids"], batch["attention_mask"], quant.group_size, spec.grid, mse, spec.channels)
     tokens = int(batch["attention_mask"].sum())
-    log.info("AWQ: %d MLPs scaled on %d calibration tokens in %.0f s", len(scales), tokens, time.time() - t0)
+    log.info("AWQ: %d channel pairs scaled on %d calibration tokens in %.0f s", len(scales), tokens, time.time() - t0)
     if distributed.is_main():
         saved.parent.mkdir(parents=True, exist_ok=True)
         save_awq_scales(scales, saved)

@@ -59,7 +59,7 @@ def load_trained(recipe: Recipe, trained: Path):
         if recipe.qat.awq:
             from qatkit.quant.awq import load_awq_scales
 
-            load_awq_scales(model, trained / AWQ_SCALES)
+            load_awq_scales(model, trained / AWQ_SCALES, recipe.qat.awq.channels)
         if recipe.qat.gptq:  # the adapter was trained on the GPTQ weights, not the model's own
             from qatkit.quant.gptq import load_gptq_weights
 

@@ -1,13 +1,16 @@
-"""AWQ's activation-aware channel scaling (Lin et al. 2023) as the start of QAT, on the gated MLP's up_proj -> down_proj
-pair: down_proj's input channel j is multiplied by s_j and up_proj's output row j divided by it. In full precision
-the model is unchanged (down_proj(act(gate(x)) * up(x)) sees the same product); quantized, down_proj's salient input
-channels get a finer effective step inside their groups, which neither learned per-group scales nor a low-rank
-adapter can express. up_proj's groups run along its input, so dividing a whole row only divides its group scales.
+"""AWQ's activation-aware channel scaling (Lin et al. 2023) as the start of QAT, on the gated MLP. Two pairs, each
+exact in full precision (the model computes what it did) while the quantized linear's salient input channels get a
+finer effective step inside their groups, which neither learned per-group scales nor a low-rank adapter can express:
+- mlp_hidden: down_proj's input channel j times s_j, up_proj's output row j divided by it (down_proj reads
+  act(gate(x)) * up(x)). up_proj's groups run along its input, so dividing a whole row only divides its group scales.
+- mlp_input: gate_proj's and up_proj's input channels times s, the norm before the MLP divided by it (Llama's and
+  Qwen3's post_attention_layernorm, Gemma 3's pre_feedforward_layernorm, whose weight w acts as 1 + w).
 
 The search is AutoAWQ's / llm-compressor's: per layer, s = mean|x|^a / mean|w|^(1-a) (w normalized by its group's
-absmax), normalized by sqrt(max s · min s), for a on a grid over [0, 1] plus s = 1, keeping the s whose down_proj
-output, through its own fake quantizers (weights, and activations where the scheme has them), is closest to the
-unquantized output on the calibration tokens. No clipping search: learned scales play that part.
+absmax), normalized by sqrt(max s · min s), for a on a grid over [0, 1] plus s = 1, keeping the s whose output (the
+MLP's for mlp_input, down_proj's for mlp_hidden), with the scaled linears' own fake quantizers on (weights, and
+activations where the scheme has them) and the others off, is closest to the unquantized output on the calibration
+tokens. Per layer mlp_input goes first, as in AutoAWQ. No clipping search: learned scales play that part.
 
 Imported only inside functions, so torch at module level here never reaches `qatkit --help`.
 """
@@ -15,11 +18,13 @@ Imported only inside functions, so torch at module level here never reaches `qat
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from qatkit.core.errors import RecipeError
+from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
 from qatkit.quant.plan import stable_fqn
 from qatkit.quant.scales import has_learned_scale, init_learned_scale
 
@@ -38,16 +43,37 @@ def gated_mlps(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
     }
 
 
-class _DownProjInputs:
-    """Per MLP: mean |x| per input channel of down_proj over the real tokens, and up to SEARCH_ROWS of those rows."""
+def mlp_input_norm(model: torch.nn.Module, mlp_name: str) -> tuple[str, torch.nn.Module]:
+    """The norm whose output the MLP reads (fqn, module): Gemma 3's pre_feedforward_layernorm (its
+    post_attention_layernorm normalizes attention's output), else Llama's and Qwen3's post_attention_layernorm."""
+    layer_name = mlp_name.rpartition(".")[0]
+    layer = model.get_submodule(layer_name)
+    for attr in ("pre_feedforward_layernorm", "post_attention_layernorm"):
+        norm = getattr(layer, attr, None)
+        if isinstance(getattr(norm, "weight", None), torch.nn.Parameter):
+            return f"{layer_name}.{attr}", norm
+    raise RecipeError(f"qat.awq mlp_input: no norm before {mlp_name} (pre_feedforward_ or post_attention_layernorm)")
 
-    def __init__(self, mlps: dict[str, torch.nn.Module], mask: torch.Tensor, seed: int = 0):
+
+def _norm_offset(norm: torch.nn.Module) -> float:
+    """Gemma's RMSNorms multiply by 1 + weight, the others by weight."""
+    return 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
+
+
+def _quantizers(*modules: torch.nn.Module) -> list[torch.nn.Module]:
+    return [fq for m in modules for _, _, fq in each_fake_quantizer(m)]
+
+
+class _Inputs:
+    """Per module: mean |x| per input channel over the real tokens, and up to SEARCH_ROWS of those rows."""
+
+    def __init__(self, modules: dict[str, torch.nn.Module], mask: torch.Tensor, seed: int = 0):
         flat = mask.reshape(-1).nonzero().squeeze(-1)
         picked = torch.randperm(len(flat), generator=torch.Generator().manual_seed(seed))[:SEARCH_ROWS]
         self._real, self._rows = mask.bool(), picked.sort().values
         self.mean_abs: dict[str, torch.Tensor] = {}
         self.rows: dict[str, torch.Tensor] = {}
-        self._hooks = [mlp.down_proj.register_forward_hook(self._hook(n)) for n, mlp in mlps.items()]
+        self._hooks = [m.register_forward_hook(self._hook(n)) for n, m in modules.items()]
 
     def _hook(self, name: str):
         def keep(module, args, output):
@@ -63,7 +89,9 @@ class _DownProjInputs:
 
 
 def _candidates(x_mean: torch.Tensor, weight: torch.Tensor, group_size: int | None, grid: int):
-    """AutoAWQ's duo-scaling candidates: s for each a in 0, 1/(grid-1), ..., 1 (group_size None: one group a row)."""
+    """s = 1, then AutoAWQ's duo-scaling candidates for each a in 0, 1/(grid-1), ..., 1 (group_size None: one group
+    a row)."""
+    yield torch.ones_like(x_mean)
     w = weight.detach().float().abs()
     rows, cols = w.shape
     group_size = group_size or cols
@@ -76,58 +104,90 @@ def _candidates(x_mean: torch.Tensor, weight: torch.Tensor, group_size: int | No
         yield torch.where(torch.isfinite(s), s, torch.ones_like(s))
 
 
-def _output_error(down: torch.nn.Module, weight: torch.Tensor, x: torch.Tensor, want: torch.Tensor, s, mse: bool):
-    """Mean squared error of down_proj's quantized output with its input channels scaled by s."""
-    down.weight.copy_(weight * s)
-    if has_learned_scale(down):
-        init_learned_scale(down, mse)
-    return (down(x / s) - want).pow(2).mean().item()
+def _search(linears, forward, inputs: _Inputs, key: str, group_size, grid, mse) -> torch.Tensor:
+    """The candidate s whose output forward(x / s) on the inputs measured at `key`, with each linear's input channels
+    times s, is closest to the unscaled unquantized output; the linears get their weights back."""
+    x, x_mean = inputs.rows[key], inputs.mean_abs[key]
+    weights = [lin.weight.detach().float().clone() for lin in linears]
+    with fake_quant_off(_quantizers(*linears)):
+        want = forward(x)
+    best, best_err = None, None
+    for s in _candidates(x_mean, torch.cat(weights), group_size, grid):
+        for lin, w in zip(linears, weights, strict=True):
+            lin.weight.copy_(w * s)
+            if has_learned_scale(lin):
+                init_learned_scale(lin, mse)
+        err = (forward(x / s) - want).pow(2).mean().item()
+        if best_err is None or err < best_err:
+            best, best_err = s, err
+    for lin, w in zip(linears, weights, strict=True):
+        lin.weight.copy_(w)  # the search's own copy, exact in the weights' dtype
+    return best
 
 
 def awq_(
-    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, group_size: int | None, grid: int = 20, mse=False
-):
-    """Scale every gated MLP's up_proj / down_proj pair of a QAT-prepared model in place, each by the s its search
-    picks on the calibration batch (fake quantization off while the inputs are measured, as AWQ measures the
-    unquantized model); their learned scales, if any, start again from the new weights. Returns the stable name of
-    each MLP -> its s."""
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    group_size: int | None,
+    grid: int = 20,
+    mse: bool = False,
+    channels: Sequence[str] = ("mlp_hidden",),
+) -> dict[str, torch.Tensor]:
+    """Scale the `channels` pairs of every gated MLP of a QAT-prepared model in place, each by the s its search
+    picks on the calibration batch (inputs measured with fake quantization off, as AWQ measures the unquantized
+    model; the scaled model computes the same, so they hold for every pair); the scaled linears' learned scales, if
+    any, start again from the new weights. Returns the stable name of each scaled module -> its s: the norm's for
+    mlp_input, the MLP's for mlp_hidden."""
     mlps = gated_mlps(model)
     if not mlps:
         raise RecipeError(f"qat.awq: {type(model).__name__} has no gated MLP (up_proj and down_proj linears)")
-    from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
-
+    norms = {name: mlp_input_norm(model, name) for name in mlps} if "mlp_input" in channels else {}
+    watched = {norm_name: mlps[name] for name, (norm_name, _) in norms.items()}  # the MLP's input
+    if "mlp_hidden" in channels:
+        watched |= {name: mlp.down_proj for name, mlp in mlps.items()}
     was_training = model.training
     model.eval()
-    inputs = _DownProjInputs(mlps, attention_mask)
+    inputs = _Inputs(watched, attention_mask)
     with torch.no_grad():
         try:
-            with fake_quant_off(fq for _, _, fq in each_fake_quantizer(model)):
+            with fake_quant_off(_quantizers(model)):
                 model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1)
         finally:
             inputs.close()
         chosen = {}
         for name, mlp in mlps.items():
-            down, up = mlp.down_proj, mlp.up_proj
-            weight, x = down.weight.detach().float().clone(), inputs.rows[name]
-            want = x @ weight.T
-            best, best_err = torch.ones_like(inputs.mean_abs[name]), None
-            for s in [best, *_candidates(inputs.mean_abs[name], weight, group_size, grid)]:
-                err = _output_error(down, weight, x, want, s, mse)
-                if best_err is None or err < best_err:
-                    best, best_err = s, err
-            down.weight.copy_(weight)  # back from the last candidate: the search's own copy, exact in its dtype
-            apply_awq_scale(mlp, best)
-            if has_learned_scale(up):
-                init_learned_scale(up, mse)
-            if has_learned_scale(down):
-                init_learned_scale(down, mse)
-            chosen[stable_fqn(name)] = best
-            log.debug("AWQ %s: output error %.3g", name, best_err)
+            scaled = set()
+            if name in norms:
+                norm_name, norm = norms[name]
+                with fake_quant_off(_quantizers(mlp.down_proj)):
+                    s = _search([mlp.gate_proj, mlp.up_proj], mlp, inputs, norm_name, group_size, grid, mse)
+                apply_mlp_input_scale(norm, mlp, s)
+                chosen[stable_fqn(norm_name)] = s
+                scaled |= {mlp.gate_proj, mlp.up_proj}
+            if "mlp_hidden" in channels:
+                s = _search([mlp.down_proj], mlp.down_proj, inputs, name, group_size, grid, mse)
+                apply_mlp_hidden_scale(mlp, s)
+                chosen[stable_fqn(name)] = s
+                scaled |= {mlp.up_proj, mlp.down_proj}
+            for linear in scaled:
+                if has_learned_scale(linear):
+                    init_learned_scale(linear, mse)
     model.train(was_training)
     return chosen
 
 
-def apply_awq_scale(mlp: torch.nn.Module, s: torch.Tensor) -> None:
+def apply_mlp_input_scale(norm: torch.nn.Module, mlp: torch.nn.Module, s: torch.Tensor) -> None:
+    """gate_proj's and up_proj's input channels times s, the norm's effective weight divided by it (in float32,
+    then the weights' dtype)."""
+    offset = _norm_offset(norm)
+    with torch.no_grad():
+        norm.weight.copy_(((norm.weight.float() + offset) / s - offset).to(norm.weight.dtype))
+        for linear in (mlp.gate_proj, mlp.up_proj):
+            linear.weight.copy_((linear.weight.float() * s).to(linear.weight.dtype))
+
+
+def apply_mlp_hidden_scale(mlp: torch.nn.Module, s: torch.Tensor) -> None:
     """down_proj's input channels times s, up_proj's output rows divided by it (in float32, then the weights' dtype)."""
     with torch.no_grad():
         mlp.down_proj.weight.copy_((mlp.down_proj.weight.float() * s).to(mlp.down_proj.weight.dtype))
@@ -140,15 +200,24 @@ def save_awq_scales(scales: dict[str, torch.Tensor], path: Path) -> None:
     save_file({name: s.contiguous() for name, s in scales.items()}, str(path))
 
 
-def load_awq_scales(model: torch.nn.Module, path: Path) -> None:
-    """Scale a freshly loaded model's MLPs as the run's were (before LoRA is attached, learned scales loaded after)."""
+def load_awq_scales(model: torch.nn.Module, path: Path, channels: Sequence[str] = ("mlp_hidden",)) -> None:
+    """Scale a freshly loaded model's MLPs as the run's were, pair by pair in the search's order (before LoRA is
+    attached, learned scales loaded after)."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise RecipeError(f"{path} is missing: the run was trained on AWQ-scaled weights (qat.awq), they are needed")
-    mlps = {stable_fqn(n): m for n, m in gated_mlps(model).items()}
+    mlps = gated_mlps(model)
+    norms = {name: mlp_input_norm(model, name) for name in mlps} if "mlp_input" in channels else {}
+    expected = {stable_fqn(norm_name) for norm_name, _ in norms.values()}
+    if "mlp_hidden" in channels:
+        expected |= {stable_fqn(name) for name in mlps}
     saved = load_file(str(path))
-    if saved.keys() != mlps.keys():
-        raise RecipeError(f"{path} holds AWQ scales for other modules than this model's MLPs")
-    for name, s in saved.items():
-        apply_awq_scale(mlps[name], s)
+    if saved.keys() != expected:
+        raise RecipeError(f"{path} holds AWQ scales for other modules than this model's {'/'.join(channels)} pairs")
+    for name, mlp in mlps.items():
+        if name in norms:
+            norm_name, norm = norms[name]
+            apply_mlp_input_scale(norm, mlp, saved[stable_fqn(norm_name)])
+        if "mlp_hidden" in channels:
+            apply_mlp_hidden_scale(mlp, saved[stable_fqn(name)])

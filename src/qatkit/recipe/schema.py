@@ -62,9 +62,16 @@ class GptqSpec(Strict):
 
 
 class AwqSpec(Strict):
-    samples: int = Field(64, gt=0, description="Training examples down_proj's inputs are measured on.")
+    samples: int = Field(64, gt=0, description="Training examples the scaled linears' inputs are measured on.")
     max_tokens: int = Field(256, gt=1, description="Each calibration example is cut to this many tokens.")
     grid: int = Field(20, gt=1, description="Exponents a tried per layer, evenly spaced over [0, 1] (AWQ's n_grid).")
+    channels: list[Literal["mlp_input", "mlp_hidden"]] = Field(
+        ["mlp_hidden"],
+        min_length=1,
+        description="The channels scaled, each pair exact in full precision: mlp_hidden (down_proj's inputs times s, "
+        "up_proj's rows divided by it) and mlp_input (gate_proj's and up_proj's inputs times s, the norm before the MLP "
+        "divided by it: Llama's and Qwen3's post_attention_layernorm, Gemma 3's pre_feedforward_layernorm).",
+    )
 
 
 class QatSpec(Strict):
@@ -117,10 +124,10 @@ class QatSpec(Strict):
     )
     awq: AwqSpec | None = Field(
         None,
-        description="Start from AWQ's activation-aware scaling of each gated MLP (up_proj rows divided, down_proj input "
-        "channels multiplied by the same s, searched per layer on calibration activations, the first training "
-        "examples): the same model in full precision, with down_proj's salient input channels on a finer grid. The "
-        "scaled weights are what is trained, converted and exported.",
+        description="Start from AWQ's activation-aware scaling of each gated MLP (qat.awq.channels: by default up_proj "
+        "rows divided, down_proj input channels multiplied by the same s, searched per layer on calibration "
+        "activations, the first training examples): the same model in full precision, with the salient input "
+        "channels on a finer grid. The scaled weights are what is trained, converted and exported.",
     )
     init_from: Literal["base", "control"] = Field(
         "base",

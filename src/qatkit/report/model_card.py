@@ -71,6 +71,10 @@ def _how_trained(report: dict, recipe: dict, base: str) -> list[str]:
     scales = "; weight scales learned too" if qat.get("learn_scales") else ""
     if qat.get("gptq"):
         scales += "; starting from GPTQ weights instead of rounded ones"
+    if awq := qat.get("awq"):
+        channels = awq.get("channels", ["mlp_hidden"])  # runs before qat.awq.channels scaled mlp_hidden only
+        named = " and ".join(c.removeprefix("mlp_") for c in channels)
+        scales += f"; starting from AWQ's activation-aware scaling of the MLPs' {named} channels"
     distill = recipe.get("distill")
     taught = f", distilling from {TEACHERS[distill['teacher']]}" if distill else ""
     if distill and distill.get("tokens") == "all":
