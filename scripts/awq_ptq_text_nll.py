@@ -18,7 +18,7 @@ import torch
 from qatkit.backends.hf import _calibration_batch
 from qatkit.core.io import read_jsonl
 from qatkit.data import load_splits, training_examples
-from qatkit.evaluation.nll import gold_nll, load_texts, text_nll
+from qatkit.evaluation.nll import heldout_gold_nll, load_texts, text_nll
 from qatkit.models.assembly import prepare_for_qat
 from qatkit.models.loading import load_model_and_tokenizer
 from qatkit.quant.awq import awq_
@@ -45,8 +45,7 @@ def main(recipe_path: str, docs: int, out: str, heldout: str | None, overrides: 
                 text_nll(model, tokenizer, texts, recipe.eval.text_max_tokens, recipe.eval.batch_size), 4
             )
             if items:
-                golds = [d["choices"][d["gold"]] for d in items]
-                result[f"{name}_gold"] = round(gold_nll(model, tokenizer, [d["context"] for d in items], golds), 4)
+                result[f"{name}_gold"] = round(heldout_gold_nll(model, tokenizer, items), 4)
 
     score("base", quantized=False)
     score("rtn", quantized=True)

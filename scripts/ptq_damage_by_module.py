@@ -16,14 +16,13 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qatkit.core.io import read_jsonl
-from qatkit.evaluation.nll import gold_nll
+from qatkit.evaluation.nll import heldout_gold_nll
 from qatkit.quant.apply import quantize_ptq
 from qatkit.quant.spec import QuantSpec
 
 
 def main(model_dir: str, heldout: str, n: int, out: str) -> None:
     docs = read_jsonl(Path(heldout))[:n]
-    contexts, golds = [d["context"] for d in docs], [d["choices"][d["gold"]] for d in docs]
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     int8_int4 = QuantSpec.named("int8-int4")
     no_embeddings = dataclasses.replace(int8_int4.scheme, embedding_config=None)
@@ -39,7 +38,7 @@ def main(model_dir: str, heldout: str, n: int, out: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         converted = quantize_ptq(model, spec) if spec is not None else None
         results[name] = {
-            "gold_nll": gold_nll(model, tokenizer, contexts, golds),
+            "gold_nll": heldout_gold_nll(model, tokenizer, docs),
             "modules": None if converted is None else len(converted),
         }
         print(name, results[name], flush=True)

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from qatkit.core.io import read_jsonl
-from qatkit.evaluation.nll import gold_nll
+from qatkit.evaluation.nll import heldout_gold_nll
 from qatkit.models.assembly import load_finetuned, load_trained
 from qatkit.quant.patches import each_fake_quantizer
 from qatkit.recipe import load_recipe
@@ -29,10 +29,9 @@ def main(run_dir: str, n: int, out: str) -> None:
     recipe = load_recipe(run.resolved_recipe)
     full = recipe.train.full_finetuning
     docs = read_jsonl(run.eval.tasks / "heldout.jsonl")[:n]
-    contexts, golds = [d["context"] for d in docs], [d["choices"][d["gold"]] for d in docs]
 
     control, tokenizer = load_finetuned(recipe, run.finetune.control.trained(full))
-    results = {"control (no QAT, unquantized)": gold_nll(control.eval(), tokenizer, contexts, golds)}
+    results = {"control (no QAT, unquantized)": heldout_gold_nll(control.eval(), tokenizer, docs)}
     del control
 
     model, tokenizer, _ = load_trained(recipe, run.finetune.trained(full))
@@ -51,7 +50,7 @@ def main(run_dir: str, n: int, out: str) -> None:
     for name, switched_off in off_sets.items():
         for fqn, kind, fq in quantizers:
             fq.enabled = not switched_off(fqn, kind)
-        results[name] = gold_nll(model, tokenizer, contexts, golds)
+        results[name] = heldout_gold_nll(model, tokenizer, docs)
         print(f"{name}: {results[name]:.4f}", flush=True)
     record = {"run": str(run), "scheme": recipe.qat.scheme, "items": len(docs), "gold_nll": results}
     Path(out).write_text(json.dumps(record, indent=1) + "\n")

@@ -39,6 +39,12 @@ def gold_nll(model, tokenizer, contexts: list[str], golds: list[str], batch_size
     return total / max(count, 1)
 
 
+def heldout_gold_nll(model, tokenizer, docs: list[dict], batch_size: int = 8) -> float:
+    """gold_nll of held-out task rows as qatkit writes them for lm-eval (context, choices, index of the gold one)."""
+    golds = [d["choices"][d["gold"]] for d in docs]
+    return gold_nll(model, tokenizer, [d["context"] for d in docs], golds, batch_size)
+
+
 def text_nll(model, tokenizer, texts: list[str], max_tokens: int, batch_size: int = 8) -> float:
     """Mean NLL per token of held-out running text (each document truncated to `max_tokens`)."""
     ids = [tokenizer(t, add_special_tokens=True).input_ids[:max_tokens] for t in texts]

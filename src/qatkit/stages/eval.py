@@ -22,7 +22,7 @@ from qatkit.core.errors import RecipeError
 from qatkit.core.io import DONE, read_json, read_jsonl, write_json_atomic
 from qatkit.evaluation import variants as variant_info
 from qatkit.evaluation.lmeval import HELDOUT, check_tasks_available, evaluate_model, primary_metric, write_heldout_task
-from qatkit.evaluation.nll import gold_nll, load_texts, text_nll
+from qatkit.evaluation.nll import heldout_gold_nll, load_texts, text_nll
 from qatkit.models.assembly import load_finetuned
 from qatkit.models.loading import load_model_and_tokenizer
 from qatkit.quant.apply import quantize_ptq
@@ -118,8 +118,7 @@ def _score(recipe: Recipe, target: EvalTarget, include: list[str], heldout: Held
     scores = evaluate_model(model, tokenizer, list(spec.tasks), spec, include, seed=recipe.train.seed)
     if HELDOUT in scores:
         docs = read_jsonl(heldout.task_dir / f"{HELDOUT}.jsonl")[: spec.limit]
-        golds = [d["choices"][d["gold"]] for d in docs]
-        scores[HELDOUT]["gold_nll"] = gold_nll(model, tokenizer, [d["context"] for d in docs], golds)
+        scores[HELDOUT]["gold_nll"] = heldout_gold_nll(model, tokenizer, docs)
     result = {"dtype": str(model.dtype).removeprefix("torch."), "tasks": scores}
     if spec.text_path:
         result["text_nll"] = text_nll(model, tokenizer, load_texts(spec), spec.text_max_tokens)
