@@ -269,6 +269,57 @@ def test_learned_scales_get_their_own_optimizer_group(tiny_model_dir, tmp_path):
     assert adapters and all("lora" in n for n, p in model.named_parameters() if any(p is a for a in adapters))
 
 
+def test_log_space_step_is_the_optimizers_step_on_log_magnitude():
+    """step_in_log_space: under a constant gradient Adam's step is lr; in log space each scale, from 1e-4 to 1e-1,
+    shrinks by exactly exp(-lr) a step and keeps its sign, where the plain step flips the smallest one."""
+    from qatkit.backends.trainer import step_in_log_space
+
+    start = torch.tensor([1e-4, -1e-3, 1e-2, -1e-1])
+    lr, steps = 1e-2, 3
+    plain, log = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    plain_opt, log_opt = torch.optim.Adam([plain], lr=lr), torch.optim.Adam([log], lr=lr)
+    step_in_log_space(log_opt, [log])
+    for _ in range(steps):
+        for p, opt in ((plain, plain_opt), (log, log_opt)):
+            p.grad = torch.sign(start)  # every |scale| pushed down
+            opt.step()
+    torch.testing.assert_close(plain.detach(), start - steps * lr * torch.sign(start))
+    assert plain[0] < 0 < start[0]
+    torch.testing.assert_close(log.detach(), start * torch.exp(torch.tensor(-steps * lr)))
+
+
+@pytest.mark.parametrize("space", ["linear", "log"])
+def test_scale_space_in_training(tiny_model_dir, tmp_path, space):
+    """qat.scale_space through the trainer: two steps at scale_lr 1e-2 on int8-int4 scales of about 1e-3 to 1e-2
+    flip signs in linear space; in log space every scale keeps its sign and moves by at most a few lr of itself."""
+    from datasets import Dataset
+
+    from qatkit.backends.trainer import qat_trainer_class, sft_config
+    from qatkit.models.assembly import attach_lora, prepare_for_qat
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.quant.scales import learned_scales
+
+    recipe = tiny_recipe(tiny_model_dir, "qat.learn_scales=true", "qat.scale_lr=1e-2", f"qat.scale_space={space}")
+    model, tokenizer = load_model_and_tokenizer(recipe.model)
+    prepare_for_qat(recipe, model)
+    model = attach_lora(recipe, model)
+    for p in learned_scales(model).values():
+        p.requires_grad_(True)
+    before = torch.cat([p.detach().flatten() for p in learned_scales(model).values()])
+    args = sft_config(recipe, tmp_path, model, use_cpu=True, qat=True)
+    data = Dataset.from_list([{"prompt": "a b c", "completion": "d e f"}] * 8)
+    trainer_class = qat_trainer_class(model, recipe.qat.scale_lr, scale_space=recipe.qat.scale_space)
+    trainer_class(model=model, args=args, train_dataset=data, processing_class=tokenizer).train()
+    after = torch.cat([p.detach().flatten() for p in learned_scales(model).values()])
+    flipped = (torch.sign(after) != torch.sign(before)).sum().item()
+    if space == "linear":
+        assert flipped > 0
+    else:
+        assert flipped == 0
+        moved = (after / before).log().abs()
+        assert moved.max() <= 3 * 2 * 1e-2 and moved.median() > 1e-3
+
+
 @pytest.mark.parametrize("learn_scales", [False, True])
 def test_full_finetuning_trains_every_weight_and_deploys_exactly(tiny_model_dir, tmp_path, learn_scales):
     """train.full_finetuning: no adapters; every language-model weight moves under fake quantization, the

@@ -162,7 +162,9 @@ class HFBackend:
 
         teacher = load_teacher(recipe, control) if qat and recipe.distill else None
         general = _general_stream(recipe, teacher, tokenizer, control) if teacher is not None else None
-        trainer_class = qat_trainer_class(model, recipe.qat.scale_lr, teacher, recipe.distill, general)
+        trainer_class = qat_trainer_class(
+            model, recipe.qat.scale_lr, teacher, recipe.distill, general, recipe.qat.scale_space
+        )
         ckpt_dir = FinetuneDir(work).checkpoints
         trainer = sft_trainer(trainer_class, recipe, model, tokenizer, examples, ckpt_dir, not on_cuda, qat)
         return train_and_save(trainer, model, tokenizer, work, FinetuneDir(work).trained(full), resume, t0)

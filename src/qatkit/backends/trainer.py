@@ -90,8 +90,30 @@ def _model_lm_head_compute_loss(self, model, inputs, return_outputs=False, num_i
     return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 
 
-def _scales_create_optimizer(scales: list, scale_lr: float | None):
-    """SFTTrainer.create_optimizer with the learned scales in their own group, never weight-decayed."""
+def step_in_log_space(optimizer, params: list) -> None:
+    """Make each optimizer step on `params` a step on log|p| (Madam's multiplicative update, Bernstein et al. 2020):
+    the optimizer moves p by delta, the hooks turn that into p_before * exp(sign(p_before) * delta). With Adam
+    (|delta| about lr) every p then moves by about lr of itself, whatever its size, and never changes sign.
+    Stateless: the optimizer's own state, checkpoints and --resume are unchanged."""
+    import torch
+
+    before: list = []
+
+    def keep(*_):
+        before[:] = [p.detach().clone() for p in params]
+
+    def to_log_space(*_):
+        with torch.no_grad():
+            for p, old in zip(params, before, strict=True):
+                p.copy_(old * torch.exp(torch.sign(old) * (p - old)))
+
+    optimizer.register_step_pre_hook(keep)
+    optimizer.register_step_post_hook(to_log_space)
+
+
+def _scales_create_optimizer(scales: list, scale_lr: float | None, scale_space: str | None):
+    """SFTTrainer.create_optimizer with the learned scales in their own group, never weight-decayed, stepped in
+    log space with qat.scale_space: log."""
     from trl import SFTTrainer
 
     def create_optimizer(self, model=None):
@@ -102,19 +124,24 @@ def _scales_create_optimizer(scales: list, scale_lr: float | None):
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in ids]
         optimizer.add_param_group({"params": scales, "lr": scale_lr or self.args.learning_rate, "weight_decay": 0.0})
+        if scale_space == "log":
+            step_in_log_space(optimizer, scales)
         return optimizer
 
     return create_optimizer
 
 
-def qat_trainer_class(model, scale_lr: float | None = None, teacher=None, distill=None, general=None):
+def qat_trainer_class(
+    model, scale_lr: float | None = None, teacher=None, distill=None, general=None, scale_space: str | None = None
+):
     """SFTTrainer, or a subclass with what QAT needs of it:
 
     - a fake-quantized lm_head: the loss runs the model's own lm_head. TRL fuses lm_head into a chunked
       log-prob kernel that reads `lm_head.weight` directly, which would silently skip the lm_head's fake
       quantizers (int8-int4 quantizes lm_head): train and deploy would differ.
     - learned scales: they get their own optimizer group, at `scale_lr` (default: the adapters' lr) and
-      without weight decay (decay would shrink every scale toward zero).
+      without weight decay (decay would shrink every scale toward zero), stepped in log space with
+      `scale_space` "log".
     - distillation (`teacher` model, the recipe's `distill` section): the loss mixes cross-entropy with
       KL(teacher || student) on the same tokens, plus the KL on the `general` stream's text (distill.general).
     """
@@ -126,7 +153,7 @@ def qat_trainer_class(model, scale_lr: float | None = None, teacher=None, distil
     elif getattr(model.get_output_embeddings(), "weight_fake_quantizer", None) is not None:
         overrides["compute_loss"] = _model_lm_head_compute_loss
     if scales := list(learned_scales(model).values()):
-        overrides["create_optimizer"] = _scales_create_optimizer(scales, scale_lr)
+        overrides["create_optimizer"] = _scales_create_optimizer(scales, scale_lr, scale_space)
     return type("QatSFTTrainer", (SFTTrainer,), overrides) if overrides else SFTTrainer
 
 

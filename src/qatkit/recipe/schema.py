@@ -111,6 +111,12 @@ class QatSpec(Strict):
     scale_lr: float | None = Field(
         None, gt=0, description="Learning rate of the learned scales (default: the QAT run's); never weight-decayed."
     )
+    scale_space: Literal["linear", "log"] | None = Field(
+        None,
+        description="Where Adam steps the learned scales: linear (on the scale itself: every scale moves by about "
+        "scale_lr a step, whatever its size) or log (on log|scale|: each moves by a share of itself, about scale_lr, "
+        "and never changes sign; for scales spread over orders of magnitude, e.g. after qat.awq). Default linear.",
+    )
     scale_init: Literal["absmax", "mse"] | None = Field(
         None,
         description="Where learned scales start: absmax (torchao's), or mse: per group, the clipped scale with the "
@@ -151,7 +157,7 @@ class QatSpec(Strict):
         if self.learn_scales and not scheme.learnable_scales:
             learnable = ", ".join(s.name for s in list_schemes() if s.learnable_scales)
             raise ValueError(f"qat.learn_scales: scheme {self.scheme} has no learnable weight scales (use {learnable})")
-        for name in ("scale_lr", "scale_init"):
+        for name in ("scale_lr", "scale_space", "scale_init"):
             if getattr(self, name) is not None and not self.learn_scales:
                 raise ValueError(f"qat.{name} is set but qat.learn_scales is not: there are no scales to train")
         if self.gptq and not self.learn_scales:
