@@ -18,3 +18,11 @@ def test_the_card_says_qat_started_from_awq_scaling_and_of_which_channels():
     assert "starting from AWQ's activation-aware scaling of the MLPs' input and hidden channels" in card
     recipe["qat"]["awq"] = {"samples": 64, "max_tokens": 256, "grid": 20}  # from before qat.awq.channels: hidden only
     assert "of the MLPs' hidden channels" in _how_trained({"scheme": "q4_0"}, recipe, "Gemma 3 270M")[0]
+
+
+def test_the_card_says_when_scales_were_learned_in_log_space():
+    recipe = {"qat": {"lora": "merged", "learn_scales": True}, "train": {}}
+    linear = _how_trained({"scheme": "q4_0"}, recipe, "Gemma 3 270M")[0]
+    assert "weight scales learned too" in linear and "log space" not in linear
+    recipe["qat"]["scale_space"] = "log"
+    assert "weight scales learned too (stepped in log space)" in _how_trained({"scheme": "q4_0"}, recipe, "Gemma")[0]

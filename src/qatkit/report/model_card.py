@@ -69,6 +69,8 @@ def _how_trained(report: dict, recipe: dict, base: str) -> list[str]:
     how = "fully fine-tuned" if full else "fine-tuned with LoRA"
     mode = "" if full else f", LoRA mode `{qat['lora']}`"
     scales = "; weight scales learned too" if qat.get("learn_scales") else ""
+    if scales and qat.get("scale_space") == "log":
+        scales += " (stepped in log space)"
     if qat.get("gptq"):
         scales += "; starting from GPTQ weights instead of rounded ones"
     if awq := qat.get("awq"):
