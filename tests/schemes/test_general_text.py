@@ -341,3 +341,71 @@ def test_running_text_cannot_be_mixed_with_task_data(tiny_model_dir, text_file):
     recipe = tiny_recipe(tiny_model_dir, f"data.mix=[{{path: {text_file}, format: text, text_field: body}}]")
     with pytest.raises(RecipeError, match="cannot be mixed"):
         load_splits(recipe.data)
+
+
+@pytest.mark.parametrize(
+    "lora", [["qat.lora=merged", "qat.learn_scales=true"], ["qat.lora=merged"], ["qat.lora=unmerged"]]
+)
+def test_the_task_and_general_forwards_share_one_fake_quantized_weight(
+    tiny_model_dir, tmp_path, text_file, monkeypatch, lora
+):
+    """A step with a general batch runs the student twice on the same weights: each weight is fake-quantized once
+    (the backward too), and the loss and every gradient are the ones of two separate fake quantizations."""
+    import contextlib
+
+    from qatkit.backends import trainer as trainer_module
+    from qatkit.backends.general_text import general_batches
+    from qatkit.quant.patches import each_fake_quantizer
+
+    recipe = tiny_recipe(
+        tiny_model_dir,
+        *lora,
+        "distill.teacher=base",
+        "distill.weight=0.5",
+        f"distill.general.path={text_file}",
+        "distill.general.field=body",
+        "distill.general.max_tokens=64",
+    )
+
+    streams = []
+
+    def stream(teacher, tokenizer):
+        streams.append(general_batches(recipe.distill.general, teacher, tokenizer, recipe.train.batch_size, 7, {}))
+        return streams[-1]
+
+    trainer, model, _, inputs = _trainer(recipe, tmp_path, stream)
+    batch = streams[0].next()
+    monkeypatch.setattr(streams[0], "next", lambda device=None: batch)  # the same general batch in both losses
+    torch.manual_seed(0)
+    with torch.no_grad():  # a LoRA update, so W + s·BA differs from W
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    calls = {}
+    for fqn, kind, fq in each_fake_quantizer(model):
+        if kind == "weight":
+
+            def counted(w, _compute=fq.forward, _fqn=fqn):
+                calls[_fqn] = calls.get(_fqn, 0) + 1
+                return _compute(w)
+
+            fq.forward = counted
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def loss_and_grads():
+        calls.clear()
+        model.zero_grad()
+        loss = trainer.compute_loss(model, inputs)
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in trained if p.grad is not None}, dict(calls)
+
+    loss, grads, once = loss_and_grads()
+    monkeypatch.setattr(trainer_module, "weight_fake_quant_once", lambda model: contextlib.nullcontext())
+    want_loss, want_grads, twice = loss_and_grads()
+
+    assert set(once) == set(twice) and len(once) > 0
+    assert all(n == 1 for n in once.values()) and all(n == 2 for n in twice.values())
+    assert torch.equal(loss, want_loss)
+    assert grads.keys() == want_grads.keys() and any("lora_A" in n for n in grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, want_grads[name], msg=name)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from qatkit.backends.general_text import leading_bos, packed
 from qatkit.core import distributed, interrupts, progress
 from qatkit.core.errors import Interrupted, RecipeError
-from qatkit.quant.patches import fake_quantizers
+from qatkit.quant.patches import fake_quantizers, weight_fake_quant_once
 from qatkit.quant.scales import learned_scales, load_learned_scales, save_learned_scales
 from qatkit.run.layout import LEARNED_SCALES, FinetuneDir
 from qatkit.run.records import TrainResult
@@ -80,7 +80,11 @@ def _distill_compute_loss(teacher, distill, general=None):
             loss = loss + distill.general.weight * kd_text
         return (loss, outputs) if return_outputs else loss
 
-    return compute_loss
+    def compute_loss_fake_quantizing_once(self, model, *args, **kwargs):
+        with weight_fake_quant_once(model):  # with a general batch the student runs twice on the same weights
+            return compute_loss(self, model, *args, **kwargs)
+
+    return compute_loss_fake_quantizing_once
 
 
 def _model_lm_head_compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

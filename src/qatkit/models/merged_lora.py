@@ -14,6 +14,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from qatkit.quant.patches import fake_quantize_weight
+
 
 class _MergedLoRALinear(torch.autograd.Function):
     """y = fq(W + s·B A) x with a straight-through gradient that never forms a full-size weight gradient.
@@ -24,9 +26,7 @@ class _MergedLoRALinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scaling, fake_quant, bias):
-        with torch.no_grad():
-            quantized = fake_quant(weight + (lora_b @ lora_a) * scaling).to(x.dtype)
+    def forward(ctx, x, quantized, lora_a, lora_b, scaling, bias):
         ctx.save_for_backward(x, quantized, lora_a, lora_b)
         ctx.scaling = scaling
         return F.linear(x, quantized, bias)
@@ -40,7 +40,7 @@ class _MergedLoRALinear(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1]).to(lora_a.dtype)
         grad_a = (g @ lora_b).T @ x2 * ctx.scaling
         grad_b = g.T @ (x2 @ lora_a.T) * ctx.scaling
-        return grad_x, None, grad_a, grad_b, None, None, None
+        return grad_x, None, grad_a, grad_b, None, None
 
 
 def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -50,20 +50,19 @@ def _merged_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     if base.activation_fake_quantizer is not None:
         x = base.activation_fake_quantizer(x)
     (name,) = [n for n in self.active_adapters if n in self.lora_A]
+    lora_a, lora_b, scaling = self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name]
+    fq = base.weight_fake_quantizer
     bias = None if base.bias is None else base.bias.to(x.dtype)
-    scale = getattr(base.weight_fake_quantizer, "scale", None)
+
+    def merged():
+        return base.weight + (lora_b @ lora_a) * scaling
+
+    scale = getattr(fq, "scale", None)
     if isinstance(scale, torch.nn.Parameter) and scale.requires_grad:  # learned scales need autograd through fq
-        merged = base.weight + (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]
-        return F.linear(x, base.weight_fake_quantizer(merged).to(x.dtype), bias)
-    return _MergedLoRALinear.apply(
-        x,
-        base.weight,
-        self.lora_A[name].weight,
-        self.lora_B[name].weight,
-        self.scaling[name],
-        base.weight_fake_quantizer,
-        bias,
-    )
+        return F.linear(x, fake_quantize_weight(fq, merged).to(x.dtype), bias)
+    with torch.no_grad():
+        quantized = fake_quantize_weight(fq, merged).to(x.dtype)
+    return _MergedLoRALinear.apply(x, quantized, lora_a, lora_b, scaling, bias)
 
 
 def use_merged_lora_forward(model: torch.nn.Module) -> int:

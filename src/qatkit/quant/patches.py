@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from qatkit.quant.plan import stable_fqn
@@ -46,6 +46,45 @@ def fake_quant_off(quantizers: Iterable[torch.nn.Module]) -> Iterator[None]:
     finally:
         for fq in quantizers:
             fq.enabled = True
+
+
+@contextlib.contextmanager
+def weight_fake_quant_once(model: torch.nn.Module) -> Iterator[None]:
+    """Inside the block every weight fake quantizer computes its output on its first call and returns that same
+    tensor on the later ones: for a loss that runs the model more than once on weights that do not change in
+    between (the task batch and distill.general's batch of one step). The forwards are unchanged, and the backward
+    runs once through each fake quantizer (the shared output's autograd node) instead of once per forward."""
+    once = []
+    for _, kind, fq in each_fake_quantizer(model):
+        if kind != "weight":
+            continue
+        own, values = fq.__dict__.get("forward"), []
+
+        def forward(w, _compute=fq.forward, _values=values):
+            if not _values:
+                _values.append(_compute(w))
+            elif _values[0].shape != w.shape:
+                raise RuntimeError(f"weight_fake_quant_once: a {tuple(w.shape)} weight after a {_values[0].shape}")
+            return _values[0]
+
+        fq.forward, fq._qatkit_once = forward, values
+        once.append((fq, own))
+    try:
+        yield
+    finally:
+        for fq, own in once:
+            del fq._qatkit_once
+            if own is None:
+                del fq.forward
+            else:
+                fq.forward = own
+
+
+def fake_quantize_weight(fq: torch.nn.Module, weight: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """fq(weight()), or, inside a `weight_fake_quant_once` block after its first call, the block's value without
+    computing weight() (a merged-LoRA weight W + s·BA costs a pass over W)."""
+    values = getattr(fq, "_qatkit_once", None)
+    return values[0] if values else fq(weight())
 
 
 def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
