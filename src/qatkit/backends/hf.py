@@ -126,10 +126,25 @@ class HFBackend:
         """Train LoRA adapters (or every weight) into `work`; `qat=False` is the control run (same everything, no
         fake quant). With the recipe's `distill` section the QAT run learns from a teacher: the model as loaded, or
         the control run trained into `control`; with qat.init_from: control it starts from that run's output."""
+        t0 = time.time()
+        trainer, model, tokenizer = self.trainer(recipe, examples, work, resume, qat, control)
+        return train_and_save(
+            trainer, model, tokenizer, work, FinetuneDir(work).trained(recipe.train.full_finetuning), resume, t0
+        )
+
+    def trainer(
+        self,
+        recipe: Recipe,
+        examples: list[dict],
+        work: Path,
+        resume: bool,
+        qat: bool = True,
+        control: Path | None = None,
+    ):
+        """The trainer `finetune` trains with, and its model and tokenizer, ready to train (or to time its steps)."""
         import torch
         from transformers import set_seed
 
-        t0 = time.time()
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
         full = recipe.train.full_finetuning
         start = _starting_point(recipe, control) if qat else None
@@ -167,4 +182,4 @@ class HFBackend:
         )
         ckpt_dir = FinetuneDir(work).checkpoints
         trainer = sft_trainer(trainer_class, recipe, model, tokenizer, examples, ckpt_dir, not on_cuda, qat)
-        return train_and_save(trainer, model, tokenizer, work, FinetuneDir(work).trained(full), resume, t0)
+        return trainer, model, tokenizer
