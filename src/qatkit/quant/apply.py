@@ -31,6 +31,8 @@ def prepare(model: torch.nn.Module, spec: QuantSpec) -> Plan:
     from torchao.quantization import quantize_
     from torchao.quantization.qat import QATConfig
 
+    from qatkit.quant.fused import use_fused_token_fake_quant
+
     plan = plan_modules(model, spec)
     if plan.untie_embeddings:
         untie_embeddings(model)
@@ -44,6 +46,7 @@ def prepare(model: torch.nn.Module, spec: QuantSpec) -> Plan:
         _prepare_own_weight_fake_quant(model, linears, build)
     elif linears:
         quantize_(model, spec.linear_prepare_config(), _fqn_filter(linears))
+        use_fused_token_fake_quant(model)
     if embeddings:
         quantize_(model, QATConfig(spec.embedding_config(), step="prepare"), _fqn_filter(embeddings))
     if spec.scheme.straight_through_fp8:

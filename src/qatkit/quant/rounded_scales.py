@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torchao.quantization.granularity import PerGroup
 from torchao.quantization.qat import IntxFakeQuantizer
-from torchao.quantization.qat.utils import _fake_quantize_per_channel_group
-from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
+from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, ZeroPointDomain
+
+from qatkit.quant.fused import GroupFakeQuantize
 
 
 class RoundedScaleFakeQuantizer(IntxFakeQuantizer):
@@ -25,14 +26,14 @@ class RoundedScaleFakeQuantizer(IntxFakeQuantizer):
         granularity = self.config.granularity
         group_size = granularity.group_size if isinstance(granularity, PerGroup) else x.shape[-1]
         qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[self.config.dtype]
-        return _fake_quantize_per_channel_group(
+        assert x.dim() == 2 and self.config.zero_point_domain == ZeroPointDomain.INT
+        return GroupFakeQuantize.apply(
             x,
             self.scale.to(self.config.scale_precision),  # differentiable: the gradient reaches the float32 scale
             self.zero_point,
             qmin,
             qmax,
             group_size,
-            self.config.zero_point_domain,
         )
 
     def round_scale(self) -> None:

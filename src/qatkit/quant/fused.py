@@ -1,0 +1,110 @@
+"""torchao's fake quantize ops as single autograd Functions: the same forward bit for bit and the gradients autograd
+derives from torchao's ops, in the same dtypes, each direction a few in-place passes where autograd allocates a
+tensor per op and keeps float copies for the backward. On CPU this elementwise work, not the matmuls, was most of
+a merged-LoRA QAT step's fake-quantization cost (benchmarks/general-step).
+
+Imported only inside functions, so torch and torchao at module level here never reach `qatkit --help`.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torchao.quantization.granularity import PerToken
+from torchao.quantization.qat import IntxFakeQuantizer
+from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS, MappingType, choose_qparams_affine
+
+
+class GroupFakeQuantize(torch.autograd.Function):
+    """torchao's `_fake_quantize_per_channel_group(w, scale, zero_point, qmin, qmax, group_size)` (integer zero
+    point, 2-D weight) bit for bit, with the gradients autograd derives from torchao's ops, in the same dtypes: for
+    `w` the straight-through one inside the clamp range, for `scale` through the dequantizing multiply and the
+    quantizing reciprocal. Each direction is a few in-place passes over the weight where autograd allocates a
+    tensor per op and keeps two float copies for the backward: on CPU this elementwise work, not the matmuls, was
+    a third of a learned-scale merged-LoRA step."""
+
+    @staticmethod
+    def forward(ctx, w, scale, zero_point, qmin: int, qmax: int, group_size: int):
+        groups = w.reshape(w.shape[0], -1, group_size)
+        s = scale.reshape(*groups.shape[:2], 1)
+        zp = zero_point.reshape(s.shape)
+        inverse = 1.0 / s  # torchao's w * (1.0 / scale): the reciprocal in the scale's dtype
+        q = (groups * inverse).round_().add_(zp)
+        inside = (q >= qmin).logical_and_(q <= qmax)  # where the clamp passes the gradient
+        centered = q.clamp_(qmin, qmax).sub_(zp.to(q.dtype))
+        ctx.save_for_backward(groups, centered, inside, s, inverse)
+        ctx.scale_shape = scale.shape
+        return (centered * s).view(w.shape)
+
+    @staticmethod
+    def backward(ctx, grad):
+        groups, centered, inside, s, inverse = ctx.saved_tensors
+        grad = grad.reshape(centered.shape)
+        grad_scale = (grad * centered).sum(-1, keepdim=True).to(s.dtype)
+        grad_q = (grad * s).masked_fill_(~inside, 0)
+        grad_inverse = (grad_q * groups).sum(-1, keepdim=True).to(inverse.dtype)
+        grad_scale += -grad_inverse * (inverse * inverse)  # autograd's reciprocal backward, in the scale's dtype
+        grad_w = grad_q.mul_(inverse)
+        return grad_w.view(groups.shape[0], -1), grad_scale.view(ctx.scale_shape), None, None, None, None
+
+
+class TokenFakeQuantize(torch.autograd.Function):
+    """torchao's `_fake_quantize_per_token(x, scale, zero_point, qmin, qmax)` (the dynamic per-token activation fake
+    quantization of int8-int4 and friends), with torchao's straight-through gradient for `x` (the scale and zero
+    point come from choose_qparams, without a gradient): the dequantize, and its gradient, in x's dtype as torchao
+    computes them."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmin: int, qmax: int):
+        s = scale.reshape(*x.shape[:-1], 1)
+        zp = zero_point.reshape(s.shape)
+        inverse = 1.0 / s
+        q = (x * inverse).round_().add_(zp)
+        inside = (q >= qmin).logical_and_(q <= qmax)  # where the clamp passes the gradient
+        centered = q.clamp_(qmin, qmax).to(x.dtype).sub_(zp.to(x.dtype))  # torchao dequantizes in x's dtype
+        ctx.save_for_backward(inside, s, inverse)
+        return (centered * s).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, s, inverse = ctx.saved_tensors
+        dtype = grad.dtype
+        grad_centered = (grad.to(torch.promote_types(dtype, s.dtype)) * s).to(dtype).masked_fill_(~inside, 0)
+        return (grad_centered * inverse).to(dtype), None, None, None, None
+
+
+def _per_token_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """IntxFakeQuantizer._per_token_forward (dynamic, asymmetric, no range learning) through TokenFakeQuantize."""
+    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[self.config.dtype]
+    self.scale, self.zero_point = choose_qparams_affine(
+        x,
+        mapping_type=MappingType.ASYMMETRIC,
+        block_size=[*([1] * (x.dim() - 1)), x.shape[-1]],
+        target_dtype=self.config.dtype,
+        quant_min=qmin,
+        quant_max=qmax,
+        eps=self.config.eps,
+        scale_dtype=self.config.scale_precision,
+        zero_point_dtype=self.config.zero_point_precision,
+    )
+    return TokenFakeQuantize.apply(x, self.scale, self.zero_point, qmin, qmax)
+
+
+def use_fused_token_fake_quant(model: torch.nn.Module) -> int:
+    """Every dynamic per-token activation fake quantizer of torchao in `model` computes through TokenFakeQuantize
+    (same output, same gradient). Returns the count."""
+    count = 0
+    for mod in model.modules():
+        fq = getattr(mod, "activation_fake_quantizer", None)
+        config = getattr(fq, "config", None)
+        if (
+            type(fq) is IntxFakeQuantizer
+            and isinstance(config.granularity, PerToken)
+            and config.is_dynamic
+            and not config.is_symmetric
+            and not config.range_learning
+        ):
+            fq._per_token_forward = types.MethodType(_per_token_forward, fq)
+            count += 1
+    return count
