@@ -1,7 +1,9 @@
-"""Time of a QAT training step with distill.general (the task batch and a general batch, two student forwards) with
-each weight fake-quantized once for both forwards (qatkit.quant.patches.weight_fake_quant_once, what training does)
-against once per forward (what it did before), interleaved in one process, on a recovery run's own recipe, data and
-control: the trainer the hf backend trains with, forward + backward (Trainer.training_step) on the same batches.
+"""Time of a QAT training step with distill.general (the task batch and a general batch, two student forwards) as
+qatkit trains it now, against the same step with torchao's own fake quantize ops instead of qatkit.quant.fused's
+(same values, autograd's pass per op), and against that with each weight fake-quantized once per forward instead of
+once per step (qatkit.quant.patches.weight_fake_quant_once): interleaved in one process, on a recovery run's own
+recipe, data and control, with the trainer the hf backend trains with, forward + backward
+(Trainer.training_step, under the run's autocast) on the same batches.
 
   python scripts/bench_general_step.py runs/recovery-smollm2-siqa-general-packed-1000/int8-int4-merged \
       benchmarks/general-step/smollm2-siqa-general.json
@@ -14,6 +16,7 @@ import platform
 import statistics
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import torch
@@ -21,12 +24,44 @@ import torch
 from qatkit.backends import trainer as trainer_module
 from qatkit.backends.hf import HFBackend
 from qatkit.core.io import read_jsonl
+from qatkit.quant import rounded_scales
+from qatkit.quant.fused import GroupFakeQuantize
+from qatkit.quant.patches import each_fake_quantizer, weight_fake_quant_once
 from qatkit.recipe import load_recipe
 from qatkit.run.layout import FinetuneDir
 
+
+@contextlib.contextmanager
+def torchao_ops(model):
+    """torchao's fake quantize ops in place of qatkit.quant.fused's: the weights' (learned scales) and the
+    activations' (dynamic per token)."""
+    from torchao.quantization.qat.utils import _fake_quantize_per_channel_group
+
+    fused_activations = [fq for _, _, fq in each_fake_quantizer(model) if "_per_token_forward" in fq.__dict__]
+    own = {fq: fq.__dict__.pop("_per_token_forward") for fq in fused_activations}
+    rounded_scales.GroupFakeQuantize = types.SimpleNamespace(apply=_fake_quantize_per_channel_group)
+    try:
+        yield
+    finally:
+        rounded_scales.GroupFakeQuantize = GroupFakeQuantize
+        for fq, forward in own.items():
+            fq._per_token_forward = forward
+
+
+@contextlib.contextmanager
+def torchao_ops_once_per_forward(model):
+    with torchao_ops(model):
+        trainer_module.weight_fake_quant_once = lambda model: contextlib.nullcontext()
+        try:
+            yield
+        finally:
+            trainer_module.weight_fake_quant_once = weight_fake_quant_once
+
+
 VARIANTS = {
-    "fake quant once per step": trainer_module.weight_fake_quant_once,
-    "fake quant once per forward": lambda model: contextlib.nullcontext(),
+    "now": lambda model: contextlib.nullcontext(),
+    "torchao's fake quant ops": torchao_ops,
+    "torchao's ops, fake quant once per forward": torchao_ops_once_per_forward,
 }
 
 
@@ -53,13 +88,13 @@ def main(run: Path, out: Path, rounds: int) -> None:
             inputs = next(batches)
             order = list(VARIANTS) if round_ % 2 else list(reversed(VARIANTS))
             for name in order:
-                trainer_module.weight_fake_quant_once = VARIANTS[name]
-                model.zero_grad()
-                start = time.perf_counter()
-                trainer.training_step(model, inputs)
-                if round_:
-                    seconds[name].append(time.perf_counter() - start)
-    once, per_forward = (statistics.median(seconds[name]) for name in VARIANTS)
+                with VARIANTS[name](model):
+                    model.zero_grad()
+                    start = time.perf_counter()
+                    trainer.training_step(model, inputs)
+                    if round_:
+                        seconds[name].append(time.perf_counter() - start)
+    now = statistics.median(seconds["now"])
     result = {
         "recipe": recipe.name,
         "scheme": recipe.qat.scheme,
@@ -67,7 +102,7 @@ def main(run: Path, out: Path, rounds: int) -> None:
         "task_batch": recipe.train.batch_size,
         "rounds": rounds,
         "median_step_s": {name: round(statistics.median(s), 3) for name, s in seconds.items()},
-        "per_forward_over_once": round(per_forward / once, 3),
+        "over_now": {name: round(statistics.median(s) / now, 3) for name, s in seconds.items()},
         "step_s": {name: [round(x, 3) for x in s] for name, s in seconds.items()},
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
@@ -75,7 +110,7 @@ def main(run: Path, out: Path, rounds: int) -> None:
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_step_s", "per_forward_over_once")}, indent=2))
+    print(json.dumps({k: result[k] for k in ("median_step_s", "over_now")}, indent=2))
 
 
 if __name__ == "__main__":
