@@ -1,6 +1,7 @@
 """Time of a QAT training step with distill.general (the task batch and a general batch, two student forwards) as
-qatkit trains it now, against the same step with torchao's own fake quantize ops instead of qatkit.quant.fused's
-(same values, autograd's pass per op), and against that with each weight fake-quantized once per forward instead of
+qatkit trains it now, against the same step with each linear fake-quantizing its input activations itself (q/k/v_proj
+read one tensor), with torchao's own fake quantize ops instead of qatkit.quant.fused's (same values, autograd's pass
+per op, each linear on its own), and against that with each weight fake-quantized once per forward instead of
 once per step (qatkit.quant.patches.weight_fake_quant_once): interleaved in one process, on a recovery run's own
 recipe, data and control, with the trainer the hf backend trains with, forward + backward
 (Trainer.training_step, under the run's autocast) on the same batches.
@@ -25,10 +26,25 @@ from qatkit.backends import trainer as trainer_module
 from qatkit.backends.hf import HFBackend
 from qatkit.core.io import read_jsonl
 from qatkit.quant import rounded_scales
-from qatkit.quant.fused import GroupFakeQuantize
+from qatkit.quant.fused import GroupFakeQuantize, LastCall
 from qatkit.quant.patches import each_fake_quantizer, weight_fake_quant_once
 from qatkit.recipe import load_recipe
 from qatkit.run.layout import FinetuneDir
+
+
+@contextlib.contextmanager
+def activations_per_linear(model):
+    """qatkit.quant.fused's ops, but each linear fake-quantizes its input itself (q/k/v_proj and gate/up_proj
+    each their own copy)."""
+    fused_activations = [fq for _, _, fq in each_fake_quantizer(model) if "_per_token_forward" in fq.__dict__]
+    shared = {fq: fq._qatkit_last_call for fq in fused_activations}
+    for fq in fused_activations:
+        fq._qatkit_last_call = LastCall()
+    try:
+        yield
+    finally:
+        for fq, last_call in shared.items():
+            fq._qatkit_last_call = last_call
 
 
 @contextlib.contextmanager
@@ -60,6 +76,7 @@ def torchao_ops_once_per_forward(model):
 
 VARIANTS = {
     "now": lambda model: contextlib.nullcontext(),
+    "each linear fake-quantizes its input itself": activations_per_linear,
     "torchao's fake quant ops": torchao_ops,
     "torchao's ops, fake quant once per forward": torchao_ops_once_per_forward,
 }

@@ -1,8 +1,6 @@
 """qatkit.quant.fused: torchao's fake quantize ops as single autograd Functions, bit for bit the same forward and
 gradients as torchao's own ops."""
 
-import types
-
 import pytest
 import torch
 from torchao.quantization.qat import IntxFakeQuantizeConfig, IntxFakeQuantizer
@@ -58,8 +56,9 @@ def test_token_fake_quantize_is_torchaos_per_token_fake_quant_bit_for_bit(dtype)
     x[0, 0] = 0
     grad = torch.randn(x.shape).to(dtype)
     config = IntxFakeQuantizeConfig(torch.int8, "per_token", is_symmetric=False, is_dynamic=True)
-    torchaos, ours = IntxFakeQuantizer(config), IntxFakeQuantizer(config)
-    ours._per_token_forward = types.MethodType(fused._per_token_forward, ours)
+    torchaos, holder = IntxFakeQuantizer(config), torch.nn.Module()
+    holder.activation_fake_quantizer = ours = IntxFakeQuantizer(config)
+    assert fused.use_fused_token_fake_quant(holder) == 1
 
     want = forward_and_grads(torchaos, [x], grad)
     got = forward_and_grads(ours, [x], grad)
@@ -81,3 +80,42 @@ def test_prepare_fuses_every_dynamic_per_token_activation_quantizer(tiny_model_d
     prepare(model, recipe.quant)
     activations = [fq for _, kind, fq in each_fake_quantizer(model) if kind == "activation"]
     assert activations and all(fq._per_token_forward.__func__ is fused._per_token_forward for fq in activations)
+
+
+def test_linears_reading_one_input_share_its_activation_fake_quant(tiny_model_dir, monkeypatch):
+    """q/k/v_proj (and gate/up_proj) fake-quantize the same tensor once: 4 per-token fake quants a decoder layer
+    instead of 7, and with them the same logits bit for bit and the same gradients but for rounding."""
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.quant.apply import prepare
+    from qatkit.quant.patches import each_fake_quantizer
+    from qatkit.recipe import load_recipe
+
+    from ..conftest import TINY_RECIPE
+
+    recipe = load_recipe(TINY_RECIPE, [f"model.name_or_path={tiny_model_dir}"])  # int8-int4
+    model, _ = load_model_and_tokenizer(recipe.model)
+    prepare(model, recipe.quant)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24))
+    calls = []
+    apply = fused.TokenFakeQuantize.apply
+    monkeypatch.setattr(fused.TokenFakeQuantize, "apply", lambda *args: calls.append(1) or apply(*args))
+
+    def logits_and_grads():
+        calls.clear()
+        model.zero_grad()
+        logits = model(ids).logits
+        logits.float().square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared, shared_grads = logits_and_grads()
+    shared_calls = len(calls)
+    for fq in [fq for _, kind, fq in each_fake_quantizer(model) if kind == "activation"]:
+        del fq._per_token_forward  # torchao's own: each quantizer on its own
+    alone, alone_grads = logits_and_grads()
+
+    layers = model.config.num_hidden_layers
+    assert shared_calls == 4 * layers + 1  # + lm_head
+    assert torch.equal(shared, alone)
+    assert shared_grads.keys() == alone_grads.keys() and shared_grads
+    for name, grad in shared_grads.items():
+        torch.testing.assert_close(grad, alone_grads[name], msg=name)

@@ -74,26 +74,48 @@ class TokenFakeQuantize(torch.autograd.Function):
         return (grad_centered * inverse).to(dtype), None, None, None, None
 
 
+class LastCall:
+    """The last input of a group of activation fake quantizers with one config, and what they made of it:
+    q_proj, k_proj and v_proj read the same tensor, and so do gate_proj and up_proj."""
+
+    def __init__(self):
+        self.input = self.version = self.grad_enabled = self.result = None
+
+    def matches(self, x: torch.Tensor) -> bool:
+        return self.input is x and self.version == x._version and self.grad_enabled == torch.is_grad_enabled()
+
+
 def _per_token_forward(self, x: torch.Tensor) -> torch.Tensor:
-    """IntxFakeQuantizer._per_token_forward (dynamic, asymmetric, no range learning) through TokenFakeQuantize."""
-    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[self.config.dtype]
-    self.scale, self.zero_point = choose_qparams_affine(
-        x,
-        mapping_type=MappingType.ASYMMETRIC,
-        block_size=[*([1] * (x.dim() - 1)), x.shape[-1]],
-        target_dtype=self.config.dtype,
-        quant_min=qmin,
-        quant_max=qmax,
-        eps=self.config.eps,
-        scale_dtype=self.config.scale_precision,
-        zero_point_dtype=self.config.zero_point_precision,
-    )
-    return TokenFakeQuantize.apply(x, self.scale, self.zero_point, qmin, qmax)
+    """IntxFakeQuantizer._per_token_forward (dynamic, asymmetric, no range learning) through TokenFakeQuantize,
+    computed once for an input that the group's previous quantizer just fake-quantized (the same output tensor,
+    so its backward runs once too)."""
+    last = self._qatkit_last_call
+    if not last.matches(x):
+        qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[self.config.dtype]
+        scale, zero_point = choose_qparams_affine(
+            x,
+            mapping_type=MappingType.ASYMMETRIC,
+            block_size=[*([1] * (x.dim() - 1)), x.shape[-1]],
+            target_dtype=self.config.dtype,
+            quant_min=qmin,
+            quant_max=qmax,
+            eps=self.config.eps,
+            scale_dtype=self.config.scale_precision,
+            zero_point_dtype=self.config.zero_point_precision,
+        )
+        output = TokenFakeQuantize.apply(x, scale, zero_point, qmin, qmax)
+        last.input, last.version, last.grad_enabled = x, x._version, torch.is_grad_enabled()
+        last.result = output, scale, zero_point
+    output, self.scale, self.zero_point = last.result
+    return output
 
 
 def use_fused_token_fake_quant(model: torch.nn.Module) -> int:
-    """Every dynamic per-token activation fake quantizer of torchao in `model` computes through TokenFakeQuantize
-    (same output, same gradient). Returns the count."""
+    """Every dynamic per-token activation fake quantizer of torchao in `model` computes through TokenFakeQuantize,
+    and those with one config share the result for one input: the same outputs; the input's gradient is the
+    straight-through one of the summed output gradients instead of the sum of each one's (equal but for rounding).
+    Returns the count."""
+    last_calls: dict[str, LastCall] = {}
     count = 0
     for mod in model.modules():
         fq = getattr(mod, "activation_fake_quantizer", None)
@@ -105,6 +127,7 @@ def use_fused_token_fake_quant(model: torch.nn.Module) -> int:
             and not config.is_symmetric
             and not config.range_learning
         ):
+            fq._qatkit_last_call = last_calls.setdefault(repr(config), LastCall())
             fq._per_token_forward = types.MethodType(_per_token_forward, fq)
             count += 1
     return count
