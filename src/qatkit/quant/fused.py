@@ -84,29 +84,40 @@ class LastCall:
     def matches(self, x: torch.Tensor) -> bool:
         return self.input is x and self.version == x._version and self.grad_enabled == torch.is_grad_enabled()
 
+    def remember(self, x: torch.Tensor, result: tuple) -> None:
+        self.input, self.version, self.grad_enabled, self.result = x, x._version, torch.is_grad_enabled(), result
+
+
+def _fake_quantize_tokens(config, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x fake-quantized per token as torchao's IntxFakeQuantizer does it, and the scale and zero point it chose."""
+    qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[config.dtype]
+    scale, zero_point = choose_qparams_affine(
+        x,
+        mapping_type=MappingType.ASYMMETRIC,
+        block_size=[*([1] * (x.dim() - 1)), x.shape[-1]],
+        target_dtype=config.dtype,
+        quant_min=qmin,
+        quant_max=qmax,
+        eps=config.eps,
+        scale_dtype=config.scale_precision,
+        zero_point_dtype=config.zero_point_precision,
+    )
+    return TokenFakeQuantize.apply(x, scale, zero_point, qmin, qmax), scale, zero_point
+
 
 def _per_token_forward(self, x: torch.Tensor) -> torch.Tensor:
     """IntxFakeQuantizer._per_token_forward (dynamic, asymmetric, no range learning) through TokenFakeQuantize,
     computed once for an input that the group's previous quantizer just fake-quantized (the same output tensor,
     so its backward runs once too)."""
     last = self._qatkit_last_call
-    if not last.matches(x):
-        qmin, qmax = _DTYPE_TO_QVALUE_BOUNDS[self.config.dtype]
-        scale, zero_point = choose_qparams_affine(
-            x,
-            mapping_type=MappingType.ASYMMETRIC,
-            block_size=[*([1] * (x.dim() - 1)), x.shape[-1]],
-            target_dtype=self.config.dtype,
-            quant_min=qmin,
-            quant_max=qmax,
-            eps=self.config.eps,
-            scale_dtype=self.config.scale_precision,
-            zero_point_dtype=self.config.zero_point_precision,
-        )
-        output = TokenFakeQuantize.apply(x, scale, zero_point, qmin, qmax)
-        last.input, last.version, last.grad_enabled = x, x._version, torch.is_grad_enabled()
-        last.result = output, scale, zero_point
-    output, self.scale, self.zero_point = last.result
+    if x.is_inference():  # no version counter to tell an in-place change by: not shared
+        result = _fake_quantize_tokens(self.config, x)
+    elif last.matches(x):
+        result = last.result
+    else:
+        result = _fake_quantize_tokens(self.config, x)
+        last.remember(x, result)
+    output, self.scale, self.zero_point = result
     return output
 
 
