@@ -172,10 +172,13 @@ def test_awq_mlp_input_keeps_the_model_and_lowers_the_mlps_quantized_error(
         load_awq_scales(fresh, path, ["mlp_hidden"])
 
 
-@pytest.mark.parametrize("channels", ["[mlp_hidden]", "[mlp_input,mlp_hidden]"])
-def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path, channels):
+@pytest.mark.parametrize(
+    ("channels", "start"), [("[mlp_hidden]", "base"), ("[mlp_input,mlp_hidden]", "base"), ("[mlp_hidden]", "control")]
+)
+def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path, channels, start):
     """The adapter was trained on the scaled MLPs (and norms): convert rescales a fresh base from the file beside it,
-    so the converted checkpoint is exactly the trained forward; without that file convert refuses."""
+    so the converted checkpoint is exactly the trained forward (also when QAT started from the control's adapter,
+    scaled alike); without that file convert refuses."""
     out = tmp_path / "run"
     recipe = load_recipe(
         TINY_RECIPE,
@@ -187,6 +190,7 @@ def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path,
             "qat.awq.samples=4",
             "qat.awq.max_tokens=32",
             f"qat.awq.channels={channels}",
+            f"qat.init_from={start}",
         ],
     )
     run_recipe(recipe, out, only=["finetune", "convert"])
@@ -197,3 +201,52 @@ def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path,
     (out / "convert" / "DONE").unlink()
     with pytest.raises(RecipeError, match=r"awq_scales\.safetensors is missing"):
         run_recipe(recipe, out, only=["convert"])
+
+
+@pytest.mark.parametrize("channels", ["[mlp_hidden]", "[mlp_input,mlp_hidden]"])
+def test_qat_from_awq_and_the_control_starts_as_the_control(tiny_model_dir, tmp_path, channels):
+    """qat.awq with qat.init_from: control: the search runs on the control (its adapter merged), and the control's
+    adapter is scaled with the weights, so unquantized the QAT model starts as the control computes; the scales
+    are the ones the search picks on the control, not on the base."""
+    from safetensors.torch import load_file
+
+    from qatkit.backends.hf import HFBackend, _calibration_batch
+    from qatkit.data import load_splits, training_examples
+    from qatkit.models.assembly import attach_lora, load_finetuned
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.quant.apply import prepare
+    from qatkit.quant.awq import awq_
+    from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
+
+    overrides = ["qat.learn_scales=true", "qat.awq.samples=4", "qat.awq.max_tokens=32", f"qat.awq.channels={channels}"]
+    recipe = load_recipe(TINY_RECIPE, [f"model.name_or_path={tiny_model_dir}", "qat.init_from=control", *overrides])
+    control = tmp_path / "control"
+    base, _ = load_model_and_tokenizer(recipe.model)
+    torch.manual_seed(0)
+    with_adapter = attach_lora(recipe, base)
+    with torch.no_grad():
+        for name, p in with_adapter.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.1)  # a control far from the base
+    with_adapter.save_pretrained(control)
+
+    examples = training_examples(load_splits(recipe.data), recipe.data.answer_style)
+    _, model, _ = HFBackend().trainer(recipe, examples, tmp_path / "work", False, True, control)
+    ids = torch.randint(3, model.config.vocab_size, (4, 20), generator=torch.Generator().manual_seed(0))
+    want, _ = load_finetuned(recipe, control)
+    with torch.no_grad(), fake_quant_off(fq for _, _, fq in each_fake_quantizer(model)):
+        torch.testing.assert_close(model(ids).logits, want(ids).logits, rtol=1e-4, atol=1e-4)
+
+    saved = load_file(str(tmp_path / "work" / "adapter" / "awq_scales.safetensors"))
+    assert any(not torch.equal(s, torch.ones_like(s)) for s in saved.values())  # the search scaled something
+    batch = _calibration_batch(examples, load_model_and_tokenizer(recipe.model)[1], 4, 32)
+
+    def search(start):
+        prepare(start, recipe.quant)
+        spec = recipe.qat.awq
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        return awq_(start, ids, mask, recipe.quant.group_size, spec.grid, False, spec.channels)
+
+    on_control, on_base = search(load_finetuned(recipe, control)[0]), search(load_model_and_tokenizer(recipe.model)[0])
+    assert all(torch.equal(saved[k], on_control[k]) for k in saved)
+    assert any(not torch.equal(saved[k], on_base[k]) for k in saved)

@@ -228,13 +228,12 @@ def test_gptq_needs_learned_scales_and_the_base_weights():
     assert "leaves lm_head unquantized" in _problems(_with(qat={**head_only, "quantize_lm_head": False}))
 
 
-def test_awq_is_one_start_from_the_base_weights():
+def test_awq_is_one_start_and_can_start_from_the_control():
     assert validate_recipe(_with(qat={"scheme": "q4_0", "awq": {"samples": 32}})).qat.awq.grid == 20
     both = {"scheme": "int8-int4", "learn_scales": True, "gptq": {}, "awq": {}}
     assert "pick one start" in _problems(_with(qat=both))
-    assert "cannot start from the control" in _problems(
-        _with(qat={"scheme": "int8-int4", "awq": {}, "init_from": "control"})
-    )
+    control = validate_recipe(_with(qat={"scheme": "int8-int4", "awq": {}, "init_from": "control"}))
+    assert control.qat.init_from == "control"
 
 
 def test_bf16_mixed_precision_refuses_a_float16_model():

@@ -84,25 +84,40 @@ def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], sav
         save_gptq_weights(model, names, saved)
 
 
-def _start_from_awq(recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool) -> None:
-    """qat.awq: scale the prepared model's MLPs as AWQ's search picks (or, resuming, as it picked) and keep the
-    scales in `saved`, beside the adapter, for convert."""
-    from qatkit.quant.awq import awq_, load_awq_scales, save_awq_scales
+def _start_from_awq(
+    recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool, adapter: Path | None
+) -> dict:
+    """qat.awq: scale the prepared model's MLPs as AWQ's search picks (or, resuming, as it picked), keep the scales
+    in `saved`, beside the adapter, for convert, and return them. With the control's `adapter` to start from
+    (qat.init_from: control), the search runs on the control (the base with that adapter merged, prepared alike):
+    the model the QAT run quantizes; the adapter is scaled with the weights once attached (scale_lora_like_awq)."""
+    from qatkit.quant.awq import apply_awq_scales, awq_, load_awq_scales, save_awq_scales
+    from qatkit.quant.scales import has_learned_scale, init_learned_scale
 
     spec = recipe.qat.awq
     if resume and saved.is_file():
-        load_awq_scales(model, saved, spec.channels)
-        return
-    batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens, model.device)
+        return load_awq_scales(model, saved, spec.channels)
+    searched = model
+    if adapter is not None:
+        searched = load_finetuned(recipe, adapter)[0]
+        prepare(searched, recipe.quant)
+    batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens, searched.device)
     t0 = time.time()
     quant = recipe.quant
     mse = quant.scale_init == "mse"
-    scales = awq_(model, batch["input_ids"], batch["attention_mask"], quant.group_size, spec.grid, mse, spec.channels)
+    scales = awq_(
+        searched, batch["input_ids"], batch["attention_mask"], quant.group_size, spec.grid, mse, spec.channels
+    )
+    if searched is not model:
+        for linear in apply_awq_scales(model, scales, spec.channels):
+            if has_learned_scale(linear):  # from the scaled weights, as awq_ does
+                init_learned_scale(linear, mse)
     tokens = int(batch["attention_mask"].sum())
     log.info("AWQ: %d channel pairs scaled on %d calibration tokens in %.0f s", len(scales), tokens, time.time() - t0)
     if distributed.is_main():
         saved.parent.mkdir(parents=True, exist_ok=True)
         save_awq_scales(scales, saved)
+    return scales
 
 
 def _control_output(control: Path | None, setting: str) -> Path:
@@ -155,7 +170,8 @@ class HFBackend:
             plan = prepare(model, recipe.quant)
             trained = FinetuneDir(work).trained(full)
             if recipe.qat.awq:
-                _start_from_awq(recipe, model, tokenizer, examples, trained / AWQ_SCALES, resume)
+                adapter = None if full else start
+                awq_scales = _start_from_awq(recipe, model, tokenizer, examples, trained / AWQ_SCALES, resume, adapter)
             if recipe.qat.gptq:
                 _start_from_gptq(recipe, model, tokenizer, examples, trained / GPTQ_WEIGHTS, resume)
             if distributed.is_main():
@@ -165,6 +181,10 @@ class HFBackend:
                 model.get_submodule(fqn).requires_grad_(False)
         else:
             model = attach_lora(recipe, model, start, trainable=True)
+            if qat and recipe.qat.awq and start:  # the control's adapter was trained on the unscaled weights
+                from qatkit.quant.awq import scale_lora_like_awq
+
+                scale_lora_like_awq(model, awq_scales)
             for scale in learned_scales(model).values():  # peft froze everything but the adapters
                 scale.requires_grad_(True)
 

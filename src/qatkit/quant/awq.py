@@ -200,24 +200,69 @@ def save_awq_scales(scales: dict[str, torch.Tensor], path: Path) -> None:
     save_file({name: s.contiguous() for name, s in scales.items()}, str(path))
 
 
-def load_awq_scales(model: torch.nn.Module, path: Path, channels: Sequence[str] = ("mlp_hidden",)) -> None:
-    """Scale a freshly loaded model's MLPs as the run's were, pair by pair in the search's order (before LoRA is
-    attached, learned scales loaded after)."""
+def load_awq_scales(model: torch.nn.Module, path: Path, channels: Sequence[str] = ("mlp_hidden",)) -> dict:
+    """Scale a freshly loaded model's MLPs as the run's were (before LoRA is attached, learned scales loaded after);
+    returns the scales."""
     from safetensors.torch import load_file
 
     if not path.is_file():
         raise RecipeError(f"{path} is missing: the run was trained on AWQ-scaled weights (qat.awq), they are needed")
+    scales = load_file(str(path))
+    try:
+        apply_awq_scales(model, scales, channels)
+    except ValueError as e:
+        raise RecipeError(f"{path} holds AWQ scales for {e}") from None
+    return scales
+
+
+def apply_awq_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor], channels: Sequence[str]) -> set:
+    """Scale a model's MLPs (and norms) by `scales`, awq_'s result, pair by pair in the search's order. Returns the
+    linears scaled (ValueError if `scales` names other modules than the model's `channels` pairs)."""
     mlps = gated_mlps(model)
     norms = {name: mlp_input_norm(model, name) for name in mlps} if "mlp_input" in channels else {}
     expected = {stable_fqn(norm_name) for norm_name, _ in norms.values()}
     if "mlp_hidden" in channels:
         expected |= {stable_fqn(name) for name in mlps}
-    saved = load_file(str(path))
-    if saved.keys() != expected:
-        raise RecipeError(f"{path} holds AWQ scales for other modules than this model's {'/'.join(channels)} pairs")
+    if scales.keys() != expected:
+        raise ValueError(f"other modules than this model's {'/'.join(channels)} pairs")
+    scaled = set()
     for name, mlp in mlps.items():
         if name in norms:
             norm_name, norm = norms[name]
-            apply_mlp_input_scale(norm, mlp, saved[stable_fqn(norm_name)])
+            apply_mlp_input_scale(norm, mlp, scales[stable_fqn(norm_name)])
+            scaled |= {mlp.gate_proj, mlp.up_proj}
         if "mlp_hidden" in channels:
-            apply_mlp_hidden_scale(mlp, saved[stable_fqn(name)])
+            apply_mlp_hidden_scale(mlp, scales[stable_fqn(name)])
+            scaled |= {mlp.up_proj, mlp.down_proj}
+    return scaled
+
+
+def scale_lora_like_awq(model: torch.nn.Module, scales: dict[str, torch.Tensor]) -> int:
+    """The LoRA adapters of a peft-wrapped model whose base MLPs apply_awq_scales scaled by `scales`, scaled alike,
+    so that each linear's W + s·BA is scaled as its W is (a control's adapter, trained on the unscaled weights, for
+    qat.init_from: control): A's columns times s where the linear's input channels are, B's rows divided by s
+    where its output rows are. Returns the adapter matrices scaled."""
+    mlps = {
+        stable_fqn(name): m for name, m in model.named_modules() if hasattr(m, "up_proj") and hasattr(m, "down_proj")
+    }
+    by_layer = {name.rpartition(".")[0]: mlp for name, mlp in mlps.items()}
+    scaled = 0
+
+    def rescale(matrices, scale) -> None:  # in float32, then the adapter's dtype, as the weights are
+        nonlocal scaled
+        for m in matrices:
+            m.copy_(scale(m.float()).to(m.dtype))
+            scaled += 1
+
+    def lora(linear, side: str) -> list[torch.Tensor]:
+        return [adapter.weight for adapter in getattr(linear, side, {}).values()]
+
+    with torch.no_grad():
+        for key, s in scales.items():
+            if key in mlps:  # mlp_hidden: down_proj's input channels times s, up_proj's output rows divided by it
+                rescale(lora(mlps[key].down_proj, "lora_A"), lambda a, s=s: a * s)
+                rescale(lora(mlps[key].up_proj, "lora_B"), lambda b, s=s: b / s[:, None])
+            else:  # mlp_input, keyed by the norm before the MLP: gate_proj's and up_proj's input channels times s
+                mlp = by_layer[key.rpartition(".")[0]]
+                rescale(lora(mlp.gate_proj, "lora_A") + lora(mlp.up_proj, "lora_A"), lambda a, s=s: a * s)
+    return scaled

@@ -133,7 +133,8 @@ class QatSpec(Strict):
         description="Start from AWQ's activation-aware scaling of each gated MLP (qat.awq.channels: by default up_proj "
         "rows divided, down_proj input channels multiplied by the same s, searched per layer on calibration "
         "activations, the first training examples): the same model in full precision, with the salient input "
-        "channels on a finer grid. The scaled weights are what is trained, converted and exported.",
+        "channels on a finer grid. The scaled weights are what is trained, converted and exported. With "
+        "qat.init_from: control the search runs on the control, and its adapter is scaled with the weights.",
     )
     init_from: Literal["base", "control"] = Field(
         "base",
@@ -164,8 +165,6 @@ class QatSpec(Strict):
             raise ValueError("qat.gptq keeps its weights on the learned scales' grid: set qat.learn_scales: true")
         if self.awq and self.gptq:
             raise ValueError("qat.awq and qat.gptq: pick one start (both is not supported)")
-        if self.awq and self.init_from == "control":
-            raise ValueError("qat.awq scales the base model's weights; it cannot start from the control (init_from)")
         if self.gptq and self.init_from == "control":
             raise ValueError(
                 "qat.gptq quantizes the base model's weights; it cannot start from the control (init_from)"
