@@ -1,13 +1,15 @@
-"""Held-out text NLL/token of a trainer checkpoint of an unfinished run (`.finetune.partial/checkpoints/checkpoint-N`),
-rebuilt as trained (base, GPTQ weights or AWQ scales if any, fake quantization, adapter, learned scales), with all
-its fake quantization on and with lm_head's weight quantization off: how far a run had got, and what lm_head still
-costs.
+"""Held-out text NLL/token of a trainer checkpoint, rebuilt as trained (base, GPTQ weights or AWQ scales if any, fake
+quantization, adapter, learned scales), with all its fake quantization on and with lm_head's weight quantization
+off: how far a run had got, and what lm_head still costs. The checkpoints are an unfinished run's
+(`.finetune.partial/checkpoints/`) unless --checkpoints names a folder of them (copies kept from a run since
+finished: training deletes its checkpoints when it ends); GPTQ weights or AWQ scales come from the run's fine-tune,
+finished or not.
 
-  python scripts/checkpoint_text_nll.py RUN_DIR checkpoint-350 out.json
+  python scripts/checkpoint_text_nll.py RUN_DIR checkpoint-350 out.json [--checkpoints DIR]
 """
 
+import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,17 +22,18 @@ from qatkit.recipe import load_recipe
 from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, FinetuneDir, RunLayout
 
 
-def main(run_dir: str, checkpoint: str, out: str) -> None:
+def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None) -> None:
     run = RunLayout(Path(run_dir).resolve())
     partial = FinetuneDir(run.partial("finetune"))  # an unfinished fine-tune's stage dir
+    finetune = partial if partial.root.exists() else FinetuneDir(run.stage("finetune"))
     recipe = load_recipe(run.resolved_recipe)
     with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's files, with the GPTQ weights it was trained on
         trained = Path(tmp)
-        for f in (partial.checkpoints / checkpoint).iterdir():
-            (trained / f.name).symlink_to(f)
+        for f in (Path(checkpoints or partial.checkpoints) / checkpoint).iterdir():
+            (trained / f.name).symlink_to(f.resolve())
         for start, needed in ((GPTQ_WEIGHTS, recipe.qat.gptq), (AWQ_SCALES, recipe.qat.awq)):
             if needed:
-                (trained / start).symlink_to(partial.trained(full_finetuning=False) / start)
+                (trained / start).symlink_to(finetune.trained(full_finetuning=False) / start)
         model, tokenizer, _ = load_trained(recipe, trained)
     model.eval()
     texts = load_texts(recipe.eval)
@@ -51,4 +54,10 @@ def main(run_dir: str, checkpoint: str, out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="the run (its resolved recipe, and its fine-tune's GPTQ weights or AWQ scales)")
+    parser.add_argument("checkpoint", help="the checkpoint's folder name, e.g. checkpoint-500")
+    parser.add_argument("out", help="the JSON file to write")
+    parser.add_argument("--checkpoints", help="the folder holding it (default: RUN_DIR/.finetune.partial/checkpoints)")
+    args = parser.parse_args()
+    main(args.run_dir, args.checkpoint, args.out, args.checkpoints)
