@@ -184,7 +184,7 @@ class HFBackend:
             if qat and recipe.qat.awq and start:  # the control's adapter was trained on the unscaled weights
                 from qatkit.quant.awq import scale_lora_like_awq
 
-                scale_lora_like_awq(model, awq_scales)
+                scale_lora_like_awq(model, awq_scales, recipe.qat.awq.channels)
             for scale in learned_scales(model).values():  # peft froze everything but the adapters
                 scale.requires_grad_(True)
 

@@ -237,32 +237,25 @@ def apply_awq_scales(model: torch.nn.Module, scales: dict[str, torch.Tensor], ch
     return scaled
 
 
-def scale_lora_like_awq(model: torch.nn.Module, scales: dict[str, torch.Tensor]) -> int:
+def scale_lora_like_awq(model: torch.nn.Module, scales: dict[str, torch.Tensor], channels: Sequence[str]) -> None:
     """The LoRA adapters of a peft-wrapped model whose base MLPs apply_awq_scales scaled by `scales`, scaled alike,
     so that each linear's W + s·BA is scaled as its W is (a control's adapter, trained on the unscaled weights, for
     qat.init_from: control): A's columns times s where the linear's input channels are, B's rows divided by s
-    where its output rows are. Returns the adapter matrices scaled."""
-    mlps = {
-        stable_fqn(name): m for name, m in model.named_modules() if hasattr(m, "up_proj") and hasattr(m, "down_proj")
-    }
-    by_layer = {name.rpartition(".")[0]: mlp for name, mlp in mlps.items()}
-    scaled = 0
+    where its output rows are."""
+    # gated_mlps' MLPs, whose linears peft has wrapped
+    mlps = {name: m for name, m in model.named_modules() if hasattr(m, "up_proj") and hasattr(m, "down_proj")}
 
-    def rescale(matrices, scale) -> None:  # in float32, then the adapter's dtype, as the weights are
-        nonlocal scaled
-        for m in matrices:
-            m.copy_(scale(m.float()).to(m.dtype))
-            scaled += 1
-
-    def lora(linear, side: str) -> list[torch.Tensor]:
-        return [adapter.weight for adapter in getattr(linear, side, {}).values()]
+    def rescale(linears, side: str, scale) -> None:  # in float32, then the adapter's dtype, as the weights are
+        for linear in linears:
+            for adapter in getattr(linear, side, {}).values():
+                adapter.weight.copy_(scale(adapter.weight.float()).to(adapter.weight.dtype))
 
     with torch.no_grad():
-        for key, s in scales.items():
-            if key in mlps:  # mlp_hidden: down_proj's input channels times s, up_proj's output rows divided by it
-                rescale(lora(mlps[key].down_proj, "lora_A"), lambda a, s=s: a * s)
-                rescale(lora(mlps[key].up_proj, "lora_B"), lambda b, s=s: b / s[:, None])
-            else:  # mlp_input, keyed by the norm before the MLP: gate_proj's and up_proj's input channels times s
-                mlp = by_layer[key.rpartition(".")[0]]
-                rescale(lora(mlp.gate_proj, "lora_A") + lora(mlp.up_proj, "lora_A"), lambda a, s=s: a * s)
-    return scaled
+        for name, mlp in mlps.items():
+            if "mlp_input" in channels:  # gate_proj's and up_proj's input channels times s
+                s = scales[stable_fqn(mlp_input_norm(model, name)[0])]
+                rescale([mlp.gate_proj, mlp.up_proj], "lora_A", lambda a, s=s: a * s)
+            if "mlp_hidden" in channels:  # down_proj's input channels times s, up_proj's output rows divided by it
+                s = scales[stable_fqn(name)]
+                rescale([mlp.down_proj], "lora_A", lambda a, s=s: a * s)
+                rescale([mlp.up_proj], "lora_B", lambda b, s=s: b / s[:, None])
