@@ -29,7 +29,7 @@ from qatkit.quant import rounded_scales
 from qatkit.quant.fused import GroupFakeQuantize, LastCall
 from qatkit.quant.patches import each_fake_quantizer, weight_fake_quant_once
 from qatkit.recipe import load_recipe
-from qatkit.run.layout import FinetuneDir
+from qatkit.run.layout import FinetuneDir, RunLayout
 
 
 @contextlib.contextmanager
@@ -82,20 +82,14 @@ VARIANTS = {
 }
 
 
-def control_output(run: Path, full: bool) -> Path:
-    """The control's trained output in a finished run (finetune/) or in one still training (.finetune.partial/)."""
-    for work in (run / "finetune", run / ".finetune.partial"):
-        trained = FinetuneDir(work).control.trained(full)
-        if trained.exists():
-            return trained
-    raise SystemExit(f"{run}: no trained control (finetune/control or .finetune.partial/control)")
-
-
-def main(run: Path, out: Path, rounds: int) -> None:
-    recipe = load_recipe(run / "recipe.resolved.yaml")
-    examples = read_jsonl(run / "data" / "train.jsonl")
+def main(run_dir: Path, out: Path, rounds: int) -> None:
+    run = RunLayout(run_dir)
+    recipe = load_recipe(run.resolved_recipe)
+    examples = read_jsonl(run.train_data)
+    control = FinetuneDir(run.stage_so_far("finetune")).control.trained(recipe.train.full_finetuning)
+    if not control.exists():
+        raise SystemExit(f"{run_dir}: no trained control ({control})")
     with tempfile.TemporaryDirectory() as work:
-        control = control_output(run, recipe.train.full_finetuning)
         trainer, model, _ = HFBackend().trainer(recipe, examples, Path(work), False, True, control)
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer.train's loop
         model = trainer.accelerator.prepare_model(model)  # as Trainer.train does: the forward under autocast

@@ -25,7 +25,7 @@ from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, FinetuneDir, RunLayout
 def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None) -> None:
     run = RunLayout(Path(run_dir).resolve())
     partial = FinetuneDir(run.partial("finetune"))  # an unfinished fine-tune's stage dir
-    finetune = partial if partial.root.exists() else FinetuneDir(run.stage("finetune"))
+    finetune = FinetuneDir(run.stage_so_far("finetune"))
     recipe = load_recipe(run.resolved_recipe)
     with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's files, with the GPTQ weights it was trained on
         trained = Path(tmp)

@@ -130,6 +130,10 @@ class RunLayout:
     def partial(self, name: str) -> Path:
         return self.root / f".{name}.partial"
 
+    def stage_so_far(self, name: str) -> Path:
+        """The stage's dir if it finished, else the one it is still being written in."""
+        return self.stage(name) if self.stage(name).exists() else self.partial(name)
+
     @property
     def manifest_path(self) -> Path:
         return self.root / "manifest.json"
