@@ -1,6 +1,7 @@
 """Held-out text NLL/token of a trainer checkpoint, rebuilt as trained (base, GPTQ weights or AWQ scales if any, fake
-quantization, adapter, learned scales), with all its fake quantization on and with lm_head's weight quantization
-off: how far a run had got, and what lm_head still costs. The checkpoints are an unfinished run's
+quantization, adapter, learned scales), with all its fake quantization on, with lm_head's weight quantization
+off, and with none: how far a run had got, what lm_head still costs, and how far training moved the model itself
+(a task run's cross-entropy moves it away from the unquantized fine-tune on general text too). The checkpoints are an unfinished run's
 (`.finetune.partial/checkpoints/`) unless --checkpoints names a folder of them (copies kept from a run since
 finished: training deletes its checkpoints when it ends); GPTQ weights or AWQ scales come from the run's fine-tune,
 finished or not.
@@ -41,6 +42,7 @@ def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None
     settings = {
         "as trained (all quantized)": lambda fqn, kind: True,
         "all but lm_head weight": lambda fqn, kind: not (kind == "weight" and fqn.split(".")[-1] == "lm_head"),
+        "none (the trained weights unquantized)": lambda fqn, kind: False,
     }
     nll = {}
     with torch.no_grad():
