@@ -11,16 +11,15 @@ finished or not.
 
 import argparse
 import json
-import tempfile
 from pathlib import Path
 
 import torch
 
 from qatkit.evaluation.nll import load_texts, text_nll
-from qatkit.models.assembly import load_trained
+from qatkit.models.assembly import load_checkpoint
 from qatkit.quant.patches import each_fake_quantizer
 from qatkit.recipe import load_recipe
-from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, FinetuneDir, RunLayout
+from qatkit.run.layout import FinetuneDir, RunLayout
 
 
 def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None) -> None:
@@ -28,14 +27,8 @@ def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None
     partial = FinetuneDir(run.partial("finetune"))  # an unfinished fine-tune's stage dir
     finetune = FinetuneDir(run.stage_so_far("finetune"))
     recipe = load_recipe(run.resolved_recipe)
-    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's files, with the GPTQ weights it was trained on
-        trained = Path(tmp)
-        for f in (Path(checkpoints or partial.checkpoints) / checkpoint).iterdir():
-            (trained / f.name).symlink_to(f.resolve())
-        for start, needed in ((GPTQ_WEIGHTS, recipe.qat.gptq), (AWQ_SCALES, recipe.qat.awq)):
-            if needed:
-                (trained / start).symlink_to(finetune.trained(full_finetuning=False) / start)
-        model, tokenizer, _ = load_trained(recipe, trained)
+    checkpoint_dir = Path(checkpoints or partial.checkpoints) / checkpoint
+    model, tokenizer, _ = load_checkpoint(recipe, checkpoint_dir, finetune.trained(full_finetuning=False))
     model.eval()
     texts = load_texts(recipe.eval)
     quantizers = each_fake_quantizer(model)

@@ -250,3 +250,29 @@ def test_qat_from_awq_and_the_control_starts_as_the_control(tiny_model_dir, tmp_
     on_control, on_base = search(load_finetuned(recipe, control)[0]), search(load_model_and_tokenizer(recipe.model)[0])
     assert all(torch.equal(saved[k], on_control[k]) for k in saved)
     assert any(not torch.equal(saved[k], on_base[k]) for k in saved)
+
+
+def test_a_checkpoint_loads_with_the_awq_scales_its_run_started_from(tiny_model_dir, tmp_path):
+    """Trainer checkpoints hold the adapter and learned scales, not the AWQ scales the run started from (they sit
+    beside the fine-tune's adapter): load_checkpoint puts them back, so a checkpoint of the trained state rebuilds
+    the model as trained; without them it cannot be rebuilt."""
+    import shutil
+
+    from qatkit.models.assembly import load_checkpoint, load_trained
+    from qatkit.run.layout import AWQ_SCALES
+
+    overrides = ["train.max_steps=2", "train.lr=0.01", "qat.learn_scales=true", "qat.awq.samples=4"]
+    recipe = load_recipe(TINY_RECIPE, [f"model.name_or_path={tiny_model_dir}", "qat.awq.max_tokens=32", *overrides])
+    run_recipe(recipe, tmp_path / "run", only=["finetune"])
+    trained = tmp_path / "run" / "finetune" / "adapter"
+    checkpoint = tmp_path / "checkpoint-2"  # what a checkpoint of the last step holds
+    shutil.copytree(trained, checkpoint, ignore=shutil.ignore_patterns(AWQ_SCALES))
+
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = load_trained(recipe, trained)[0].eval()(ids).logits
+        got = load_checkpoint(recipe, checkpoint, trained)[0].eval()(ids).logits
+    assert torch.equal(got, want)
+    assert not (checkpoint / AWQ_SCALES).exists()
+    with pytest.raises(RecipeError, match=r"awq_scales\.safetensors is missing"):
+        load_trained(recipe, checkpoint)

@@ -70,6 +70,22 @@ def load_trained(recipe: Recipe, trained: Path):
     return model, tokenizer, plan
 
 
+def load_checkpoint(recipe: Recipe, checkpoint: Path, started_from: Path):
+    """A trainer checkpoint rebuilt as trained (load_trained): its adapter and learned scales, with the GPTQ weights
+    or AWQ scales the run started from, which the fine-tune keeps in `started_from` (what it trained) and not in its
+    checkpoints."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trained = Path(tmp)
+        for f in checkpoint.iterdir():
+            (trained / f.name).symlink_to(f.resolve())
+        for start, needed in ((GPTQ_WEIGHTS, recipe.qat.gptq), (AWQ_SCALES, recipe.qat.awq)):
+            if needed:
+                (trained / start).symlink_to((started_from / start).resolve())
+        return load_trained(recipe, trained)
+
+
 def load_finetuned(recipe: Recipe, trained: str | Path):
     """A fine-tune without fake quantization (the no-QAT control): its full weights, or the recipe's model with the
     LoRA adapter in `trained` merged in."""
