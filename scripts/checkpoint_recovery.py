@@ -39,9 +39,7 @@ def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None
     def score(variant: str, model, tokenizer, docs: list[dict]) -> None:
         with torch.no_grad():
             nll["task"][variant] = heldout_gold_nll(model, tokenizer, docs)
-            nll["text"][variant] = text_nll(
-                model, tokenizer, texts, recipe.eval.text_max_tokens, recipe.eval.batch_size
-            )
+            nll["text"][variant] = text_nll(model, tokenizer, texts, recipe.eval.text_max_tokens)  # as eval does
         print(f"{variant}: task answers {nll['task'][variant]:.4f}, text {nll['text'][variant]:.4f}", flush=True)
 
     for variant, quantize in (("ft", False), ("ft-ptq", True)):
