@@ -1,10 +1,10 @@
 """Held-out text NLL/token of a trainer checkpoint, rebuilt as trained (base, GPTQ weights or AWQ scales if any, fake
-quantization, adapter, learned scales), with all its fake quantization on, with lm_head's weight quantization
-off, and with none: how far a run had got, what lm_head still costs, and how far training moved the model itself
-(a task run's cross-entropy moves it away from the unquantized fine-tune on general text too). The checkpoints are an unfinished run's
-(`.finetune.partial/checkpoints/`) unless --checkpoints names a folder of them (copies kept from a run since
-finished: training deletes its checkpoints when it ends); GPTQ weights or AWQ scales come from the run's fine-tune,
-finished or not.
+quantization, adapter, learned scales), with all its fake quantization on, with lm_head's weight quantization off,
+and with none: how far a run had got, what lm_head still costs, and how far training moved the model itself (a task
+run's cross-entropy moves it away from the unquantized fine-tune on general text too). The checkpoints are an
+unfinished run's (`.finetune.partial/checkpoints/`) unless --checkpoints names a folder of them (copies kept from a
+run since finished: training deletes its checkpoints when it ends); GPTQ weights or AWQ scales come from the run's
+fine-tune, finished or not.
 
   python scripts/checkpoint_text_nll.py RUN_DIR checkpoint-350 out.json [--checkpoints DIR]
 """
