@@ -239,7 +239,7 @@ def test_qat_from_awq_and_the_control_starts_as_the_control(tiny_model_dir, tmp_
 
     saved = load_file(str(tmp_path / "work" / "adapter" / "awq_scales.safetensors"))
     assert any(not torch.equal(s, torch.ones_like(s)) for s in saved.values())  # the search scaled something
-    batch = _calibration_batch(examples, load_model_and_tokenizer(recipe.model)[1], 4, 32)
+    batch = _calibration_batch(recipe, recipe.qat.awq, examples, load_model_and_tokenizer(recipe.model)[1])
 
     def search(start):
         prepare(start, recipe.quant)

@@ -409,3 +409,42 @@ def test_the_task_and_general_forwards_share_one_fake_quantized_weight(
     assert grads.keys() == want_grads.keys() and any("lora_A" in n for n in grads)
     for name, grad in grads.items():
         torch.testing.assert_close(grad, want_grads[name], msg=name)
+
+
+def test_awq_calibrates_on_the_general_text_when_asked(tiny_model_dir, tmp_path, text_file):
+    """qat.awq.calibration: general: the calibration batch is distill.general's first sequences as training reads
+    them (packed here), cut to max_tokens, not the task examples; the search then picks other scales."""
+    from safetensors.torch import load_file
+
+    from qatkit.backends.general_text import general_sequences
+    from qatkit.backends.hf import _calibration_batch
+    from qatkit.data import load_splits, training_examples
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    general = [
+        "distill.teacher=base",
+        f"distill.general.path={text_file}",
+        "distill.general.field=body",
+        "distill.general.max_tokens=24",
+        "distill.general.packing=true",
+    ]
+    awq = ["qat.learn_scales=true", "qat.awq.samples=3", "qat.awq.max_tokens=16", *general]
+    on_text = tiny_recipe(tiny_model_dir, *awq, "qat.awq.calibration=general")
+    on_task = tiny_recipe(tiny_model_dir, *awq)
+    tokenizer = load_model_and_tokenizer(on_text.model)[1]
+    examples = training_examples(load_splits(on_text.data), on_text.data.answer_style)
+
+    batch = _calibration_batch(on_text, on_text.qat.awq, examples, tokenizer)
+    packed = general_sequences(on_text.distill.general, None, tokenizer, on_text.train.seed, {})
+    assert len(packed[0]) == 24  # packed to distill.general.max_tokens, then cut to qat.awq.max_tokens
+    assert batch["input_ids"].tolist() == [s[:16] for s in packed[:3]]
+    assert batch["attention_mask"].all()
+    task_batch = _calibration_batch(on_task, on_task.qat.awq, examples, tokenizer)
+    chat = tokenizer.apply_chat_template(examples[0]["prompt"] + examples[0]["completion"], tokenize=False)
+    assert task_batch["input_ids"][0, :16].tolist() == tokenizer(chat).input_ids[:16]  # the default: the task's
+
+    scales = {}
+    for name, recipe in (("text", on_text), ("task", on_task)):
+        run_recipe(recipe, tmp_path / name, only=["finetune"])
+        scales[name] = load_file(str(tmp_path / name / "finetune" / "adapter" / "awq_scales.safetensors"))
+    assert any(not torch.equal(scales["text"][k], scales["task"][k]) for k in scales["text"])

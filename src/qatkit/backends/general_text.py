@@ -60,6 +60,12 @@ def general_batches(
     spec: GeneralTextSpec, teacher, tokenizer, task_batch_size: int, seed: int, model_identity: dict
 ) -> GeneralBatches:
     """The stream `distill.general` asks for: `share` general sequences per task example, at least one a batch."""
+    sequences = general_sequences(spec, teacher, tokenizer, seed, model_identity)
+    return GeneralBatches(sequences, max(1, round(task_batch_size * spec.share)), pad_id(tokenizer), seed)
+
+
+def general_sequences(spec: GeneralTextSpec, teacher, tokenizer, seed: int, model_identity: dict) -> list[list[int]]:
+    """distill.general's token sequences, packed or cut to max_tokens (no teacher needed for a text file)."""
     if spec.path == TEACHER:
         sequences = teacher_samples(spec, teacher, tokenizer, seed, model_identity)
     else:
@@ -68,8 +74,7 @@ def general_batches(
         sequences = packed(sequences, spec.max_tokens, tokenizer.eos_token_id, seed, leading_bos(tokenizer))
     else:
         sequences = [s[: spec.max_tokens] for s in sequences]
-    sequences = [s for s in sequences if len(s) > 1]  # a single token has nothing to predict
-    return GeneralBatches(sequences, max(1, round(task_batch_size * spec.share)), pad_id(tokenizer), seed)
+    return [s for s in sequences if len(s) > 1]  # a single token has nothing to predict
 
 
 def leading_bos(tokenizer) -> int | None:

@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit.backends.general_text import general_batches, pad_id, right_padded
+from qatkit.backends.general_text import general_batches, general_sequences, pad_id, right_padded
 from qatkit.backends.trainer import qat_trainer_class, sft_trainer, train_and_save
 from qatkit.core import distributed
 from qatkit.core.cache import file_digest
@@ -50,9 +50,11 @@ def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
     return _control_output(control, "qat.init_from") if recipe.qat.init_from == "control" else None
 
 
-def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens: int, device=None) -> dict:
-    """qat.gptq's and qat.awq's calibration batch: the first training examples as the model reads them (chat
-    examples through the chat template), cut to max_tokens and right-padded, with their attention mask."""
+def _calibration_batch(recipe: Recipe, spec, examples: list[dict], tokenizer, device=None) -> dict:
+    """qat.gptq's and qat.awq's calibration batch (`spec`: either one), cut to its max_tokens and right-padded, with
+    the attention mask: the first training examples as the model reads them (chat examples through the chat
+    template), or with calibration: general the first sequences of distill.general's text, as training reads them
+    (rank 0's, so every process calibrates alike)."""
 
     def text(example: dict) -> str:
         if "text" in example:
@@ -61,8 +63,11 @@ def _calibration_batch(examples: list[dict], tokenizer, samples: int, max_tokens
             return tokenizer.apply_chat_template(example["prompt"] + example["completion"], tokenize=False)
         return example["prompt"] + example["completion"]
 
-    ids = [tokenizer(text(x)).input_ids[:max_tokens] for x in examples[:samples]]
-    return right_padded(ids, pad_id(tokenizer), device)
+    if spec.calibration == "general":
+        sequences = general_sequences(recipe.distill.general, None, tokenizer, recipe.train.seed, {})
+    else:
+        sequences = [tokenizer(text(x)).input_ids for x in examples[: spec.samples]]
+    return right_padded([s[: spec.max_tokens] for s in sequences[: spec.samples]], pad_id(tokenizer), device)
 
 
 def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool) -> None:
@@ -74,7 +79,7 @@ def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], sav
         load_gptq_weights(model, saved)
         return
     spec = recipe.qat.gptq
-    batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens, model.device)
+    batch = _calibration_batch(recipe, spec, examples, tokenizer, model.device)
     t0 = time.time()
     names = gptq_(model, batch["input_ids"], batch["attention_mask"], spec.damp, spec.targets)
     tokens = int(batch["attention_mask"].sum())
@@ -101,7 +106,7 @@ def _start_from_awq(
     if adapter is not None:
         searched = load_finetuned(recipe, adapter)[0]
         prepare(searched, recipe.quant)
-    batch = _calibration_batch(examples, tokenizer, spec.samples, spec.max_tokens, searched.device)
+    batch = _calibration_batch(recipe, spec, examples, tokenizer, searched.device)
     t0 = time.time()
     quant = recipe.quant
     mse = quant.scale_init == "mse"

@@ -48,8 +48,13 @@ class ModelSpec(Strict):
 
 
 class GptqSpec(Strict):
-    samples: int = Field(128, gt=0, description="Training examples the layer Hessians are measured on.")
+    samples: int = Field(128, gt=0, description="Calibration examples the layer Hessians are measured on.")
     max_tokens: int = Field(256, gt=1, description="Each calibration example is cut to this many tokens.")
+    calibration: Literal["data", "general"] = Field(
+        "data",
+        description="Where the calibration examples come from: data (the first training examples) or general (the "
+        "first sequences of distill.general's text file as training reads them, packed or cut).",
+    )
     damp: float = Field(
         0.01, gt=0, le=1, description="Added to the Hessian's diagonal, as a share of its mean (GPTQ's percdamp)."
     )
@@ -62,8 +67,13 @@ class GptqSpec(Strict):
 
 
 class AwqSpec(Strict):
-    samples: int = Field(64, gt=0, description="Training examples the scaled linears' inputs are measured on.")
+    samples: int = Field(64, gt=0, description="Calibration examples the scaled linears' inputs are measured on.")
     max_tokens: int = Field(256, gt=1, description="Each calibration example is cut to this many tokens.")
+    calibration: Literal["data", "general"] = Field(
+        "data",
+        description="Where the calibration examples come from: data (the first training examples) or general (the "
+        "first sequences of distill.general's text file as training reads them, packed or cut).",
+    )
     grid: int = Field(20, gt=1, description="Exponents a tried per layer, evenly spaced over [0, 1] (AWQ's n_grid).")
     channels: list[Literal["mlp_input", "mlp_hidden"]] = Field(
         ["mlp_hidden"],
@@ -446,6 +456,13 @@ class Recipe(Strict):
             )
         if self.train.mixed_precision == "bf16" and self.model.dtype == "float16":
             raise ValueError("train.mixed_precision: bf16 needs a float32 or bfloat16 model, not model.dtype float16")
+        for name in ("gptq", "awq"):
+            start = getattr(self.qat, name)
+            if start and start.calibration == "general" and (general is None or general.path == "teacher"):
+                raise ValueError(
+                    f"qat.{name}.calibration: general reads distill.general's text file, and there is none (the "
+                    "teacher's own samples are drawn after the start is computed)"
+                )
         if self.qat.gptq and self.qat.gptq.targets == "lm_head" and not self.quant.quantize_lm_head:
             raise ValueError(f"qat.gptq.targets: lm_head, but {self.qat.scheme} leaves lm_head unquantized here")
         if list(self.stages) != [s for s in STAGES if s in self.stages]:
