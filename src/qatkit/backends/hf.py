@@ -22,6 +22,7 @@ from qatkit.run.records import QatPlanRecord, TrainResult
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
+    from qatkit.recipe.schema import CalibratedStart
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +51,8 @@ def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
     return _control_output(control, "qat.init_from") if recipe.qat.init_from == "control" else None
 
 
-def _calibration_batch(recipe: Recipe, spec, examples: list[dict], tokenizer, device=None) -> dict:
-    """qat.gptq's and qat.awq's calibration batch (`spec`: either one), cut to its max_tokens and right-padded, with
+def _calibration_batch(recipe: Recipe, spec: CalibratedStart, examples: list[dict], tokenizer, device=None) -> dict:
+    """qat.gptq's or qat.awq's calibration batch (`spec`), cut to its max_tokens and right-padded, with
     the attention mask: the first training examples as the model reads them (chat examples through the chat
     template), or with calibration: general the first sequences of distill.general's text, as training reads them
     (rank 0's, so every process calibrates alike)."""

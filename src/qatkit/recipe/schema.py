@@ -47,14 +47,19 @@ class ModelSpec(Strict):
     license: str | None = Field(None, description="The original model's license, recorded in the model card.")
 
 
-class GptqSpec(Strict):
-    samples: int = Field(128, gt=0, description="Calibration examples the layer Hessians are measured on.")
+class CalibratedStart(Strict):
+    """What qat.gptq and qat.awq calibrate on (each adds how many examples)."""
+
     max_tokens: int = Field(256, gt=1, description="Each calibration example is cut to this many tokens.")
     calibration: Literal["data", "general"] = Field(
         "data",
         description="Where the calibration examples come from: data (the first training examples) or general (the "
         "first sequences of distill.general's text file as training reads them, packed or cut).",
     )
+
+
+class GptqSpec(CalibratedStart):
+    samples: int = Field(128, gt=0, description="Calibration examples the layer Hessians are measured on.")
     damp: float = Field(
         0.01, gt=0, le=1, description="Added to the Hessian's diagonal, as a share of its mean (GPTQ's percdamp)."
     )
@@ -66,14 +71,8 @@ class GptqSpec(Strict):
     )
 
 
-class AwqSpec(Strict):
+class AwqSpec(CalibratedStart):
     samples: int = Field(64, gt=0, description="Calibration examples the scaled linears' inputs are measured on.")
-    max_tokens: int = Field(256, gt=1, description="Each calibration example is cut to this many tokens.")
-    calibration: Literal["data", "general"] = Field(
-        "data",
-        description="Where the calibration examples come from: data (the first training examples) or general (the "
-        "first sequences of distill.general's text file as training reads them, packed or cut).",
-    )
     grid: int = Field(20, gt=1, description="Exponents a tried per layer, evenly spaced over [0, 1] (AWQ's n_grid).")
     channels: list[Literal["mlp_input", "mlp_hidden"]] = Field(
         ["mlp_hidden"],
