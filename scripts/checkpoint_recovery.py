@@ -31,7 +31,6 @@ from qatkit.run.layout import FinetuneDir, RunLayout
 
 def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None) -> None:
     run = RunLayout(Path(run_dir).resolve())
-    finetune = FinetuneDir(run.stage_so_far("finetune"))
     recipe = load_recipe(run.resolved_recipe)
     texts = load_texts(recipe.eval)
     nll: dict[str, dict[str, float]] = {"task": {}, "text": {}}
@@ -42,19 +41,20 @@ def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None
             nll["text"][variant] = text_nll(model, tokenizer, texts, recipe.eval.text_max_tokens)  # as eval does
         print(f"{variant}: task answers {nll['task'][variant]:.4f}, text {nll['text'][variant]:.4f}", flush=True)
 
-    for variant, quantize in (("ft", False), ("ft-ptq", True)):
-        model, tokenizer = load_finetuned(recipe, finetune.control.trained(recipe.train.full_finetuning))
-        if quantize:
-            quantize_ptq(model, recipe.quant)
-        if variant == "ft":  # the held-out items as the eval stage prompts them
-            with tempfile.TemporaryDirectory() as tmp:
-                task_dir = write_heldout_task(tokenizer, run.eval_data, Path(tmp), recipe.data.answer_style)
-                docs = read_jsonl(task_dir / f"{HELDOUT}.jsonl")[: recipe.eval.limit]
-        score(variant, model.eval(), tokenizer, docs)
-        del model
-        gc.collect()
-    checkpoint_dir = Path(checkpoints or FinetuneDir(run.partial("finetune")).checkpoints) / checkpoint
-    model, tokenizer, _ = load_checkpoint(recipe, checkpoint_dir, finetune.trained(recipe.train.full_finetuning))
+    control = FinetuneDir(run.stage_so_far("finetune")).control.trained(recipe.train.full_finetuning)
+    model, tokenizer = load_finetuned(recipe, control)
+    with tempfile.TemporaryDirectory() as tmp:  # the held-out items as the eval stage prompts them
+        task_dir = write_heldout_task(tokenizer, run.eval_data, Path(tmp), recipe.data.answer_style)
+        docs = read_jsonl(task_dir / f"{HELDOUT}.jsonl")[: recipe.eval.limit]
+    score("ft", model.eval(), tokenizer, docs)
+    del model
+    model = load_finetuned(recipe, control)[0]
+    quantize_ptq(model, recipe.quant)
+    score("ft-ptq", model.eval(), tokenizer, docs)
+    del model
+    gc.collect()
+    unfinished = FinetuneDir(run.partial("finetune")).checkpoints
+    model, tokenizer, _ = load_checkpoint(recipe, run, Path(checkpoints or unfinished) / checkpoint)
     score(checkpoint, model.eval(), tokenizer, docs)
     with fake_quant_off(fq for _, _, fq in each_fake_quantizer(model)):
         score(f"{checkpoint} unquantized", model, tokenizer, docs)

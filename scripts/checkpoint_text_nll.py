@@ -24,11 +24,9 @@ from qatkit.run.layout import FinetuneDir, RunLayout
 
 def main(run_dir: str, checkpoint: str, out: str, checkpoints: str | None = None) -> None:
     run = RunLayout(Path(run_dir).resolve())
-    partial = FinetuneDir(run.partial("finetune"))  # an unfinished fine-tune's stage dir
-    finetune = FinetuneDir(run.stage_so_far("finetune"))
     recipe = load_recipe(run.resolved_recipe)
-    checkpoint_dir = Path(checkpoints or partial.checkpoints) / checkpoint
-    model, tokenizer, _ = load_checkpoint(recipe, checkpoint_dir, finetune.trained(full_finetuning=False))
+    unfinished = FinetuneDir(run.partial("finetune")).checkpoints
+    model, tokenizer, _ = load_checkpoint(recipe, run, Path(checkpoints or unfinished) / checkpoint)
     model.eval()
     texts = load_texts(recipe.eval)
     quantizers = each_fake_quantizer(model)

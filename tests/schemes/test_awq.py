@@ -259,7 +259,7 @@ def test_a_checkpoint_loads_with_the_awq_scales_its_run_started_from(tiny_model_
     import shutil
 
     from qatkit.models.assembly import load_checkpoint, load_trained
-    from qatkit.run.layout import AWQ_SCALES
+    from qatkit.run.layout import AWQ_SCALES, RunLayout
 
     overrides = ["train.max_steps=2", "train.lr=0.01", "qat.learn_scales=true", "qat.awq.samples=4"]
     recipe = load_recipe(TINY_RECIPE, [f"model.name_or_path={tiny_model_dir}", "qat.awq.max_tokens=32", *overrides])
@@ -271,7 +271,7 @@ def test_a_checkpoint_loads_with_the_awq_scales_its_run_started_from(tiny_model_
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = load_trained(recipe, trained)[0].eval()(ids).logits
-        got = load_checkpoint(recipe, checkpoint, trained)[0].eval()(ids).logits
+        got = load_checkpoint(recipe, RunLayout(tmp_path / "run"), checkpoint)[0].eval()(ids).logits
     assert torch.equal(got, want)
     assert not (checkpoint / AWQ_SCALES).exists()
     with pytest.raises(RecipeError, match=r"awq_scales\.safetensors is missing"):

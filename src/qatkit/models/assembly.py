@@ -11,7 +11,7 @@ from qatkit.models.merged_lora import use_merged_lora_forward
 from qatkit.quant.apply import prepare
 from qatkit.quant.plan import Plan, lora_exclude_pattern
 from qatkit.quant.scales import load_learned_scales
-from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, LEARNED_SCALES
+from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, LEARNED_SCALES, FinetuneDir, RunLayout
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
@@ -70,12 +70,13 @@ def load_trained(recipe: Recipe, trained: Path):
     return model, tokenizer, plan
 
 
-def load_checkpoint(recipe: Recipe, checkpoint: Path, started_from: Path):
-    """A trainer checkpoint rebuilt as trained (load_trained): its adapter and learned scales, with the GPTQ weights
-    or AWQ scales the run started from, which the fine-tune keeps in `started_from` (what it trained) and not in its
-    checkpoints."""
+def load_checkpoint(recipe: Recipe, run: RunLayout, checkpoint: Path):
+    """A trainer checkpoint of `run` rebuilt as trained (load_trained): its adapter and learned scales, with the GPTQ
+    weights or AWQ scales the run started from, which its fine-tune (finished or not) keeps beside what it trains and
+    not in its checkpoints."""
     import tempfile
 
+    started_from = FinetuneDir(run.stage_so_far("finetune")).trained(recipe.train.full_finetuning)
     with tempfile.TemporaryDirectory() as tmp:
         trained = Path(tmp)
         for f in checkpoint.iterdir():
