@@ -4,7 +4,7 @@ and with none: how far a run had got, what lm_head still costs, and how far trai
 run's cross-entropy moves it away from the unquantized fine-tune on general text too). The checkpoints are an
 unfinished run's (`.finetune.partial/checkpoints/`) unless --checkpoints names a folder of them (copies kept from a
 run since finished: training deletes its checkpoints when it ends); GPTQ weights or AWQ scales come from the run's
-fine-tune, finished or not.
+fine-tune, finished or not. The finished run's own adapter is `adapter --checkpoints RUN_DIR/finetune`.
 
   python scripts/checkpoint_text_nll.py RUN_DIR checkpoint-350 out.json [--checkpoints DIR]
 """

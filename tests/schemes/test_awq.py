@@ -255,7 +255,7 @@ def test_qat_from_awq_and_the_control_starts_as_the_control(tiny_model_dir, tmp_
 def test_a_checkpoint_loads_with_the_awq_scales_its_run_started_from(tiny_model_dir, tmp_path):
     """Trainer checkpoints hold the adapter and learned scales, not the AWQ scales the run started from (they sit
     beside the fine-tune's adapter): load_checkpoint puts them back, so a checkpoint of the trained state rebuilds
-    the model as trained; without them it cannot be rebuilt."""
+    the model as trained; without them it cannot be rebuilt. The finished adapter folder, which holds them, loads too."""
     import shutil
 
     from qatkit.models.assembly import load_checkpoint, load_trained
@@ -272,7 +272,8 @@ def test_a_checkpoint_loads_with_the_awq_scales_its_run_started_from(tiny_model_
     with torch.no_grad():
         want = load_trained(recipe, trained)[0].eval()(ids).logits
         got = load_checkpoint(recipe, RunLayout(tmp_path / "run"), checkpoint)[0].eval()(ids).logits
-    assert torch.equal(got, want)
+        finished = load_checkpoint(recipe, RunLayout(tmp_path / "run"), trained)[0].eval()(ids).logits
+    assert torch.equal(got, want) and torch.equal(finished, want)
     assert not (checkpoint / AWQ_SCALES).exists()
     with pytest.raises(RecipeError, match=r"awq_scales\.safetensors is missing"):
         load_trained(recipe, checkpoint)

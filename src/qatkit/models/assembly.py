@@ -73,7 +73,7 @@ def load_trained(recipe: Recipe, trained: Path):
 def load_checkpoint(recipe: Recipe, run: RunLayout, checkpoint: Path):
     """A trainer checkpoint of `run` rebuilt as trained (load_trained): its adapter and learned scales, with the GPTQ
     weights or AWQ scales the run started from, which its fine-tune (finished or not) keeps beside what it trains and
-    not in its checkpoints."""
+    not in its checkpoints. The finished fine-tune's own folder (finetune/adapter) holds them already and loads too."""
     import tempfile
 
     started_from = FinetuneDir(run.stage_so_far("finetune")).trained(recipe.train.full_finetuning)
@@ -82,7 +82,7 @@ def load_checkpoint(recipe: Recipe, run: RunLayout, checkpoint: Path):
         for f in checkpoint.iterdir():
             (trained / f.name).symlink_to(f.resolve())
         for start, needed in ((GPTQ_WEIGHTS, recipe.qat.gptq), (AWQ_SCALES, recipe.qat.awq)):
-            if needed:
+            if needed and not (trained / start).exists():
                 (trained / start).symlink_to((started_from / start).resolve())
         return load_trained(recipe, trained)
 
