@@ -232,12 +232,22 @@ def test_teacher_samples_start_random_then_greedy_then_sampled_and_are_cached(ti
 
 
 def test_a_run_with_data_free_general_distillation(tiny_model_dir, tmp_path):
-    """Through the pipeline: the QAT run distills on the teacher's own samples beside the task and converts."""
+    """Through the pipeline: the QAT run distills on the teacher's own samples beside the task and converts; every
+    step's loss is logged with its terms, which add up to it."""
     out = tmp_path / "run"
-    overrides = ["distill.teacher=base", "distill.general.path=teacher", "distill.general.docs=8"]
+    overrides = [
+        "distill.teacher=base",
+        "distill.weight=0.25",
+        "distill.general.path=teacher",
+        "distill.general.docs=8",
+        "distill.general.weight=2",
+    ]
     run_recipe(tiny_recipe(tiny_model_dir, *overrides), out, only=["finetune", "convert"])
     summary = json.loads((out / "finetune" / "train_summary.json").read_text())
     assert summary["steps"] == 2 and summary["final_loss"] > 0
+    for step in json.loads((out / "finetune" / "loss.json").read_text()):
+        assert min(step["ce"], step["kl_task"], step["kl_general"]) > 0
+        assert step["loss"] == pytest.approx(0.75 * step["ce"] + 0.25 * step["kl_task"] + 2 * step["kl_general"])
     assert "general text" in (out / "convert" / "README.md").read_text()
 
 

@@ -46,6 +46,8 @@ def test_the_loss_plot_says_what_a_distilled_run_minimized():
     assert qat_loss_label({"teacher": "base", "weight": 0.25, "temperature": 2.0}).startswith(
         "with QAT: 0.75·CE + 0.25"
     )
+    with_general = {"teacher": "control", "weight": 1.0, "temperature": 1.0, "general": {"weight": 2.0}}
+    assert qat_loss_label(with_general) == "with QAT: KL to the teacher + 2·KL on general text"
 
 
 def test_the_report_names_the_license_of_every_data_source():

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The distillation loss's terms, unweighted, logged beside it: cross-entropy, KL on the task tokens, KL on general text
+LOSS_TERMS = ("ce", "kl_task", "kl_general")
+
 
 def _distill_compute_loss(teacher, distill, general=None):
     """Trainer.compute_loss mixing the cross-entropy with KL(teacher || student) on the same tokens, plus, with a
@@ -65,6 +68,7 @@ def _distill_compute_loss(teacher, distill, general=None):
             if per_accumulated_batch:
                 kd = kd / self.current_gradient_accumulation_steps
         loss = (1 - distill.weight) * ce + distill.weight * kd
+        terms = {"ce": ce, "kl_task": kd} if distill.weight < 1.0 else {"kl_task": kd}
         if general is not None:
             text = general.next(outputs.logits.device)
             with torch.no_grad(), self.accelerator.autocast():
@@ -78,6 +82,9 @@ def _distill_compute_loss(teacher, distill, general=None):
             if per_accumulated_batch:  # an average over this micro-batch, like tokens: all above
                 kd_text = kd_text / self.current_gradient_accumulation_steps
             loss = loss + distill.general.weight * kd_text
+            terms["kl_general"] = kd_text
+        for name, value in terms.items():  # logged beside the loss (loss.json), averaged over the processes
+            self._metrics["train"][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
         return (loss, outputs) if return_outputs else loss
 
     def compute_loss_fake_quantizing_once(self, model, *args, **kwargs):
@@ -295,7 +302,11 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
         trainer.train(resume_from_checkpoint=resume_from)
     if interrupts.requested() and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}")
-    losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h]
+    losses = [
+        {"step": h["step"], "loss": h["loss"], **{k: h[k] for k in LOSS_TERMS if k in h}}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
     # Every process calls save_model (under FSDP it gathers the full state dict); the main one writes.
     trainer.save_model(str(out))
     distributed.barrier()  # every process is done with the checkpoints

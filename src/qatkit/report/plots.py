@@ -6,6 +6,13 @@ from pathlib import Path
 
 from qatkit.evaluation import variants
 
+# A distillation loss's terms (loss.json), drawn unweighted beside it when there are several
+LOSS_TERM_STYLES = {
+    "ce": ("cross-entropy", "#aa3377"),
+    "kl_task": ("KL on the task", "#cc7722"),
+    "kl_general": ("KL on general text", "#339955"),
+}
+
 
 def plot_loss(losses: list[dict], control: list[dict], path: Path, qat_label: str) -> bool:
     if not losses:
@@ -17,13 +24,17 @@ def plot_loss(losses: list[dict], control: list[dict], path: Path, qat_label: st
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=110)
     ax.plot([p["step"] for p in losses], [p["loss"] for p in losses], lw=1.4, color="#3366aa", label=qat_label)
+    terms = [(term, *style) for term, style in LOSS_TERM_STYLES.items() if term in losses[-1]]
+    for term, label, color in terms if len(terms) > 1 else ():
+        points = [p for p in losses if term in p]
+        ax.plot([p["step"] for p in points], [p[term] for p in points], lw=0.9, ls="--", color=color, label=label)
     if control:
         ax.plot(
             [p["step"] for p in control], [p["loss"] for p in control], lw=1.2, color="#999999", label="without QAT"
         )
     ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss (completion tokens)")
+    ax.set_ylabel("training loss (per token)")
     ax.set_title("QAT fine-tuning loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -117,7 +117,9 @@ def qat_loss_label(distill: dict | None) -> str:
     if not distill:
         return "with QAT"
     w = distill["weight"]
-    return "with QAT: KL to the teacher" if w == 1 else f"with QAT: {1 - w:g}·CE + {w:g}·KL to the teacher"
+    label = "with QAT: KL to the teacher" if w == 1 else f"with QAT: {1 - w:g}·CE + {w:g}·KL to the teacher"
+    general = distill.get("general")
+    return f"{label} + {general['weight']:g}·KL on general text" if general else label
 
 
 def data_sources(data: dict | None) -> list[dict]:
