@@ -233,9 +233,10 @@ def test_teacher_samples_start_random_then_greedy_then_sampled_and_are_cached(ti
 
 def test_a_run_with_data_free_general_distillation(tiny_model_dir, tmp_path):
     """Through the pipeline: the QAT run distills on the teacher's own samples beside the task and converts; every
-    step's loss is logged with its terms, which add up to it."""
+    step's loss is logged with its terms, which add up to it (two micro-batches a step)."""
     out = tmp_path / "run"
     overrides = [
+        "train.grad_accum=2",
         "distill.teacher=base",
         "distill.weight=0.25",
         "distill.general.path=teacher",

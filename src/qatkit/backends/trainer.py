@@ -83,8 +83,11 @@ def _distill_compute_loss(teacher, distill, general=None):
                 kd_text = kd_text / self.current_gradient_accumulation_steps
             loss = loss + distill.general.weight * kd_text
             terms["kl_general"] = kd_text
-        for name, value in terms.items():  # logged beside the loss (loss.json), averaged over the processes
-            self._metrics["train"][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
+        # logged beside the loss (loss.json), averaged over the processes and, like the loss, the accumulated batch
+        per_step = self.current_gradient_accumulation_steps if per_accumulated_batch else 1
+        for name, value in terms.items():
+            value = self.accelerator.gather_for_metrics(value.detach()).mean().item()
+            self._metrics["train"][name].append(value * per_step)
         return (loss, outputs) if return_outputs else loss
 
     def compute_loss_fake_quantizing_once(self, model, *args, **kwargs):
