@@ -85,9 +85,10 @@ def _distill_compute_loss(teacher, distill, general=None):
             terms["kl_general"] = kd_text
         # logged beside the loss (loss.json), averaged over the processes and, like the loss, the accumulated batch
         per_step = self.current_gradient_accumulation_steps if per_accumulated_batch else 1
-        for name, value in terms.items():
-            value = self.accelerator.gather_for_metrics(value.detach()).mean().item()
-            self._metrics["train"][name].append(value * per_step)
+        values = torch.stack([v.detach().float() for v in terms.values()])[None]  # one gather, one sync a step
+        values = self.accelerator.gather_for_metrics(values).mean(0) * per_step
+        for name, value in zip(terms, values.tolist(), strict=True):
+            self._metrics["train"][name].append(value)
         return (loss, outputs) if return_outputs else loss
 
     def compute_loss_fake_quantizing_once(self, model, *args, **kwargs):
