@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ..conftest import TINY_RECIPE, run_cli
+from ..conftest import TINY_RECIPE, arith_texts, run_cli
 
 
 def _run(out, model_dir, *extra):
@@ -41,6 +41,32 @@ def test_two_processes_match_one_with_the_same_global_batch(ddp_run, tiny_model_
     assert ddp[0] == pytest.approx(one[0], abs=1e-5)  # same first batch, same initial weights
     assert ddp == pytest.approx(one, abs=5e-3)  # later steps differ only by reduction order
     assert ddp[-1] < ddp[0] - 0.2
+
+
+def test_general_distillation_with_learned_log_scales_matches_one_process(tiny_model_dir, tmp_path):
+    """distill.general under DDP: the student runs twice a step (task, general batch) through weight_fake_quant_once,
+    with learned scales stepped in log space from an AWQ start calibrated on the general text. The general text is
+    one document, so every process draws the same general batch and two processes of 4 must train like one of 8."""
+    general = tmp_path / "general.jsonl"
+    general.write_text(json.dumps({"body": " ".join(arith_texts()[:3])}) + "\n")
+    recipe = [
+        *("--set", "qat.lora=merged", "--set", "qat.learn_scales=true", "--set", "qat.scale_space=log"),
+        *("--set", "qat.scale_lr=1e-2", "--set", "qat.awq.calibration=general", "--set", "qat.awq.max_tokens=32"),
+        *("--set", "distill.teacher=base", "--set", "distill.weight=0.5", "--set", f"distill.general.path={general}"),
+        *("--set", "distill.general.field=body", "--set", "distill.general.weight=2"),
+        *("--set", "distill.general.max_tokens=48", "--set", "stages=[finetune]"),
+    ]
+    two = _run(tmp_path / "two", tiny_model_dir, *recipe, "--set", "train.batch_size=4", "--num-processes", "2")
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    one = _run(tmp_path / "one", tiny_model_dir, *recipe, "--set", "train.batch_size=8")
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    ddp, single = (json.loads((tmp_path / r / "finetune" / "loss.json").read_text()) for r in ("two", "one"))
+    assert len(ddp) == len(single) == 12
+    for term in ("loss", "ce", "kl_task", "kl_general"):
+        assert [p[term] for p in ddp] == pytest.approx([p[term] for p in single], abs=5e-3), term
+    assert ddp[-1]["ce"] < ddp[0]["ce"] - 0.2
+    assert all(p["kl_general"] > 0 for p in ddp)
 
 
 def test_convert_and_eval_run_once_on_a_loadable_checkpoint(ddp_run):
