@@ -1,6 +1,7 @@
 """qat.awq: QAT starting from AWQ's channel scaling of each gated MLP, on the tiny model."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -173,12 +174,19 @@ def test_awq_mlp_input_keeps_the_model_and_lowers_the_mlps_quantized_error(
 
 
 @pytest.mark.parametrize(
-    ("channels", "start"), [("[mlp_hidden]", "base"), ("[mlp_input,mlp_hidden]", "base"), ("[mlp_hidden]", "control")]
+    ("channels", "start"),
+    [
+        ("[mlp_hidden]", "base"),
+        ("[mlp_input,mlp_hidden]", "base"),
+        ("[mlp_hidden]", "control"),
+        ("[mlp_input,mlp_hidden]", "control-merged"),
+    ],
 )
 def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path, channels, start):
     """The adapter was trained on the scaled MLPs (and norms): convert rescales a fresh base from the file beside it,
     so the converted checkpoint is exactly the trained forward (also when QAT started from the control's adapter,
-    scaled alike); without that file convert refuses."""
+    scaled alike, or from the control merged into the weights); without that file convert refuses, and so it does
+    without the control's adapter that the merged start keeps beside."""
     out = tmp_path / "run"
     recipe = load_recipe(
         TINY_RECIPE,
@@ -201,25 +209,34 @@ def test_qat_from_awq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path,
     (out / "convert" / "DONE").unlink()
     with pytest.raises(RecipeError, match=r"awq_scales\.safetensors is missing"):
         run_recipe(recipe, out, only=["convert"])
+    if start == "control-merged":
+        shutil.rmtree(out / "finetune" / "adapter" / "control_adapter")
+        with pytest.raises(RecipeError, match="control_adapter is missing"):
+            run_recipe(recipe, out, only=["convert"])
 
 
-@pytest.mark.parametrize("channels", ["[mlp_hidden]", "[mlp_input,mlp_hidden]"])
-def test_qat_from_awq_and_the_control_starts_as_the_control(tiny_model_dir, tmp_path, channels):
+@pytest.mark.parametrize(
+    ("channels", "start"),
+    [("[mlp_hidden]", "control"), ("[mlp_input,mlp_hidden]", "control"), ("[mlp_input,mlp_hidden]", "control-merged")],
+)
+def test_qat_from_awq_and_the_control_starts_as_the_control(tiny_model_dir, tmp_path, channels, start):
     """qat.awq with qat.init_from: control: the search runs on the control (its adapter merged), and the control's
     adapter is scaled with the weights, so unquantized the QAT model starts as the control computes; the scales
-    are the ones the search picks on the control, not on the base."""
+    are the ones the search picks on the control, not on the base. control-merged: the same from the merged weights
+    and a new adapter (zero at the start), the control's adapter kept beside it."""
     from safetensors.torch import load_file
 
     from qatkit.backends.hf import HFBackend, _calibration_batch
+    from qatkit.backends.trainer import train_and_save
     from qatkit.data import load_splits, training_examples
-    from qatkit.models.assembly import attach_lora, load_finetuned
+    from qatkit.models.assembly import attach_lora, load_finetuned, load_trained
     from qatkit.models.loading import load_model_and_tokenizer
     from qatkit.quant.apply import prepare
     from qatkit.quant.awq import awq_
     from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
 
     overrides = ["qat.learn_scales=true", "qat.awq.samples=4", "qat.awq.max_tokens=32", f"qat.awq.channels={channels}"]
-    recipe = load_recipe(TINY_RECIPE, [f"model.name_or_path={tiny_model_dir}", "qat.init_from=control", *overrides])
+    recipe = load_recipe(TINY_RECIPE, [f"model.name_or_path={tiny_model_dir}", f"qat.init_from={start}", *overrides])
     control = tmp_path / "control"
     base, _ = load_model_and_tokenizer(recipe.model)
     torch.manual_seed(0)
@@ -231,12 +248,16 @@ def test_qat_from_awq_and_the_control_starts_as_the_control(tiny_model_dir, tmp_
     with_adapter.save_pretrained(control)
 
     examples = training_examples(load_splits(recipe.data), recipe.data.answer_style)
-    _, model, _ = HFBackend().trainer(recipe, examples, tmp_path / "work", False, True, control)
+    trainer, model, tokenizer = HFBackend().trainer(recipe, examples, tmp_path / "work", False, True, control)
     ids = torch.randint(3, model.config.vocab_size, (4, 20), generator=torch.Generator().manual_seed(0))
     want, _ = load_finetuned(recipe, control)
     with torch.no_grad(), fake_quant_off(fq for _, _, fq in each_fake_quantizer(model)):
         torch.testing.assert_close(model(ids).logits, want(ids).logits, rtol=1e-4, atol=1e-4)
 
+    new_adapter = {n: p for n, p in model.named_parameters() if "lora_B" in n}
+    assert new_adapter and all((p.abs().max() == 0) == (start == "control-merged") for p in new_adapter.values())
+    kept = tmp_path / "work" / "adapter" / "control_adapter" / "adapter_model.safetensors"
+    assert kept.is_file() == (start == "control-merged")
     saved = load_file(str(tmp_path / "work" / "adapter" / "awq_scales.safetensors"))
     assert any(not torch.equal(s, torch.ones_like(s)) for s in saved.values())  # the search scaled something
     batch = _calibration_batch(recipe, recipe.qat.awq, examples, load_model_and_tokenizer(recipe.model)[1])
@@ -250,6 +271,14 @@ def test_qat_from_awq_and_the_control_starts_as_the_control(tiny_model_dir, tmp_
     on_control, on_base = search(load_finetuned(recipe, control)[0]), search(load_model_and_tokenizer(recipe.model)[0])
     assert all(torch.equal(saved[k], on_control[k]) for k in saved)
     assert any(not torch.equal(saved[k], on_base[k]) for k in saved)
+
+    # trained, the model rebuilds from what the run saved with every weight, adapter and scale as trained (the
+    # base weights: the control merged in, or not); the trainer's own forward runs under its autocast
+    train_and_save(trainer, model, tokenizer, tmp_path / "work", tmp_path / "work" / "adapter", False, 0.0)
+    rebuilt = load_trained(recipe, tmp_path / "work" / "adapter")[0]
+    state, trained = rebuilt.state_dict(), model.state_dict()
+    assert state.keys() == trained.keys()
+    assert [k for k in state if not torch.equal(state[k], trained[k])] == []
 
 
 def test_a_checkpoint_loads_with_the_awq_scales_its_run_started_from(tiny_model_dir, tmp_path):

@@ -517,12 +517,13 @@ def test_distill_from_the_control_trains_it_first_and_learns_from_it(tiny_model_
     assert control_mtime <= (out / "finetune" / "adapter" / "adapter_config.json").stat().st_mtime
 
 
-@pytest.mark.parametrize("full", [False, True])
-def test_qat_starting_from_the_control_starts_where_it_ended(tiny_model_dir, tmp_path, full):
+@pytest.mark.parametrize(("full", "control"), [(False, "control"), (True, "control"), (False, "control-merged")])
+def test_qat_starting_from_the_control_starts_where_it_ended(tiny_model_dir, tmp_path, full, control):
     """qat.init_from=control: the QAT run continues from the control's adapters (or weights), so distilling from
-    the control starts at the small KL fake quantization opens, not at the gap between the base and the control."""
+    the control starts at the small KL fake quantization opens, not at the gap between the base and the control.
+    control-merged: the same from the control's adapters merged into the weights, with new adapters on them."""
     first_kl = {}
-    for start in ["base", "control"]:
+    for start in ["base", control]:
         out = tmp_path / f"{full}-{start}"
         lr = 0.002 if full else 0.05  # moves the control far from the base in 2 steps, in either mode
         overrides = ["distill.teacher=control", f"train.lr={lr}", "train.warmup_steps=0", f"qat.init_from={start}"]
@@ -531,11 +532,10 @@ def test_qat_starting_from_the_control_starts_where_it_ended(tiny_model_dir, tmp
         summary = json.loads((out / "finetune" / "train_summary.json").read_text())
         assert summary["steps"] == summary["control"]["steps"] == 2
         first_kl[start] = summary["first_loss"]
-    assert 0 < first_kl["control"] < 0.1 * first_kl["base"]
-    assert (
-        "without fake quantization, then trained further under quantization-aware"
-        in (out / "convert" / "README.md").read_text()
-    )
+    assert 0 < first_kl[control] < 0.1 * first_kl["base"]
+    merged = "its adapters merged into the weights, then new adapters trained"
+    how = merged if control == "control-merged" else "then trained further"
+    assert f"without fake quantization, {how} under quantization-aware" in (out / "convert" / "README.md").read_text()
 
 
 def test_qat_lr_sets_the_qat_runs_learning_rate_only(tiny_model_dir, tmp_path):

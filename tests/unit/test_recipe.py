@@ -221,8 +221,9 @@ def test_gptq_needs_learned_scales_and_the_base_weights():
     gptq = validate_recipe(_with(qat={"scheme": "int8-int4", "learn_scales": True, "gptq": {"samples": 64}}))
     assert gptq.qat.gptq.samples == 64 and gptq.qat.gptq.max_tokens == 256
     assert "set qat.learn_scales: true" in _problems(_with(qat={"scheme": "int8-int4", "gptq": {}}))
-    control = {"scheme": "int8-int4", "learn_scales": True, "gptq": {}, "init_from": "control"}
-    assert "cannot start from the control" in _problems(_with(qat=control))
+    for start in ("control", "control-merged"):
+        control = {"scheme": "int8-int4", "learn_scales": True, "gptq": {}, "init_from": start}
+        assert "cannot start from the control" in _problems(_with(qat=control))
     head_only = {"scheme": "int8-int4", "learn_scales": True, "gptq": {"targets": "lm_head"}}
     assert validate_recipe(_with(qat=head_only)).qat.gptq.targets == "lm_head"
     assert "leaves lm_head unquantized" in _problems(_with(qat={**head_only, "quantize_lm_head": False}))
@@ -234,6 +235,13 @@ def test_awq_is_one_start_and_can_start_from_the_control():
     assert "pick one start" in _problems(_with(qat=both))
     control = validate_recipe(_with(qat={"scheme": "int8-int4", "awq": {}, "init_from": "control"}))
     assert control.qat.init_from == "control"
+
+
+def test_starting_from_the_merged_control_needs_its_lora_adapters():
+    merged = validate_recipe(_with(qat={"scheme": "int8-int4", "init_from": "control-merged"}))
+    assert merged.qat.init_from == "control-merged"
+    full = _with(qat={"scheme": "int8-int4", "init_from": "control-merged"}, train={"full_finetuning": True})
+    assert "has none (use control)" in _problems(full)
 
 
 @pytest.mark.parametrize("start", ["awq", "gptq"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ from qatkit.quant.apply import prepare
 from qatkit.quant.patches import cache_frozen_weight_fake_quant, signature
 from qatkit.quant.plan import non_language_modules
 from qatkit.quant.scales import learned_scales
-from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, FinetuneDir
+from qatkit.run.layout import AWQ_SCALES, CONTROL_ADAPTER, GPTQ_WEIGHTS, FinetuneDir
 from qatkit.run.records import QatPlanRecord, TrainResult
 
 if TYPE_CHECKING:
@@ -48,7 +49,13 @@ def _general_stream(recipe: Recipe, teacher, tokenizer, control: Path | None):
 
 def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
     """What the QAT run starts from besides the base model: the control's adapters or weights (qat.init_from)."""
-    return _control_output(control, "qat.init_from") if recipe.qat.init_from == "control" else None
+    return _control_output(control, "qat.init_from") if recipe.qat.init_from != "base" else None
+
+
+def _keep_merged_control(adapter: Path, trained: Path) -> None:
+    """qat.init_from: control-merged: a copy of the control's adapter beside the one QAT trains, for load_trained."""
+    if distributed.is_main():
+        shutil.copytree(adapter, trained / CONTROL_ADAPTER, dirs_exist_ok=True)
 
 
 def _calibration_batch(recipe: Recipe, spec: CalibratedStart, examples: list[dict], tokenizer, device=None) -> dict:
@@ -169,7 +176,12 @@ class HFBackend:
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
         full = recipe.train.full_finetuning
         start = _starting_point(recipe, control) if qat else None
-        model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(start) if start and full else None)
+        if start and recipe.qat.init_from == "control-merged":  # the adapter below is a new one, on these weights
+            model, tokenizer = load_finetuned(recipe, start)
+            _keep_merged_control(start, FinetuneDir(work).trained(full))
+            start = None
+        else:
+            model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(start) if start and full else None)
         if examples and isinstance(examples[0].get("prompt"), list):
             require_chat_template(tokenizer, recipe.model)
         if qat:

@@ -6,12 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qatkit.core.errors import RecipeError
 from qatkit.models.loading import load_model_and_tokenizer
 from qatkit.models.merged_lora import use_merged_lora_forward
 from qatkit.quant.apply import prepare
 from qatkit.quant.plan import Plan, lora_exclude_pattern
 from qatkit.quant.scales import load_learned_scales
-from qatkit.run.layout import AWQ_SCALES, GPTQ_WEIGHTS, LEARNED_SCALES, FinetuneDir, RunLayout
+from qatkit.run.layout import AWQ_SCALES, CONTROL_ADAPTER, GPTQ_WEIGHTS, LEARNED_SCALES, FinetuneDir, RunLayout
 
 if TYPE_CHECKING:
     from qatkit.recipe import Recipe
@@ -53,7 +54,10 @@ def load_trained(recipe: Recipe, trained: Path):
     """Rebuild the model exactly as it was trained: base + fake quant + LoRA (in the recipe's mode), or the
     fully fine-tuned weights + fake quant."""
     full = recipe.train.full_finetuning
-    model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(trained) if full else None)
+    if recipe.qat.init_from == "control-merged":  # the weights QAT trained on: the base with the control merged
+        model, tokenizer = load_finetuned(recipe, _merged_control(trained))
+    else:
+        model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(trained) if full else None)
     plan = prepare_for_qat(recipe, model)
     if not full:  # a full fine-tune saved its weights as trained, scaled and all
         if recipe.qat.awq:
@@ -70,6 +74,16 @@ def load_trained(recipe: Recipe, trained: Path):
     return model, tokenizer, plan
 
 
+def _merged_control(trained: Path) -> Path:
+    adapter = trained / CONTROL_ADAPTER
+    if not adapter.is_dir():
+        raise RecipeError(
+            f"{adapter} is missing: the run was trained on the control's adapters merged into the weights "
+            "(qat.init_from: control-merged), they are needed"
+        )
+    return adapter
+
+
 def load_checkpoint(recipe: Recipe, run: RunLayout, checkpoint: Path):
     """A trainer checkpoint of `run` rebuilt as trained (load_trained): its adapter and learned scales, with the GPTQ
     weights or AWQ scales the run started from, which its fine-tune (finished or not) keeps beside what it trains and
@@ -81,7 +95,12 @@ def load_checkpoint(recipe: Recipe, run: RunLayout, checkpoint: Path):
         trained = Path(tmp)
         for f in checkpoint.iterdir():
             (trained / f.name).symlink_to(f.resolve())
-        for start, needed in ((GPTQ_WEIGHTS, recipe.qat.gptq), (AWQ_SCALES, recipe.qat.awq)):
+        merged_control = recipe.qat.init_from == "control-merged"
+        for start, needed in (
+            (GPTQ_WEIGHTS, recipe.qat.gptq),
+            (AWQ_SCALES, recipe.qat.awq),
+            (CONTROL_ADAPTER, merged_control),
+        ):
             if needed and not (trained / start).exists():
                 (trained / start).symlink_to((started_from / start).resolve())
         return load_trained(recipe, trained)

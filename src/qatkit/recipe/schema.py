@@ -145,12 +145,14 @@ class QatSpec(Strict):
         "channels on a finer grid. The scaled weights are what is trained, converted and exported. With "
         "qat.init_from: control the search runs on the control, and its adapter is scaled with the weights.",
     )
-    init_from: Literal["base", "control"] = Field(
+    init_from: Literal["base", "control", "control-merged"] = Field(
         "base",
         description="control: QAT starts from the recipe's fine-tune without QAT (its adapters, or its weights with "
         "train.full_finetuning; trained first or reused from the cache) and trains qat.max_steps more: QAT as a recovery "
         "phase after ordinary fine-tuning (Gemma 3's QAT). Pair it with distill.teacher: control to learn only what "
-        "quantization lost.",
+        "quantization lost. control-merged (LoRA only): the control's adapters merged into the weights, which are "
+        "quantized, and new adapters trained on them: the fine-tune stays in the weights and the adapters' whole rank "
+        "goes to what quantization changes. The trained folder keeps the control's adapters (control_adapter/).",
     )
 
     @field_validator("scheme")
@@ -174,7 +176,7 @@ class QatSpec(Strict):
             raise ValueError("qat.gptq keeps its weights on the learned scales' grid: set qat.learn_scales: true")
         if self.awq and self.gptq:
             raise ValueError("qat.awq and qat.gptq: pick one start (both is not supported)")
-        if self.gptq and self.init_from == "control":
+        if self.gptq and self.init_from != "base":
             raise ValueError(
                 "qat.gptq quantizes the base model's weights; it cannot start from the control (init_from)"
             )
@@ -452,6 +454,11 @@ class Recipe(Strict):
             raise ValueError(
                 "train.packing joins running text (data.format: text) into full-length sequences; task examples "
                 "would be cut mid-answer and attend to one another"
+            )
+        if self.qat.init_from == "control-merged" and self.train.full_finetuning:
+            raise ValueError(
+                "qat.init_from: control-merged merges the control's LoRA adapters; a full fine-tune's control has "
+                "none (use control)"
             )
         if self.train.mixed_precision == "bf16" and self.model.dtype == "float16":
             raise ValueError("train.mixed_precision: bf16 needs a float32 or bfloat16 model, not model.dtype float16")

@@ -88,6 +88,8 @@ def _how_trained(report: dict, recipe: dict, base: str) -> list[str]:
     first = f"{base} {how}"
     if qat.get("init_from") == "control":
         first += " without fake quantization, then trained further"
+    elif qat.get("init_from") == "control-merged":
+        first += " without fake quantization, its adapters merged into the weights, then new adapters trained"
     return [
         f"{first} under quantization-aware training (fake quantization of the `{report['scheme']}` "
         f"scheme in the forward pass{mode}{scales}{taught}), then converted to real low-bit torchao tensors "

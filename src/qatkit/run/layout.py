@@ -21,6 +21,7 @@ from pathlib import Path
 LEARNED_SCALES = "learned_scales.safetensors"  # beside a trained adapter / model (and in each trainer checkpoint)
 GPTQ_WEIGHTS = "gptq_weights.safetensors"  # beside a trained adapter: the base weights GPTQ started it from (qat.gptq)
 AWQ_SCALES = "awq_scales.safetensors"  # beside a trained adapter: the MLP channel scales of its base (qat.awq)
+CONTROL_ADAPTER = "control_adapter"  # beside a trained adapter: the control's, merged into its base (control-merged)
 
 
 @dataclass(frozen=True)
