@@ -271,6 +271,37 @@ def report(run_dir: Annotated[Path, typer.Argument(help="A qatkit run directory.
     _show("run_summary", _guard(report_command, run_dir))
 
 
+@app.command()
+def pack(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A run directory (or a `bench recovery --out` folder), finished or not.")
+    ],
+    dest: Annotated[Path, typer.Argument(help="A new folder for the parts and their state.json.")],
+) -> None:
+    """Pack a run directory, mid-training included, into parts small enough to commit (45 MB each), to continue
+    it on another machine: `qatkit unpack` there, then the same command with --resume.
+
+    Example: [bold]qatkit pack runs/demo state/demo[/]; elsewhere [bold]qatkit unpack state/demo runs/demo[/]
+    """
+    from qatkit.run.state import pack as pack_run
+
+    _show("packed_state", dest, _guard(pack_run, run_dir, dest))
+
+
+@app.command()
+def unpack(
+    src: Annotated[Path, typer.Argument(help="A folder `qatkit pack` wrote.")],
+    run_dir: Annotated[Path, typer.Argument(help="The run directory to rebuild (must not exist).")],
+) -> None:
+    """Rebuild a packed run directory (each file checked against its sha256); continue it with --resume.
+
+    Example: [bold]qatkit unpack state/demo runs/demo && qatkit run recipes/demo.yaml --out runs/demo --resume[/]
+    """
+    from qatkit.run.state import unpack as unpack_run
+
+    _show("packed_state", run_dir, _guard(unpack_run, src, run_dir))
+
+
 bench_app = typer.Typer(name="bench", no_args_is_help=True, rich_markup_mode="rich")
 app.add_typer(bench_app)
 

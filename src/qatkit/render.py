@@ -88,6 +88,17 @@ def generation(result: dict) -> None:
     )
 
 
+def packed_state(where: Path, manifest: dict) -> None:
+    files = manifest["files"]
+    size = sum(f["bytes"] for f in files if "same_as" not in f)
+    checkpoints = sorted(
+        {p.parent.as_posix() for f in files if (p := Path(f["path"])).parent.name.startswith("checkpoint-")}
+    )
+    console.print(f"{where}: {len(files)} files, {size / 2**20:.1f} MB in {manifest['parts']} parts")
+    for checkpoint in checkpoints:
+        console.print(f"  trainer checkpoint: {checkpoint}")
+
+
 def eval_results(model_dir: Path, results: dict) -> None:
     table = Table("task", "metric", "value", "stderr", title=f"lm-eval: {model_dir}")
     for task, metrics in results.items():

@@ -100,6 +100,39 @@ def test_killed_training_resumes_to_the_same_result(tiny_model_dir, tmp_path):
         assert abs(loss - ref_losses[step]) < 1e-4, (step, loss, ref_losses[step])
 
 
+def test_a_packed_run_resumes_on_a_fresh_machine(tiny_model_dir, tmp_path, monkeypatch):
+    """A run killed mid-QAT, packed (`qatkit pack`), unpacked in another place with an empty qatkit cache (a fresh
+    machine) and resumed: the same losses as a run never interrupted, and the control it distils from and started
+    from (merged) is the one it kept, not trained again."""
+    start = ["--set", "stages=[finetune]", "--set", "distill.teacher=control", "--set", "qat.init_from=control-merged"]
+    reference = tmp_path / "reference"
+    ref = _start(reference, tiny_model_dir, *start)
+    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+
+    out = tmp_path / "killed"
+    proc = _start(out, tiny_model_dir, *start)
+    ckpts = out / ".finetune.partial" / "checkpoints"
+    _wait_for(lambda: (ckpts / "checkpoint-8" / "trainer_state.json").exists(), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    packed = run_cli("pack", str(out), str(tmp_path / "state"))
+    assert packed.returncode == 0, packed.stderr[-2000:]
+    assert "trainer checkpoint: .finetune.partial/checkpoints/checkpoint-" in packed.stdout
+
+    moved = tmp_path / "fresh-machine" / "run"
+    unpacked = run_cli("unpack", str(tmp_path / "state"), str(moved))
+    assert unpacked.returncode == 0, unpacked.stderr[-2000:]
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "fresh-machine" / "cache"))
+    resumed = _resume(moved, tiny_model_dir, *start)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert not (tmp_path / "fresh-machine" / "cache" / "control").exists()  # not trained again
+    assert json.loads((moved / "finetune" / "train_summary.json").read_text())["resumed_from_step"] in (8, 12)
+    ref_losses, losses = _losses(reference), _losses(moved)
+    assert sorted(losses) == list(range(1, 17))
+    for step, loss in losses.items():
+        assert abs(loss - ref_losses[step]) < 1e-4, (step, loss, ref_losses[step])
+
+
 def test_killed_convert_is_redone(tiny_model_dir, tmp_path):
     out = tmp_path / "run"
     base = [

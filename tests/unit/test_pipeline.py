@@ -90,16 +90,16 @@ def test_resume_survives_a_qatkit_upgrade(tmp_path):
 
 
 def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
-    from qatkit.backends.trainer import _last_checkpoint
+    from qatkit.run.layout import last_checkpoint
 
-    assert _last_checkpoint(tmp_path / "none") is None
+    assert last_checkpoint(tmp_path / "none") is None
     for step, files in ((4, ["trainer_state.json", "extra.bin"]), (8, ["trainer_state.json"]), (12, ["model.bin"])):
         ckpt = tmp_path / f"checkpoint-{step}"
         ckpt.mkdir()
         for name in files:
             (ckpt / name).write_text("x")
-    assert _last_checkpoint(tmp_path) == str(tmp_path / "checkpoint-8")  # 12 lacks the trainer state
-    assert _last_checkpoint(tmp_path, ("extra.bin",)) == str(tmp_path / "checkpoint-4")
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-8"  # 12 lacks the trainer state
+    assert last_checkpoint(tmp_path, ("extra.bin",)) == tmp_path / "checkpoint-4"
 
 
 def test_cache_keys_change_with_the_code_that_computes_them(tmp_path):

@@ -16,7 +16,7 @@ from qatkit.core import distributed, interrupts, progress
 from qatkit.core.errors import Interrupted, RecipeError
 from qatkit.quant.patches import fake_quantizers, weight_fake_quant_once
 from qatkit.quant.scales import learned_scales, load_learned_scales, save_learned_scales
-from qatkit.run.layout import LEARNED_SCALES, FinetuneDir
+from qatkit.run.layout import LEARNED_SCALES, FinetuneDir, last_checkpoint
 from qatkit.run.records import TrainResult
 
 if TYPE_CHECKING:
@@ -186,20 +186,6 @@ def _learned_scales_callback():
     return SaveLearnedScales()
 
 
-def _last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> str | None:
-    """The newest complete checkpoint. A process killed while writing one leaves it without trainer_state.json
-    (the Trainer writes it last) or without the files `needs` names (written after it, by callbacks)."""
-    from transformers.trainer import TRAINER_STATE_NAME
-    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
-
-    steps = {}
-    for ckpt in ckpt_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
-        step = ckpt.name.rsplit("-", 1)[1]
-        if step.isdigit() and all((ckpt / name).exists() for name in (TRAINER_STATE_NAME, *needs)):
-            steps[int(step)] = str(ckpt)
-    return steps[max(steps)] if steps else None
-
-
 def sft_config(recipe: Recipe, ckpt_dir: Path, model, use_cpu: bool, qat: bool):
     """The trainer settings both backends share, from the recipe's `train` section (and qat.lr / qat.max_steps for
     a QAT run)."""
@@ -291,19 +277,19 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
     """
     ckpt_dir = Path(trainer.args.output_dir)
     learns_scales = bool(learned_scales(model))
-    resume_from = _last_checkpoint(ckpt_dir, (LEARNED_SCALES,) if learns_scales else ()) if resume else None
+    resume_from = last_checkpoint(ckpt_dir, (LEARNED_SCALES,) if learns_scales else ()) if resume else None
 
     if learns_scales:
         trainer.add_callback(_learned_scales_callback())
     if resume_from:
         log.info("resuming training from %s", resume_from)
         if learns_scales:
-            load_learned_scales(model, Path(resume_from) / LEARNED_SCALES)
+            load_learned_scales(model, resume_from / LEARNED_SCALES)
     if interrupts.requested():  # while the model and trainer were being built: nothing trained yet
         raise Interrupted("interrupted before training started")
     trainer.add_callback(interrupts.stop_at_step_end_callback())
     with progress.training(trainer, qat=bool(fake_quantizers(model))):  # a bar instead of raw dicts
-        trainer.train(resume_from_checkpoint=resume_from)
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     if interrupts.requested() and trainer.state.global_step < trainer.state.max_steps:
         raise Interrupted(f"interrupted at step {trainer.state.global_step}; checkpoint saved in {ckpt_dir}")
     losses = [
@@ -331,5 +317,5 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
         loss_history=losses,
         fake_quantized_modules=len(fake_quantizers(model)),
         lora_layers=sum(1 for n, _ in model.named_modules() if n.endswith("lora_A")),
-        resumed_from_step=int(resume_from.rsplit("-", 1)[1]) if resume_from else None,
+        resumed_from_step=int(resume_from.name.rsplit("-", 1)[1]) if resume_from else None,
     )

@@ -186,3 +186,15 @@ class RunLayout:
     @property
     def eval(self) -> EvalDir:
         return EvalDir(self.stage("eval"))
+
+
+def last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> Path | None:
+    """The newest complete trainer checkpoint (transformers' checkpoint-<step> folders). A process killed while
+    writing one leaves it without trainer_state.json (the Trainer writes it last) or without the files `needs`
+    names (written after it, by callbacks)."""
+    steps = {}
+    for ckpt in ckpt_dir.glob("checkpoint-*"):
+        step = ckpt.name.rsplit("-", 1)[1]
+        if step.isdigit() and all((ckpt / name).exists() for name in ("trainer_state.json", *needs)):
+            steps[int(step)] = ckpt
+    return steps[max(steps)] if steps else None

@@ -48,7 +48,12 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
     It does not depend on the scheme, so it is trained once per (model, LoRA, training, data) and
     reused from the qatkit cache by every run that shares them (e.g. one run per scheme).
     Under a multi-process launcher every process trains it; the main process writes the cache.
+    A resumed run keeps the copy it made when it started (its QAT run trained against that one), whatever the
+    cache holds now: on a fresh machine (`qatkit unpack`) or after a code change, the control is not trained again.
     """
+    summary_file = FinetuneDir(target).train_summary
+    if resume and (kept := read_json(summary_file)) and "cache_key" in kept:
+        return kept
     # settings left at their defaults are left out, so adding a setting does not retrain every cached control
     sections = [recipe.model, recipe.lora, recipe.train]
     key_parts = [*(s.model_dump(exclude_defaults=True) for s in sections), examples, backend.name, code_fingerprint()]
@@ -70,9 +75,11 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
                 publish_dir(tmp, cached)
         distributed.barrier()
 
+    summary = {**read_json(FinetuneDir(cached).train_summary), "cache_key": key}
     if distributed.is_main():
         shutil.copytree(cached, target, ignore=shutil.ignore_patterns(DONE), dirs_exist_ok=True)
-    return {**read_json(FinetuneDir(cached).train_summary), "cache_key": key}
+        write_json_atomic(summary_file, summary)  # written last: the copy is complete
+    return summary
 
 
 def needs_control_first(recipe: Recipe) -> bool:
