@@ -15,7 +15,7 @@ from qatkit.core.metrics import sqnr_db
 from qatkit.models.assembly import attach_lora
 from qatkit.quant.apply import attach_hf_quantizer, convert, prepare, quantize_ptq
 from qatkit.quant.hardware import can_convert_here, hardware_ok
-from qatkit.quant.patches import cache_frozen_weight_fake_quant, fake_quantizers
+from qatkit.quant.patches import cache_frozen_weight_fake_quant, each_fake_quantizer, fake_quant_off, fake_quantizers
 from qatkit.quant.plan import plan_modules, untie_embeddings
 from qatkit.quant.registry import canonical_name, get_scheme, list_schemes
 from qatkit.quant.scales import MSE_CLIP_RATIOS, learned_scales
@@ -330,3 +330,18 @@ def test_frozen_weight_fake_quant_cache_changes_nothing(tiny_model_dir, mode):
     assert l0 == l1
     assert torch.equal(g0, g1)
     assert torch.equal(m0, m1)  # a stale cache would still use the pre-merge weights
+
+
+def test_frozen_weight_fake_quant_cache_is_not_filled_while_fake_quant_is_off(tiny_model_dir):
+    """A forward with the quantizers off (fake_quant_off, as AWQ's search and diagnostics run) passes W through;
+    the next forward with them on is fake-quantized again, not served the unquantized W from the cache."""
+    model = load(tiny_model_dir)
+    prepare(model, QuantSpec.named("int8-int4"))
+    model = attach_lora(recipe_for("int8-int4", "unmerged"), model)
+    with torch.no_grad():
+        want = model(batch(3)).logits
+        assert cache_frozen_weight_fake_quant(model) > 0
+        with fake_quant_off(fq for _, _, fq in each_fake_quantizer(model)):
+            off = model(batch(3)).logits
+        assert not torch.equal(off, want)
+        assert torch.equal(model(batch(3)).logits, want)

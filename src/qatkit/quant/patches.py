@@ -92,8 +92,8 @@ def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
 
     With LoRA the base weights never change, so their fake-quantized copy is a constant. Any change of
     the weight's values (e.g. a LoRA merge) invalidates it; a weight that requires grad (full finetuning),
-    the merged-LoRA input W + s·BA, or a weight with a learned scale is never cached. Costs two extra copies
-    of each cached weight.
+    the merged-LoRA input W + s·BA, or a weight with a learned scale is never cached, nor the output of a quantizer
+    turned off (fake_quant_off). Costs two extra copies of each cached weight.
     Returns the number of fake quantizers wrapped.
     """
     import torch
@@ -113,8 +113,9 @@ def cache_frozen_weight_fake_quant(model: torch.nn.Module) -> int:
         fq._qatkit_cache = {}
         original = fq.forward
 
-        def forward(w, _orig=original, _cache=fq._qatkit_cache):
-            if w.requires_grad:
+        def forward(w, _orig=original, _cache=fq._qatkit_cache, _fq=fq):
+            # off (fake_quant_off): the output is W itself, which must not be cached
+            if w.requires_grad or not getattr(_fq, "enabled", True):
                 return _orig(w)
             # a private copy of the source: `.data` updates (peft's merge) bypass the version counter, so
             # only comparing values is safe; one comparison costs far less than the fake quant it replaces
