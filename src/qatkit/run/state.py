@@ -9,11 +9,11 @@ files); `state.json` lists each file with its size and sha256, checked when unpa
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from qatkit.core.cache import file_digest
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import read_json, write_json_atomic
 from qatkit.run.layout import LEARNED_SCALES, last_checkpoint
@@ -21,14 +21,6 @@ from qatkit.run.layout import LEARNED_SCALES, last_checkpoint
 MANIFEST = "state.json"
 PART = "part-{:03d}.bin"
 PART_BYTES = 45 * 2**20
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(2**20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _stale_checkpoints(run: Path) -> set[Path]:
@@ -59,7 +51,7 @@ def pack(run: Path, dest: Path, part_bytes: int = PART_BYTES) -> dict:
     files, first_with = [], {}
     parts = _PartWriter(dest, part_bytes)
     for path in _kept_files(run):
-        sha = _sha256(path)
+        sha = file_digest(path)
         entry = {"path": path.relative_to(run).as_posix(), "bytes": path.stat().st_size, "sha256": sha}
         if sha in first_with:
             entry["same_as"] = first_with[sha]
@@ -108,7 +100,7 @@ def _write_files(manifest: dict, stream: _PartReader, src: Path, tmp: Path) -> N
                         raise RecipeError(f"{src}: the parts end inside {entry['path']} (a part is missing or cut)")
                     f.write(chunk)
                     left -= len(chunk)
-        if _sha256(target) != entry["sha256"]:
+        if file_digest(target) != entry["sha256"]:
             raise RecipeError(f"{src}: {entry['path']} does not match its sha256 (a part is damaged)")
 
 
