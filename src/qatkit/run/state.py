@@ -9,6 +9,7 @@ files); `state.json` lists each file with its size and sha256, checked when unpa
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,21 +87,24 @@ def unpack(src: Path, run: Path) -> dict:
 
 
 def _write_files(manifest: dict, stream: _PartReader, src: Path, tmp: Path) -> None:
+    """Each file from the stream, hashed as it is written; a duplicate is a copy of the file already checked."""
     for entry in manifest["files"]:
         target = tmp / entry["path"]
         target.parent.mkdir(parents=True, exist_ok=True)
         if "same_as" in entry:
             shutil.copyfile(tmp / entry["same_as"], target)
-        else:
-            with open(target, "wb") as f:
-                left = entry["bytes"]
-                while left:
-                    chunk = stream.read(min(left, 2**20))
-                    if not chunk:
-                        raise RecipeError(f"{src}: the parts end inside {entry['path']} (a part is missing or cut)")
-                    f.write(chunk)
-                    left -= len(chunk)
-        if file_digest(target) != entry["sha256"]:
+            continue
+        digest = hashlib.sha256()
+        with open(target, "wb") as f:
+            left = entry["bytes"]
+            while left:
+                chunk = stream.read(min(left, 2**20))
+                if not chunk:
+                    raise RecipeError(f"{src}: the parts end inside {entry['path']} (a part is missing or cut)")
+                f.write(chunk)
+                digest.update(chunk)
+                left -= len(chunk)
+        if digest.hexdigest() != entry["sha256"]:
             raise RecipeError(f"{src}: {entry['path']} does not match its sha256 (a part is damaged)")
 
 
