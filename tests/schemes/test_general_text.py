@@ -428,7 +428,7 @@ def test_awq_calibrates_on_the_general_text_when_asked(tiny_model_dir, tmp_path,
     from safetensors.torch import load_file
 
     from qatkit.backends.general_text import general_sequences
-    from qatkit.backends.hf import _calibration_batch
+    from qatkit.backends.hf import GeneralText, _calibration_batch
     from qatkit.data import load_splits, training_examples
     from qatkit.models.loading import load_model_and_tokenizer
 
@@ -445,7 +445,9 @@ def test_awq_calibrates_on_the_general_text_when_asked(tiny_model_dir, tmp_path,
     tokenizer = load_model_and_tokenizer(on_text.model)[1]
     examples = training_examples(load_splits(on_text.data), on_text.data.answer_style)
 
-    batch = _calibration_batch(on_text, on_text.qat.awq, examples, tokenizer)
+    batch = _calibration_batch(
+        on_text, on_text.qat.awq, examples, tokenizer, general=GeneralText(on_text, None, tokenizer)
+    )
     packed = general_sequences(on_text.distill.general, None, tokenizer, on_text.train.seed, {})
     assert len(packed[0]) == 24  # packed to distill.general.max_tokens, then cut to qat.awq.max_tokens
     assert batch["input_ids"].tolist() == [s[:16] for s in packed[:3]]
@@ -459,3 +461,52 @@ def test_awq_calibrates_on_the_general_text_when_asked(tiny_model_dir, tmp_path,
         run_recipe(recipe, tmp_path / name, only=["finetune"])
         scales[name] = load_file(str(tmp_path / name / "finetune" / "adapter" / "awq_scales.safetensors"))
     assert any(not torch.equal(scales["text"][k], scales["task"][k]) for k in scales["text"])
+
+
+def test_awq_calibrates_on_the_teachers_own_samples_drawn_once(tiny_model_dir, tmp_path, monkeypatch):
+    """qat.awq.calibration: general with distill.general.path: teacher (data-free): the teacher samples before the
+    search, which calibrates on the first samples as training reads them; training reuses them (drawn once), and
+    drawing them leaves the global RNG as it was: a run that finds them cached trains the same adapter. The run keeps
+    them, so a resumed one with an empty cache (a fresh machine) reads them instead of sampling again."""
+    from safetensors.torch import load_file
+
+    from qatkit.backends import general_text
+    from qatkit.backends.hf import GeneralText
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.quant import awq
+
+    general = ["distill.teacher=base", "distill.general.path=teacher", "distill.general.docs=5"]
+    awq_start = ["qat.learn_scales=true", "qat.awq.samples=3", "qat.awq.max_tokens=16", "qat.awq.calibration=general"]
+    recipe = tiny_recipe(tiny_model_dir, *general, "distill.general.max_tokens=20", *awq_start)
+    draws, calibrated_on = [], []
+    sample, search = general_text._sample, awq.awq_
+    monkeypatch.setattr(general_text, "_sample", lambda *a, **k: draws.append(1) or sample(*a, **k))
+    monkeypatch.setattr(
+        awq, "awq_", lambda model, ids, mask, *a: calibrated_on.append((ids, mask)) or search(model, ids, mask, *a)
+    )
+
+    for name in ("drawn", "cached"):
+        run_recipe(recipe, tmp_path / name, only=["finetune"])
+    assert len(draws) == 1 and len(calibrated_on) == 2
+
+    tokenizer = load_model_and_tokenizer(recipe.model)[1]
+    general = GeneralText(recipe, None, tokenizer)
+    samples = general_text.teacher_samples(recipe.distill.general, None, tokenizer, recipe.train.seed, general.identity)
+    ids, mask = calibrated_on[0]
+    assert ids.shape[0] == 3 and all(len(s) > 1 for s in samples[:3])
+    for row, row_mask, s in zip(ids.tolist(), mask.tolist(), samples[:3], strict=True):
+        assert row[: sum(row_mask)] == s[:16]
+    assert all(torch.equal(a, b) for a, b in zip(*calibrated_on, strict=True))
+    adapters = [
+        load_file(str(tmp_path / name / "finetune" / "adapter" / "adapter_model.safetensors"))
+        for name in ("drawn", "cached")
+    ]
+    assert adapters[0].keys() == adapters[1].keys()
+    for key in adapters[0]:
+        torch.testing.assert_close(adapters[0][key], adapters[1][key], rtol=0, atol=0, msg=key)
+
+    kept = tmp_path / "drawn" / "finetune" / "teacher_samples"
+    assert len(list(kept.glob("*.json"))) == 1
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setattr(general_text, "_sample", lambda *a, **k: pytest.fail("sampled again instead of the run's copy"))
+    assert GeneralText(recipe, None, tokenizer, kept=kept).sequences(recipe.train.seed) == samples

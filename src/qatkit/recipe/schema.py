@@ -54,7 +54,8 @@ class CalibratedStart(Strict):
     calibration: Literal["data", "general"] = Field(
         "data",
         description="Where the calibration examples come from: data (the first training examples) or general (the "
-        "first sequences of distill.general's text file as training reads them, packed or cut).",
+        "first sequences of distill.general as training reads them, packed or cut: its text file's, or with path: "
+        "teacher the teacher's own samples, drawn first).",
     )
 
 
@@ -464,11 +465,8 @@ class Recipe(Strict):
             raise ValueError("train.mixed_precision: bf16 needs a float32 or bfloat16 model, not model.dtype float16")
         for name in ("gptq", "awq"):
             start = getattr(self.qat, name)
-            if start and start.calibration == "general" and (general is None or general.path == "teacher"):
-                raise ValueError(
-                    f"qat.{name}.calibration: general reads distill.general's text file, and there is none (the "
-                    "teacher's own samples are drawn after the start is computed)"
-                )
+            if start and start.calibration == "general" and general is None:
+                raise ValueError(f"qat.{name}.calibration: general reads distill.general's text, and there is none")
         if self.qat.gptq and self.qat.gptq.targets == "lm_head" and not self.quant.quantize_lm_head:
             raise ValueError(f"qat.gptq.targets: lm_head, but {self.qat.scheme} leaves lm_head unquantized here")
         if list(self.stages) != [s for s in STAGES if s in self.stages]:

@@ -4,7 +4,7 @@
   recipe.resolved.yaml  manifest.json  report.md  report.json  loss.png  accuracy.png
   data/{train,eval}.jsonl              the split, made once per run dir
   finetune/  adapter/ (or model/ with full fine-tuning), control/ (the no-QAT fine-tune), qat_plan.json,
-             train_summary.json, loss.json, trainer_state.json
+             train_summary.json, loss.json, trainer_state.json, teacher_samples/ (distill.general.path: teacher)
   convert/   the quantized checkpoint (safetensors, config.json with quantization_config, tokenizer),
              README.md (model card), parity.json, qat_plan.json
   export/    (export.formats or `qatkit export`) model.gguf (llama.cpp) and gguf.json (what it holds, its llama.cpp
@@ -40,6 +40,11 @@ class FinetuneDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def teacher_samples(self) -> Path:
+        """The teacher's own samples trained on (distill.general.path: teacher), as cached: read by a resumed run."""
+        return self.root / "teacher_samples"
 
     @property
     def qat_plan(self) -> Path:
