@@ -231,6 +231,45 @@ def test_teacher_samples_start_random_then_greedy_then_sampled_and_are_cached(ti
     assert general_text.teacher_samples(spec, teacher, tokenizer, 1, {"m": 1}) != samples
 
 
+def test_an_interrupted_draw_goes_on_from_its_last_batch_and_ends_as_an_uninterrupted_one(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    """Sampling is long on a CPU (~75 min for 4000): each batch is saved as it is drawn, in the cache and the run's
+    folder; a draw killed after two batches goes on from the third on a fresh machine (an empty cache, the run's
+    copy), and its samples are those of a draw never interrupted."""
+    from qatkit.backends import general_text
+    from qatkit.core.io import read_json
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(
+        tiny_model_dir, "distill.teacher=base", "distill.general.path=teacher", "distill.general.docs=7"
+    )
+    spec = recipe.distill.general.model_copy(update={"max_tokens": 12})
+    teacher, tokenizer = load_model_and_tokenizer(recipe.model)
+    uninterrupted = general_text.teacher_samples(spec, teacher, tokenizer, 0, {"m": 1}, batch_size=2)
+
+    kept, sample, drawn = tmp_path / "run" / "teacher_samples", general_text._sample, []
+
+    def killed_after_two_batches(*args):
+        if len(drawn) == 2:
+            raise KeyboardInterrupt
+        drawn.append(args[2])
+        return sample(*args)
+
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "first-machine"))
+    monkeypatch.setattr(general_text, "_sample", killed_after_two_batches)
+    with pytest.raises(KeyboardInterrupt):
+        general_text.teacher_samples(spec, teacher, tokenizer, 0, {"m": 1}, kept, batch_size=2)
+    [progress] = kept.glob("*.partial.json")
+    assert read_json(progress)["sequences"] == uninterrupted[:4]
+
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "fresh-machine"))
+    monkeypatch.setattr(general_text, "_sample", lambda *args: drawn.append(args[2]) or sample(*args))
+    assert general_text.teacher_samples(spec, teacher, tokenizer, 0, {"m": 1}, kept, batch_size=2) == uninterrupted
+    assert drawn == [2, 2, 2, 1]  # two batches before the kill, the last two after it
+    assert not list(kept.glob("*.partial.json")) and len(list(kept.glob("*.json"))) == 1
+
+
 def test_a_run_with_data_free_general_distillation(tiny_model_dir, tmp_path):
     """Through the pipeline: the QAT run distills on the teacher's own samples beside the task and converts; every
     step's loss is logged with its terms, which add up to it (two micro-batches a step)."""

@@ -133,30 +133,54 @@ def teacher_samples(
     tokens greedy and the rest sampled at temperature 1 (LLM-QAT's hybrid), cached under the model, settings and
     seed, `batch_size` at a time (64: twice 16's throughput on a 2-core CPU for SmolLM2-135M, 1.1 s a 256-token
     sequence). With `kept` (a run's folder) a copy is kept there too, and read from there when the cache lacks it: a
-    resumed run on a fresh machine trains on the samples it started with, not new ones."""
+    resumed run on a fresh machine trains on the samples it started with, not new ones.
+
+    Each batch is seeded by the seed and its place, and saved as it is drawn (`<key>.partial.json`, in the cache and
+    in `kept`): an interrupted draw goes on from its last batch, here or on a fresh machine from the run's copy
+    (`qatkit pack` carries it), and ends with the samples an uninterrupted one draws."""
     # the batch is in the key: it decides which random draws each sequence gets
     settings = {"docs": spec.docs, "max_tokens": spec.max_tokens, "seed": seed, "batch": batch_size}
-    key = cache_key({"model": model_identity, **settings, "v": 2})
+    key = cache_key({"model": model_identity, **settings, "v": 3})
     entry = cache_root() / "general-text" / f"{key}.json"
     copy = kept / entry.name if kept else None
     with cache_lock(entry):
         found = read_json(entry) or (copy and read_json(copy))
         if not found:
-            log.info("sampling %d general-text sequences from the teacher (cached in %s)", spec.docs, entry)
-            bos = leading_bos(tokenizer)
-            sequences = _sample(teacher, tokenizer, spec.docs, spec.max_tokens, seed, batch_size, bos)
-            found = {"model": model_identity, "seed": seed, "sequences": sequences}
+            progress = [p.with_suffix(".partial.json") for p in (entry, copy) if p]
+            found = _draw(spec, teacher, tokenizer, seed, batch_size, model_identity, progress)
         if not entry.exists():
             write_json_atomic(entry, found, indent=None)
-    if copy and not copy.exists():
-        copy.parent.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(copy, found, indent=None)
+        entry.with_suffix(".partial.json").unlink(missing_ok=True)
+    if copy:
+        if not copy.exists():
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(copy, found, indent=None)
+        copy.with_suffix(".partial.json").unlink(missing_ok=True)
     return found["sequences"]
 
 
-def _sample(
-    teacher, tokenizer, docs: int, max_tokens: int, seed: int, batch_size: int, bos: int | None
-) -> list[list[int]]:
+def _draw(
+    spec: GeneralTextSpec, teacher, tokenizer, seed: int, batch_size: int, model_identity: dict, progress: list[Path]
+) -> dict:
+    """The samples, from where the furthest of the `progress` files ends, each batch saved to all of them."""
+    saved = [found for found in map(read_json, progress) if found]
+    found = max(saved, key=lambda f: len(f["sequences"]), default={"model": model_identity, "seed": seed})
+    sequences = found.setdefault("sequences", [])
+    log.info("sampling %d general-text sequences from the teacher, from %d on", spec.docs, len(sequences))
+    bos = leading_bos(tokenizer)
+    for start in range(len(sequences), spec.docs, batch_size):
+        batch_seed = random.Random(f"{seed}/{start}").getrandbits(63)
+        count = min(batch_size, spec.docs - start)
+        sequences += _sample(teacher, tokenizer, count, spec.max_tokens, batch_seed, bos)
+        for path in progress:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(path, found, indent=None)
+        log.info("%d of %d general-text sequences sampled", len(sequences), spec.docs)
+    return found
+
+
+def _sample(teacher, tokenizer, count: int, max_tokens: int, seed: int, bos: int | None) -> list[list[int]]:
+    """One batch of `count` samples, drawn from `seed` alone."""
     import torch
     from transformers import LogitsProcessor, LogitsProcessorList
 
@@ -175,26 +199,21 @@ def _sample(
     candidates = [i for i in range(len(tokenizer)) if i not in special]
     rng = random.Random(seed)
     stop = tokenizer.eos_token_id
-    out = []
     teacher.eval()
     # seeded on a fork: drawing the samples (or finding them cached) leaves the caller's RNG, e.g. LoRA's init, as is
     with torch.random.fork_rng(), torch.no_grad():
         torch.manual_seed(seed)
-        for start in range(0, docs, batch_size):
-            first = torch.tensor([[*prompt, rng.choice(candidates)] for _ in range(min(batch_size, docs - start))])
-            rows = teacher.generate(
-                first.to(teacher.device),
-                attention_mask=torch.ones_like(first).to(teacher.device),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_tokens - first.shape[1],
-                logits_processor=LogitsProcessorList([GreedyPrefix()]),
-                pad_token_id=stop,
-            ).tolist()
-            # a row that ended early is padded with eos after its own eos: keep it up to and including that one
-            out += [
-                row[: row.index(stop, first.shape[1]) + 1] if stop in row[first.shape[1] :] else row for row in rows
-            ]
-    return out
+        first = torch.tensor([[*prompt, rng.choice(candidates)] for _ in range(count)])
+        rows = teacher.generate(
+            first.to(teacher.device),
+            attention_mask=torch.ones_like(first).to(teacher.device),
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_tokens - first.shape[1],
+            logits_processor=LogitsProcessorList([GreedyPrefix()]),
+            pad_token_id=stop,
+        ).tolist()
+    # a row that ended early is padded with eos after its own eos: keep it up to and including that one
+    return [row[: row.index(stop, first.shape[1]) + 1] if stop in row[first.shape[1] :] else row for row in rows]
