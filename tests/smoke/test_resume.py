@@ -53,7 +53,7 @@ def _resume(out, model_dir, *args):
     )
 
 
-def _wait_for(predicate, proc, timeout=240):
+def _wait_for(predicate, proc, timeout=600):  # a hang guard, as run_cli's: a loaded machine runs these far slower
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -76,7 +76,7 @@ def _losses(out):
 def test_killed_training_resumes_to_the_same_result(tiny_model_dir, tmp_path):
     reference = tmp_path / "reference"
     ref = _start(reference, tiny_model_dir, "--set", "stages=[finetune]")
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
 
     out = tmp_path / "killed"
     proc = _start(out, tiny_model_dir, "--set", "stages=[finetune]")
@@ -92,7 +92,8 @@ def test_killed_training_resumes_to_the_same_result(tiny_model_dir, tmp_path):
     state = json.loads((out / "finetune" / "trainer_state.json").read_text())
     assert state["global_step"] == 16
     summary = json.loads((out / "finetune" / "train_summary.json").read_text())
-    assert summary["resumed_from_step"] in (8, 12), summary  # the last checkpoint saved before the kill
+    # the last checkpoint complete at the kill: 4 when it landed inside the write of 8's trainer state
+    assert summary["resumed_from_step"] in (4, 8, 12), summary
 
     ref_losses, losses = _losses(reference), _losses(out)
     assert sorted(losses) == list(range(1, 17))
@@ -107,7 +108,7 @@ def test_a_packed_run_resumes_on_a_fresh_machine(tiny_model_dir, tmp_path, monke
     start = ["--set", "stages=[finetune]", "--set", "distill.teacher=control", "--set", "qat.init_from=control-merged"]
     reference = tmp_path / "reference"
     ref = _start(reference, tiny_model_dir, *start)
-    assert ref.wait(timeout=300) == 0, ref.stderr.read()[-2000:]
+    assert ref.wait(timeout=600) == 0, ref.stderr.read()[-2000:]
 
     out = tmp_path / "killed"
     proc = _start(out, tiny_model_dir, *start)
@@ -126,7 +127,7 @@ def test_a_packed_run_resumes_on_a_fresh_machine(tiny_model_dir, tmp_path, monke
     resumed = _resume(moved, tiny_model_dir, *start)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (tmp_path / "fresh-machine" / "cache" / "control").exists()  # not trained again
-    assert json.loads((moved / "finetune" / "train_summary.json").read_text())["resumed_from_step"] in (8, 12)
+    assert json.loads((moved / "finetune" / "train_summary.json").read_text())["resumed_from_step"] in (4, 8, 12)
     ref_losses, losses = _losses(reference), _losses(moved)
     assert sorted(losses) == list(range(1, 17))
     for step, loss in losses.items():

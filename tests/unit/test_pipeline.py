@@ -93,13 +93,34 @@ def test_resume_skips_a_checkpoint_killed_while_being_written(tmp_path):
     from qatkit.run.layout import last_checkpoint
 
     assert last_checkpoint(tmp_path / "none") is None
-    for step, files in ((4, ["trainer_state.json", "extra.bin"]), (8, ["trainer_state.json"]), (12, ["model.bin"])):
+    state = '{"global_step": 0}'
+    written = {
+        4: {"trainer_state.json": state, "extra.bin": "x"},
+        8: {"trainer_state.json": state},
+        12: {"model.bin": "x"},
+        16: {"model.bin": "x", "trainer_state.json": state[:9]},  # killed inside the Trainer's write of its state
+    }
+    for step, files in written.items():
         ckpt = tmp_path / f"checkpoint-{step}"
         ckpt.mkdir()
-        for name in files:
-            (ckpt / name).write_text("x")
-    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-8"  # 12 lacks the trainer state
+        for name, text in files.items():
+            (ckpt / name).write_text(text)
+    assert last_checkpoint(tmp_path) == tmp_path / "checkpoint-8"  # 12 lacks the trainer state, 16 has half of it
     assert last_checkpoint(tmp_path, ("extra.bin",)) == tmp_path / "checkpoint-4"
+
+
+def test_a_file_written_atomically_is_whole_or_as_it_was(tmp_path):
+    from qatkit.core.io import atomic_file
+
+    path = tmp_path / "scales.bin"
+    path.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt), atomic_file(path) as tmp:
+        tmp.write_bytes(b"half of the n")
+        raise KeyboardInterrupt
+    assert path.read_bytes() == b"old" and list(tmp_path.iterdir()) == [path]
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(b"new")
+    assert path.read_bytes() == b"new" and list(tmp_path.iterdir()) == [path]
 
 
 def test_cache_keys_change_with_the_code_that_computes_them(tmp_path):

@@ -34,13 +34,24 @@ def fsync_tree(path: Path) -> None:
     fsync_dir(path)
 
 
-def write_json_atomic(path: Path, data: object, indent: int | None = 2) -> None:
-    """Write JSON to a temporary sibling, flush it to disk, then rename it over `path`."""
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; once written it is flushed to disk and renamed over `path`.
+    A process killed while writing leaves `path` as it was."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, data: object, indent: int | None = 2) -> None:
+    """Write JSON to `path` whole or not at all (see `atomic_file`)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=indent, default=str) + "\n")
 
 
 def read_json(path: Path) -> dict | list | None:

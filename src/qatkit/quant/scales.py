@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qatkit.core.errors import RecipeError
+from qatkit.core.io import atomic_file
 from qatkit.quant.plan import stable_fqn
 
 if TYPE_CHECKING:
@@ -95,7 +96,8 @@ def learned_scales(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
 def save_learned_scales(model: torch.nn.Module, path: Path) -> None:
     from safetensors.torch import save_file
 
-    save_file({fqn: p.detach().contiguous() for fqn, p in learned_scales(model).items()}, str(path))
+    with atomic_file(path) as tmp:  # its presence in a trainer checkpoint marks the checkpoint complete
+        save_file({fqn: p.detach().contiguous() for fqn, p in learned_scales(model).items()}, str(tmp))
 
 
 def load_learned_scales(model: torch.nn.Module, path: Path) -> None:

@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -195,11 +196,19 @@ class RunLayout:
 
 def last_checkpoint(ckpt_dir: Path, needs: tuple[str, ...] = ()) -> Path | None:
     """The newest complete trainer checkpoint (transformers' checkpoint-<step> folders). A process killed while
-    writing one leaves it without trainer_state.json (the Trainer writes it last) or without the files `needs`
-    names (written after it, by callbacks)."""
+    writing one leaves it without trainer_state.json (the Trainer writes it last, in place: a kill inside that write
+    leaves it cut short) or without the files `needs` names (written after it, by callbacks, atomically)."""
     steps = {}
     for ckpt in ckpt_dir.glob("checkpoint-*"):
         step = ckpt.name.rsplit("-", 1)[1]
-        if step.isdigit() and all((ckpt / name).exists() for name in ("trainer_state.json", *needs)):
+        if step.isdigit() and _whole_json(ckpt / "trainer_state.json") and all((ckpt / n).exists() for n in needs):
             steps[int(step)] = ckpt
     return steps[max(steps)] if steps else None
+
+
+def _whole_json(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return False
+    return True
