@@ -93,6 +93,64 @@ def test_the_loss_adds_the_kl_on_every_token_of_a_general_batch(tiny_model_dir, 
     assert loss == pytest.approx(ce + 2 * kl, rel=1e-5)
 
 
+def test_the_general_text_can_have_its_own_teacher(tiny_model_dir, tmp_path, text_file):
+    """distill.general.teacher: base beside distill.teacher: control: the task's KL is to the control, the general
+    text's to the base model (what the model could do before the fine-tune moved it); control: to the control, as
+    when unset. Either teacher being the control means the control is trained first."""
+    from qatkit.backends.distill import distill_loss
+    from qatkit.backends.general_text import general_batches
+    from qatkit.backends.hf import GeneralText, HFBackend
+    from qatkit.data import load_splits, training_examples
+    from qatkit.models.assembly import attach_lora, load_finetuned
+    from qatkit.models.loading import load_model_and_tokenizer
+    from qatkit.stages.finetune import needs_control_first
+
+    general = [f"distill.general.{k}" for k in (f"path={text_file}", "field=body", "weight=2", "max_tokens=64")]
+    recipes = {
+        teacher: tiny_recipe(tiny_model_dir, "distill.teacher=control", *general, f"distill.general.teacher={teacher}")
+        for teacher in ("base", "control")
+    }
+    control = tmp_path / "control"
+    torch.manual_seed(0)
+    with_adapter = attach_lora(recipes["base"], load_model_and_tokenizer(recipes["base"].model)[0])
+    with torch.no_grad():
+        for name, p in with_adapter.named_parameters():
+            if "lora_" in name:
+                p.normal_(std=0.1)  # a control far from the base
+    with_adapter.save_pretrained(control)
+    teachers = {
+        "base": load_model_and_tokenizer(recipes["base"].model)[0],
+        "control": load_finetuned(recipes["base"], control)[0],
+    }
+    examples = training_examples(load_splits(recipes["base"].data), recipes["base"].data.answer_style)
+
+    general_kl = {}
+    for name, recipe in recipes.items():
+        work = tmp_path / f"work-{name}"
+        work.mkdir()
+        trainer, model, tokenizer = HFBackend().trainer(recipe, examples, work, False, True, control)
+        inputs = next(iter(trainer.get_train_dataloader()))
+        task = {k: v for k, v in inputs.items() if k != "labels"}
+        text = general_batches(recipe.distill.general, None, tokenizer, recipe.train.batch_size, recipe.train.seed, {})
+        text = text.next()
+        with torch.no_grad():
+            answers = inputs["labels"][:, 1:] != -100
+            task_kl = distill_loss(model(**task).logits, teachers["control"](**task).logits, answers)
+            general_kl[name] = distill_loss(
+                model(**text).logits, teachers[name](**text).logits, text["attention_mask"][:, 1:].bool()
+            )
+            loss = trainer.compute_loss(model, inputs)
+        assert loss.item() == pytest.approx(task_kl.item() + 2 * general_kl[name].item(), rel=1e-5)
+        assert GeneralText(recipe, None, tokenizer, control).identity["teacher"] == name  # keys its teacher samples
+    assert general_kl["control"] > 1.5 * general_kl["base"]  # the control is far from the base
+
+    assert needs_control_first(recipes["base"])
+    assert needs_control_first(
+        tiny_recipe(tiny_model_dir, "distill.teacher=base", *general, "distill.general.teacher=control")
+    )
+    assert not needs_control_first(tiny_recipe(tiny_model_dir, "distill.teacher=base", *general))
+
+
 def test_general_text_pools_the_head_of_every_source(text_file, tmp_path):
     """distill.general.mix: path's first `docs` documents, then each mix source's (all of them without `docs`)."""
     from qatkit.backends.general_text import corpus

@@ -30,10 +30,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def load_teacher(recipe: Recipe, control: Path | None):
-    if recipe.distill.teacher == "base":
+def load_teacher(recipe: Recipe, control: Path | None, general: bool = False):
+    """distill.teacher, or with `general` distill.general's teacher: the base model or the control."""
+    which, setting = (
+        (recipe.distill.general_teacher, "distill.general.teacher")
+        if general
+        else (recipe.distill.teacher, "distill.teacher")
+    )
+    if which == "base":
         return load_model_and_tokenizer(recipe.model)[0]
-    return load_finetuned(recipe, _control_output(control, "distill.teacher"))[0]
+    return load_finetuned(recipe, _control_output(control, setting))[0]
 
 
 @dataclass(frozen=True)
@@ -50,8 +56,9 @@ class GeneralText:
 
     @functools.cached_property
     def identity(self) -> dict:
-        identity = {"model": model_fingerprint(self.recipe.model.name_or_path), "teacher": self.recipe.distill.teacher}
-        if self.recipe.distill.teacher == "control":
+        teacher = self.recipe.distill.general_teacher
+        identity = {"model": model_fingerprint(self.recipe.model.name_or_path), "teacher": teacher}
+        if teacher == "control":
             identity["control"] = {f.name: file_digest(f) for f in sorted(Path(self.control).glob("*.safetensors"))}
         return identity
 
@@ -210,6 +217,9 @@ class HFBackend:
 
         # loaded first: AWQ or GPTQ may calibrate on its own samples (distill.general.path: teacher)
         teacher = load_teacher(recipe, control) if qat and recipe.distill else None
+        general_teacher = teacher
+        if teacher is not None and recipe.distill.general and recipe.distill.general_teacher != recipe.distill.teacher:
+            general_teacher = load_teacher(recipe, control, general=True)
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
         full = recipe.train.full_finetuning
         start = _starting_point(recipe, control) if qat else None
@@ -223,7 +233,7 @@ class HFBackend:
             require_chat_template(tokenizer, recipe.model)
         general = None
         if teacher is not None and recipe.distill.general:
-            general = GeneralText(recipe, teacher, tokenizer, control, FinetuneDir(work).teacher_samples)
+            general = GeneralText(recipe, general_teacher, tokenizer, control, FinetuneDir(work).teacher_samples)
         if qat:
             plan = prepare(model, recipe.quant)
             trained = FinetuneDir(work).trained(full)
@@ -257,7 +267,7 @@ class HFBackend:
 
         stream = general.batches() if general else None
         trainer_class = qat_trainer_class(
-            model, recipe.qat.scale_lr, teacher, recipe.distill, stream, recipe.qat.scale_space
+            model, recipe.qat.scale_lr, teacher, recipe.distill, stream, recipe.qat.scale_space, general_teacher
         )
         ckpt_dir = FinetuneDir(work).checkpoints
         trainer = sft_trainer(trainer_class, recipe, model, tokenizer, examples, ckpt_dir, not on_cuda, qat)

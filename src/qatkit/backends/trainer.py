@@ -28,15 +28,18 @@ log = logging.getLogger(__name__)
 LOSS_TERMS = ("ce", "kl_task", "kl_general")
 
 
-def _distill_compute_loss(teacher, distill, general=None):
+def _distill_compute_loss(teacher, distill, general=None, general_teacher=None):
     """Trainer.compute_loss mixing the cross-entropy with KL(teacher || student) on the same tokens, plus, with a
-    `general` stream (distill.general), the KL on every token of a batch of general text."""
+    `general` stream (distill.general), the KL to `general_teacher` (default: the teacher) on every token of a batch
+    of general text."""
     import torch
     from transformers import Trainer
 
     from qatkit.backends.distill import distill_loss
 
-    teacher.eval().requires_grad_(False)
+    general_teacher = general_teacher or teacher
+    for frozen in (teacher, general_teacher):
+        frozen.eval().requires_grad_(False)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unlabelled = {k: v for k, v in inputs.items() if k != "labels"}
@@ -72,7 +75,7 @@ def _distill_compute_loss(teacher, distill, general=None):
         if general is not None:
             text = general.next(outputs.logits.device)
             with torch.no_grad(), self.accelerator.autocast():
-                teacher_text = teacher(**text, use_cache=False).logits
+                teacher_text = general_teacher.to(outputs.logits.device)(**text, use_cache=False).logits
             kd_text = distill_loss(
                 model(**text, use_cache=False).logits,
                 teacher_text,
@@ -147,7 +150,13 @@ def _scales_create_optimizer(scales: list, scale_lr: float | None, scale_space: 
 
 
 def qat_trainer_class(
-    model, scale_lr: float | None = None, teacher=None, distill=None, general=None, scale_space: str | None = None
+    model,
+    scale_lr: float | None = None,
+    teacher=None,
+    distill=None,
+    general=None,
+    scale_space: str | None = None,
+    general_teacher=None,
 ):
     """SFTTrainer, or a subclass with what QAT needs of it:
 
@@ -158,13 +167,14 @@ def qat_trainer_class(
       without weight decay (decay would shrink every scale toward zero), stepped in log space with
       `scale_space` "log".
     - distillation (`teacher` model, the recipe's `distill` section): the loss mixes cross-entropy with
-      KL(teacher || student) on the same tokens, plus the KL on the `general` stream's text (distill.general).
+      KL(teacher || student) on the same tokens, plus the KL on the `general` stream's text (distill.general) to
+      `general_teacher` (default: the teacher).
     """
     from trl import SFTTrainer
 
     overrides = {}
     if teacher is not None:
-        overrides["compute_loss"] = _distill_compute_loss(teacher, distill, general)
+        overrides["compute_loss"] = _distill_compute_loss(teacher, distill, general, general_teacher)
     elif getattr(model.get_output_embeddings(), "weight_fake_quantizer", None) is not None:
         overrides["compute_loss"] = _model_lm_head_compute_loss
     if scales := list(learned_scales(model).values()):

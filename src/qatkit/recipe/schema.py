@@ -327,6 +327,12 @@ class GeneralTextSpec(Strict):
         0.5, gt=0.0, le=4.0, description="General sequences per task example in each batch (at least one)."
     )
     weight: float = Field(1.0, gt=0.0, description="Multiplier of the general-text KL added to the task loss.")
+    teacher: Literal["control", "base"] | None = Field(
+        None,
+        description="The model the general text's KL matches (and, with path: teacher, samples it): distill.teacher "
+        "unless set. base with distill.teacher: control keeps the model's general ability as it was before the "
+        "fine-tune (which moves it too) while the task part matches the control.",
+    )
     mix: tuple[GeneralTextSource, ...] = Field(
         (),
         description="More running text pooled with `path`'s documents before batching or packing (like data.mix, "
@@ -369,6 +375,10 @@ class DistillSpec(Strict):
         description="General text distilled on every token beside the task data (the task part keeps the loss "
         "above), so QAT keeps the model's general ability; none when absent.",
     )
+
+    @property
+    def general_teacher(self) -> Literal["control", "base"]:
+        return (self.general and self.general.teacher) or self.teacher
 
 
 class ConvertSpec(Strict):

@@ -84,7 +84,8 @@ def _control_run(recipe: Recipe, backend, examples: list[dict], target: Path, re
 
 def needs_control_first(recipe: Recipe) -> bool:
     """The QAT run learns from the control (its teacher) or starts from it."""
-    return bool(recipe.distill and recipe.distill.teacher == "control") or recipe.qat.init_from != "base"
+    teachers = (recipe.distill.teacher, recipe.distill.general_teacher) if recipe.distill else ()
+    return "control" in teachers or recipe.qat.init_from != "base"
 
 
 def needs_control_run(recipe: Recipe) -> bool:
