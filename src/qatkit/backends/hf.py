@@ -32,13 +32,9 @@ log = logging.getLogger(__name__)
 
 def load_teacher(recipe: Recipe, control: Path | None, general: bool = False):
     """distill.teacher, or with `general` distill.general's teacher: the base model or the control."""
-    which, setting = (
-        (recipe.distill.general_teacher, "distill.general.teacher")
-        if general
-        else (recipe.distill.teacher, "distill.teacher")
-    )
-    if which == "base":
+    if (recipe.distill.general_teacher if general else recipe.distill.teacher) == "base":
         return load_model_and_tokenizer(recipe.model)[0]
+    setting = "distill.general.teacher" if general else "distill.teacher"
     return load_finetuned(recipe, _control_output(control, setting))[0]
 
 
@@ -218,7 +214,7 @@ class HFBackend:
         # loaded first: AWQ or GPTQ may calibrate on its own samples (distill.general.path: teacher)
         teacher = load_teacher(recipe, control) if qat and recipe.distill else None
         general_teacher = teacher
-        if teacher is not None and recipe.distill.general and recipe.distill.general_teacher != recipe.distill.teacher:
+        if teacher is not None and recipe.distill.general_teacher != recipe.distill.teacher:
             general_teacher = load_teacher(recipe, control, general=True)
         set_seed(recipe.train.seed)  # LoRA init draws from the global RNG: seed it so runs reproduce
         full = recipe.train.full_finetuning
