@@ -9,12 +9,14 @@ import sys
 import threading
 import time
 
+import pytest
+
 from ..conftest import ROOT, TINY_RECIPE, run_cli
 
 STEPS = ["--set", "train.max_steps=16", "--set", "train.save_steps=4", "--set", "train.lr=0.01"]
 
 
-def _start(out, model_dir, *args):
+def _start(out, model_dir, *args, sigint=signal.SIG_DFL):
     cmd = [
         sys.executable,
         "-m",
@@ -35,7 +37,7 @@ def _start(out, model_dir, *args):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # Ctrl-C works even in a background job
+        preexec_fn=lambda: signal.signal(signal.SIGINT, sigint),  # by default Ctrl-C works even in a background job
     )
 
 
@@ -162,7 +164,12 @@ def test_killed_convert_is_redone(tiny_model_dir, tmp_path):
     assert "finetune skipped (done)" in " ".join(again.stdout.split())
 
 
-def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize(
+    "stop, sigint",
+    [(signal.SIGINT, signal.SIG_DFL), (signal.SIGTERM, signal.SIG_IGN)],  # `kill` of a job started with `nohup ... &`
+    ids=["ctrl-c", "sigterm-in-background"],
+)
+def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir, tmp_path, stop, sigint):
     out = tmp_path / "run"
     proc = _start(
         out,
@@ -173,6 +180,7 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir,
         "train.max_steps=400",
         "--set",
         "train.save_steps=1000",
+        sigint=sigint,
     )
     stdout, stderr = [], []
     readers = [
@@ -183,14 +191,14 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_resume_command(tiny_model_dir,
         reader.start()
     _wait_for(lambda: any("QAT training: 400 steps" in line for line in stdout), proc)  # training has begun
 
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(stop)
     proc.wait(timeout=120)
     for reader in readers:
         reader.join(timeout=30)
     err = "".join(stderr)
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err and "qatkit run" in err
-    assert any((out / ".finetune.partial" / "checkpoints").glob("checkpoint-*")), "no checkpoint saved on Ctrl-C"
+    assert any((out / ".finetune.partial" / "checkpoints").glob("checkpoint-*")), "no checkpoint saved on the stop"
 
 
 def test_killed_control_run_does_not_train_qat_again(tiny_model_dir, tmp_path):

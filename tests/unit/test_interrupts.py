@@ -30,3 +30,24 @@ def test_an_ignored_ctrl_c_stays_ignored():
             assert not interrupts.requested()
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_sigterm_is_recorded_then_raised_on_the_way_out(ctrl_c_enabled):
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert interrupts.requested()  # the process is still alive: training stops at its next step boundary
+    assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_sigterm_stops_gracefully_where_ctrl_c_is_ignored():
+    """A background job of a script starts with SIGINT ignored: `kill` still stops it at a step boundary."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with pytest.raises(KeyboardInterrupt), interrupts.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert interrupts.requested()
+            os.kill(os.getpid(), signal.SIGTERM)
+            pytest.fail("the second SIGTERM did not stop")
+    finally:
+        signal.signal(signal.SIGINT, previous)

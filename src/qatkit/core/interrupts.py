@@ -1,10 +1,11 @@
-"""Ctrl-C during a fine-tune: finish the current step, save a checkpoint there, stop.
+"""Ctrl-C (or SIGTERM) during a fine-tune: finish the current step, save a checkpoint there, stop.
 
 A KeyboardInterrupt raised wherever the main thread happens to be is unreliable in a training loop: raised inside
 a finalizer that the garbage collector runs, Python prints it as "Exception ignored" and training runs to the end;
 raised before the optimizer exists, there is nothing to checkpoint. Inside `deferred()` the first Ctrl-C only
 records the request, and training acts on it at the next step boundary (`StopAtStepEnd`); a second Ctrl-C raises
-KeyboardInterrupt at once.
+KeyboardInterrupt at once. SIGTERM (`kill`, a scheduler preempting the job, torchrun passing it on to its workers)
+is handled the same way, so a run in the background, where SIGINT starts ignored, can still be stopped gracefully.
 """
 
 from __future__ import annotations
@@ -25,26 +26,33 @@ def requested() -> bool:
     return _requested.is_set()
 
 
+_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+
+
 @contextlib.contextmanager
 def deferred():
-    """Record Ctrl-C instead of raising it; raise it on the way out if training did not act on it."""
-    # only the main thread can set a handler; an ignored SIGINT (a background job of a script) stays ignored
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    """Record Ctrl-C / SIGTERM instead of acting on it; raise KeyboardInterrupt on the way out if training did not
+    act on it."""
+    # only the main thread can set a handler; an ignored signal (SIGINT in a background job of a script) stays ignored
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
+    handled = [s for s in _NAMES if signal.getsignal(s) is not signal.SIG_IGN]
 
-    def on_sigint(signum, frame):
+    def on_signal(signum, frame):
         if _requested.is_set():
             raise KeyboardInterrupt
         _requested.set()
-        log.warning("Ctrl-C: stopping after this training step with a checkpoint (Ctrl-C again to stop at once)")
+        name = _NAMES[signum]
+        log.warning("%s: stopping after this training step with a checkpoint (%s again to stop at once)", name, name)
 
     _requested.clear()
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    previous = {s: signal.signal(s, on_signal) for s in handled}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
         pending = _requested.is_set()
         _requested.clear()
     if pending:  # requested after the last step: the stage finished; stop before the next one
@@ -52,7 +60,7 @@ def deferred():
 
 
 def stop_at_step_end_callback():
-    """A TrainerCallback that ends training with a checkpoint at the step where Ctrl-C was requested (every process
+    """A TrainerCallback that ends training with a checkpoint at the step where a stop was requested (every process
     of a multi-process run at the same step: the request is all-reduced)."""
     from transformers import TrainerCallback
 

@@ -19,7 +19,7 @@ from qatkit.run.rundir import RunDir
 
 
 def run(recipe: Recipe, run_dir: RunDir, work: Path, resume: bool = False) -> dict:
-    with interrupts.deferred():  # Ctrl-C stops training at a step boundary, with a checkpoint
+    with interrupts.deferred():  # Ctrl-C or SIGTERM stops training at a step boundary, with a checkpoint
         require_hardware(recipe.quant.scheme, "train")
         backend = select_backend(recipe)
         examples = read_jsonl(run_dir.train_data)
