@@ -282,8 +282,8 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
     """Train (resuming from the last checkpoint when asked), save what was trained (adapter or full weights)
     into `out`, and the trainer state + loss history into `work`.
 
-    Ctrl-C (inside `interrupts.deferred()`, as the finetune stage runs) ends training at the step boundary with a
-    checkpoint, so `--resume` continues from exactly there.
+    Ctrl-C or SIGTERM (inside `interrupts.deferred()`, as the finetune stage runs) ends training at the step boundary
+    with a checkpoint, so `--resume` continues from exactly there.
     """
     ckpt_dir = Path(trainer.args.output_dir)
     learns_scales = bool(learned_scales(model))

@@ -32,6 +32,6 @@ class GateError(QatkitError):
 
 
 class Interrupted(QatkitError):
-    """Ctrl-C: state was saved and the run can be resumed."""
+    """Ctrl-C or SIGTERM: state was saved and the run can be resumed."""
 
     exit_code = 130
