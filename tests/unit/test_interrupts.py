@@ -32,7 +32,7 @@ def test_an_ignored_ctrl_c_stays_ignored():
         signal.signal(signal.SIGINT, previous)
 
 
-def test_sigterm_is_recorded_then_raised_on_the_way_out(ctrl_c_enabled):
+def test_sigterm_is_recorded_then_raised_on_the_way_out():
     previous = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt), interrupts.deferred():
         os.kill(os.getpid(), signal.SIGTERM)
