@@ -38,9 +38,6 @@ def run_command(
     console.print(
         f"[bold]qatkit[/] {recipe.name}: scheme [cyan]{recipe.qat.scheme}[/], stages {', '.join(stages)} → {target}"
     )
-    resume_cmd = " ".join(
-        ["qatkit run", str(recipe_path), "--out", str(target), "--resume", *(f"--set {o}" for o in overrides)]
-    )
     try:
         run = run_recipe(
             recipe,
@@ -51,7 +48,7 @@ def run_command(
             on_stage=lambda name, status: console.print(f"[bold]▶ {name}[/] {status}"),
         )
     except Interrupted as e:
-        raise Interrupted(f"{e}. Resume with: {resume_cmd}") from None
+        raise e.with_resume(["qatkit", "run", str(recipe_path), "--out", str(target)], overrides) from None
     return run.root if run is not None else None  # None: a secondary training process, done after finetune
 
 

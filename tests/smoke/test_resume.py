@@ -3,6 +3,7 @@ training continues from its last checkpoint with the same optimizer/scheduler/RN
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,21 +18,14 @@ STEPS = ["--set", "train.max_steps=16", "--set", "train.save_steps=4", "--set", 
 
 
 def _start(out, model_dir, *args, sigint=signal.SIG_DFL):
-    cmd = [
-        sys.executable,
-        "-m",
-        "qatkit",
-        "run",
-        str(TINY_RECIPE),
-        "--out",
-        str(out),
-        "--set",
-        f"model.name_or_path={model_dir}",
-        *STEPS,
-        *args,
-    ]
+    return _popen(
+        ["run", str(TINY_RECIPE), "--out", str(out), "--set", f"model.name_or_path={model_dir}", *STEPS, *args], sigint
+    )
+
+
+def _popen(args, sigint=signal.SIG_DFL):
     return subprocess.Popen(
-        cmd,
+        [sys.executable, "-m", "qatkit", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -69,6 +63,23 @@ def _wait_for(predicate, proc, timeout=600):  # a hang guard, as run_cli's: a lo
 def _collect(stream, lines: list) -> None:
     for line in stream:
         lines.append(line)
+
+
+def _stop_once_training(proc, steps: int, stop=signal.SIGINT) -> str:
+    """Send `stop` once the QAT run's training has begun; wait for the process to end and return its stderr."""
+    stdout, stderr = [], []
+    readers = [
+        threading.Thread(target=_collect, args=pair, daemon=True)
+        for pair in [(proc.stdout, stdout), (proc.stderr, stderr)]
+    ]
+    for reader in readers:
+        reader.start()
+    _wait_for(lambda: any(f"QAT training: {steps} steps" in line for line in stdout), proc)
+    proc.send_signal(stop)
+    proc.wait(timeout=120)
+    for reader in readers:
+        reader.join(timeout=30)
+    return "".join(stderr)
 
 
 def _losses(out):
@@ -182,23 +193,31 @@ def test_a_stop_signal_saves_a_checkpoint_and_prints_the_resume_command(tiny_mod
         "train.save_steps=1000",
         sigint=sigint,
     )
-    stdout, stderr = [], []
-    readers = [
-        threading.Thread(target=_collect, args=pair, daemon=True)
-        for pair in [(proc.stdout, stdout), (proc.stderr, stderr)]
-    ]
-    for reader in readers:
-        reader.start()
-    _wait_for(lambda: any("QAT training: 400 steps" in line for line in stdout), proc)  # training has begun
-
-    proc.send_signal(stop)
-    proc.wait(timeout=120)
-    for reader in readers:
-        reader.join(timeout=30)
-    err = "".join(stderr)
+    err = _stop_once_training(proc, 400, stop)
     assert proc.returncode == 130, err[-2000:]
     assert "--resume" in err and "qatkit run" in err
     assert any((out / ".finetune.partial" / "checkpoints").glob("checkpoint-*")), "no checkpoint saved on the stop"
+
+
+def test_a_stopped_recovery_benchmark_resumes_with_the_command_it_prints(tiny_model_dir, tmp_path):
+    """`qatkit bench recovery` stopped in its QAT run: the command it prints continues that run to the summary."""
+    out = tmp_path / "recovery with space"
+    args = ["--recipe", str(TINY_RECIPE), "--schemes", "int8-int4", "--lora-modes", "merged", "--out", str(out)]
+    sets = [f"model.name_or_path={tiny_model_dir}", "train.max_steps=100", "train.save_steps=1000", "data.eval_size=20"]
+    sets.append("convert.parity_min_sqnr=0")
+    proc = _popen(["bench", "recovery", *args, *(a for s in sets for a in ("--set", s))])
+    err = _stop_once_training(proc, 100)
+    assert proc.returncode == 130, err[-2000:]
+    command = shlex.split(err.split("Resume with: ", 1)[1].splitlines()[0])
+    assert command[:3] == ["qatkit", "bench", "recovery"] and "--resume" in command
+
+    resumed = run_cli(*command[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((out / "recovery.json").read_text())
+    assert set(summary["runs"]) == {"int8-int4-merged"}
+    assert set(summary["runs"]["int8-int4-merged"]["variants"]) == {"bf16", "ptq", "ft-bf16", "ft-ptq", "qat"}
+    resumed_from = json.loads((out / "int8-int4-merged" / "finetune" / "train_summary.json").read_text())
+    assert 0 < resumed_from["resumed_from_step"] < 100
 
 
 def test_killed_control_run_does_not_train_qat_again(tiny_model_dir, tmp_path):

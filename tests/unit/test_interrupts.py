@@ -1,4 +1,5 @@
 import os
+import shlex
 import signal
 
 import pytest
@@ -51,3 +52,14 @@ def test_sigterm_stops_gracefully_where_ctrl_c_is_ignored():
             pytest.fail("the second SIGTERM did not stop")
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_the_resume_command_is_one_the_shell_reads_back():
+    from qatkit.core.errors import Interrupted
+
+    stop = Interrupted("interrupted at step 3; checkpoint saved in runs/a b/ckpt")
+    command = ["qatkit", "run", "recipe.yaml", "--out", "runs/a b"]
+    message = str(stop.with_resume(command, ["train.lr=1e-3", "eval.tasks=[heldout, mmlu]"]))
+    assert message.startswith("interrupted at step 3; checkpoint saved in runs/a b/ckpt. Resume with: ")
+    resume = shlex.split(message.split("Resume with: ")[1])
+    assert resume == [*command, "--resume", "--set", "train.lr=1e-3", "--set", "eval.tasks=[heldout, mmlu]"]

@@ -12,6 +12,7 @@ import math
 import statistics
 from pathlib import Path
 
+from qatkit.core.errors import Interrupted
 from qatkit.core.io import write_json_atomic
 from qatkit.core.metrics import normalized_degradation
 from qatkit.evaluation import variants as variant_info
@@ -234,4 +235,9 @@ def recovery_command(
 
     target = out or Path("benchmarks") / f"recovery-{recipe.stem}"
     preflight(load_recipe(recipe, overrides))
-    return run_recovery(recipe, target, schemes, lora_modes, overrides, resume), target
+    try:
+        return run_recovery(recipe, target, schemes, lora_modes, overrides, resume), target
+    except Interrupted as e:
+        command = ["qatkit", "bench", "recovery", "--recipe", str(recipe), "--out", str(target)]
+        command += ["--schemes", ",".join(schemes), "--lora-modes", ",".join(lora_modes)]
+        raise e.with_resume(command, overrides) from None

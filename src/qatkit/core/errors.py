@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shlex
+
 
 class QatkitError(Exception):
     """Base class: an expected failure with a message meant for the user."""
@@ -35,3 +37,8 @@ class Interrupted(QatkitError):
     """Ctrl-C or SIGTERM: state was saved and the run can be resumed."""
 
     exit_code = 130
+
+    def with_resume(self, command: list[str], overrides: list[str]) -> Interrupted:
+        """The same stop, its message ending with the command line that continues it (`overrides`: its --set values)."""
+        sets = [arg for o in overrides for arg in ("--set", o)]
+        return Interrupted(f"{self}. Resume with: {shlex.join([*command, '--resume', *sets])}")
