@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 import signal
@@ -52,3 +53,22 @@ def ctrl_c_enabled():
     previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, previous)
+
+
+def send_sigterm() -> None:
+    """What `kill` does to a run: in interrupts.deferred() the stop is recorded and acted on at the next boundary."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def stopped_early(match: str):
+    """Inside interrupts.deferred(), as the finetune stage runs: the body must end with Interrupted (`match`) where
+    the stop was requested, not run to its end (then deferred() raises KeyboardInterrupt on the way out)."""
+    from qatkit.core import interrupts
+    from qatkit.core.errors import Interrupted
+
+    try:
+        with pytest.raises(Interrupted, match=match), interrupts.deferred():
+            yield
+    except KeyboardInterrupt:
+        pytest.fail("the stop was acted on only after the whole phase")

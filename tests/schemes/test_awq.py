@@ -10,7 +10,7 @@ from qatkit.core.errors import RecipeError
 from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
 
-from ..conftest import TINY_RECIPE, arith_texts
+from ..conftest import TINY_RECIPE, arith_texts, send_sigterm, stopped_early
 
 
 def _prepared(model_dir, scheme, random_norms=False):
@@ -306,3 +306,26 @@ def test_a_checkpoint_loads_with_the_awq_scales_its_run_started_from(tiny_model_
     assert not (checkpoint / AWQ_SCALES).exists()
     with pytest.raises(RecipeError, match=r"awq_scales\.safetensors is missing"):
         load_trained(recipe, checkpoint)
+
+
+def test_a_stop_request_ends_the_search_at_the_next_mlp(tiny_model_dir, monkeypatch):
+    """Ctrl-C or SIGTERM while AWQ searches: the search ends before the next MLP with Interrupted instead of going
+    through every layer first."""
+    from qatkit.quant import awq
+
+    model, spec = _prepared(tiny_model_dir, "int8-int4")
+    ids = torch.randint(3, model.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    last = model.model.layers[-1].mlp.down_proj.weight.detach().clone()
+    search, searched = awq._search, []
+
+    def stopped_in_the_first(*args):
+        searched.append(args[3])
+        if len(searched) == 1:
+            send_sigterm()
+        return search(*args)
+
+    monkeypatch.setattr(awq, "_search", stopped_in_the_first)
+    with stopped_early("AWQ"):
+        awq.awq_(model, ids, torch.ones_like(ids), spec.group_size, grid=10)
+    assert searched == ["model.layers.0.mlp"]
+    assert torch.equal(model.model.layers[-1].mlp.down_proj.weight, last)  # the last MLP was never searched

@@ -9,7 +9,7 @@ import torch
 from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
 
-from ..conftest import TINY_RECIPE, arith_texts
+from ..conftest import TINY_RECIPE, arith_texts, send_sigterm, stopped_early
 
 
 def tiny_recipe(model_dir, *overrides):
@@ -326,6 +326,35 @@ def test_an_interrupted_draw_goes_on_from_its_last_batch_and_ends_as_an_uninterr
     assert general_text.teacher_samples(spec, teacher, tokenizer, 0, {"m": 1}, kept, batch_size=2) == uninterrupted
     assert drawn == [2, 2, 2, 1]  # two batches before the kill, the last two after it
     assert not list(kept.glob("*.partial.json")) and len(list(kept.glob("*.json"))) == 1
+
+
+def test_a_stop_request_ends_the_draw_after_the_batch_it_came_in(tiny_model_dir, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while the teacher samples: the batch being drawn is finished and kept, then the draw ends
+    with Interrupted (--resume goes on from there)."""
+    from qatkit.backends import general_text
+    from qatkit.core.io import read_json
+    from qatkit.models.loading import load_model_and_tokenizer
+
+    recipe = tiny_recipe(
+        tiny_model_dir, "distill.teacher=base", "distill.general.path=teacher", "distill.general.docs=7"
+    )
+    spec = recipe.distill.general.model_copy(update={"max_tokens": 12})
+    teacher, tokenizer = load_model_and_tokenizer(recipe.model)
+    kept, sample, drawn = tmp_path / "run" / "teacher_samples", general_text._sample, []
+
+    def stopped_in_the_second_batch(*args):
+        drawn.append(args[2])
+        if len(drawn) == 2:
+            send_sigterm()
+        return sample(*args)
+
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(general_text, "_sample", stopped_in_the_second_batch)
+    with stopped_early("4 of 7 sequences kept"):
+        general_text.teacher_samples(spec, teacher, tokenizer, 0, {"m": 1}, kept, batch_size=2)
+    assert drawn == [2, 2]
+    [progress] = kept.glob("*.partial.json")
+    assert len(read_json(progress)["sequences"]) == 4
 
 
 def test_a_run_with_data_free_general_distillation(tiny_model_dir, tmp_path):

@@ -9,7 +9,7 @@ from qatkit.core.errors import RecipeError
 from qatkit.pipeline import run_recipe
 from qatkit.recipe import load_recipe
 
-from ..conftest import TINY_RECIPE
+from ..conftest import TINY_RECIPE, send_sigterm, stopped_early
 
 SAMPLED = ("q_proj", "gate_proj")
 
@@ -132,3 +132,26 @@ def test_qat_from_gptq_converts_to_the_model_it_trained(tiny_model_dir, tmp_path
     (out / "convert" / "DONE").unlink()
     with pytest.raises(RecipeError, match=r"gptq_weights\.safetensors is missing"):
         run_recipe(recipe, out, only=["convert"])
+
+
+def test_a_stop_request_ends_gptq_at_the_next_layer(tiny_model_dir, monkeypatch):
+    """Ctrl-C or SIGTERM during GPTQ: it ends before the next decoder layer with Interrupted instead of going
+    through every layer first."""
+    from qatkit.quant import gptq
+
+    model = _prepared(tiny_model_dir, "absmax")
+    ids, mask = _calibration(model)
+    last = model.model.layers[-1].mlp.down_proj.weight.detach().clone()
+    quantize, quantized = gptq._quantize_linears, []
+
+    def stopped_in_the_first(linears, *args):
+        quantized.append(list(linears))
+        if len(quantized) == 1:
+            send_sigterm()
+        return quantize(linears, *args)
+
+    monkeypatch.setattr(gptq, "_quantize_linears", stopped_in_the_first)
+    with stopped_early("GPTQ"):
+        gptq.gptq_(model, ids, mask)
+    assert len(quantized) == 1 and all(name.startswith("model.layers.0.") for name in quantized[0])
+    assert torch.equal(model.model.layers[-1].mlp.down_proj.weight, last)  # the last layer was never quantized

@@ -63,3 +63,13 @@ def test_the_resume_command_is_one_the_shell_reads_back():
     assert message.startswith("interrupted at step 3; checkpoint saved in runs/a b/ckpt. Resume with: ")
     resume = shlex.split(message.split("Resume with: ")[1])
     assert resume == [*command, "--resume", "--set", "train.lr=1e-3", "--set", "eval.tasks=[heldout, mmlu]"]
+
+
+def test_a_phase_before_training_stops_between_its_pieces_only_once_asked():
+    from qatkit.core.errors import Interrupted
+
+    with pytest.raises(Interrupted, match="interrupted in the search"), interrupts.deferred():
+        interrupts.stop_if_requested("in the search")  # nothing asked yet: goes on
+        os.kill(os.getpid(), signal.SIGTERM)
+        interrupts.stop_if_requested("in the search")
+    assert not interrupts.requested()

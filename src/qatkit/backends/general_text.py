@@ -9,6 +9,7 @@ import random
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qatkit.core import interrupts
 from qatkit.core.cache import cache_key, cache_lock, cache_root
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import read_json, read_jsonl, write_json_atomic
@@ -176,6 +177,7 @@ def _draw(
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(path, found, indent=None)
         log.info("%d of %d general-text sequences sampled", len(sequences), spec.docs)
+        interrupts.stop_if_requested(f"while sampling general text ({len(sequences)} of {spec.docs} sequences kept)")
     return found
 
 

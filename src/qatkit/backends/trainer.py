@@ -295,8 +295,7 @@ def train_and_save(trainer, model, tokenizer, work: Path, out: Path, resume: boo
         log.info("resuming training from %s", resume_from)
         if learns_scales:
             load_learned_scales(model, resume_from / LEARNED_SCALES)
-    if interrupts.requested():  # while the model and trainer were being built: nothing trained yet
-        raise Interrupted("interrupted before training started")
+    interrupts.stop_if_requested("before training started")  # while the model and trainer were being built
     trainer.add_callback(interrupts.stop_at_step_end_callback())
     with progress.training(trainer, qat=bool(fake_quantizers(model))):  # a bar instead of raw dicts
         trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)

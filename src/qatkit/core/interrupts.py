@@ -4,7 +4,8 @@ A KeyboardInterrupt raised wherever the main thread happens to be is unreliable 
 a finalizer that the garbage collector runs, Python prints it as "Exception ignored" and training runs to the end;
 raised before the optimizer exists, there is nothing to checkpoint. Inside `deferred()` the first Ctrl-C only
 records the request, and training acts on it at the next step boundary (`StopAtStepEnd`); a second Ctrl-C raises
-KeyboardInterrupt at once. SIGTERM (`kill`, a scheduler preempting the job, torchrun passing it on to its workers)
+KeyboardInterrupt at once. The long phases before training (sampling the teacher's text, AWQ's and GPTQ's
+searches) stop between their pieces (`stop_if_requested`). SIGTERM (`kill`, a scheduler preempting the job, torchrun passing it on to its workers)
 is handled the same way, so a run in the background, where SIGINT starts ignored, can still be stopped gracefully.
 """
 
@@ -16,6 +17,7 @@ import signal
 import threading
 
 from qatkit.core import distributed
+from qatkit.core.errors import Interrupted
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +59,13 @@ def deferred():
         _requested.clear()
     if pending:  # requested after the last step: the stage finished; stop before the next one
         raise KeyboardInterrupt
+
+
+def stop_if_requested(where: str) -> None:
+    """Between the pieces of a long phase before training (the teacher's samples, AWQ's or GPTQ's search): end it
+    there (Interrupted, exit 130) once a stop was requested, instead of running the whole phase first."""
+    if requested():
+        raise Interrupted(f"interrupted {where}")
 
 
 def stop_at_step_end_callback():

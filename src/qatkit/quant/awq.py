@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from qatkit.core import interrupts
 from qatkit.core.errors import RecipeError
 from qatkit.quant.patches import each_fake_quantizer, fake_quant_off
 from qatkit.quant.plan import stable_fqn
@@ -157,6 +158,7 @@ def awq_(
             inputs.close()
         chosen = {}
         for name, mlp in mlps.items():
+            interrupts.stop_if_requested("in AWQ's search (--resume searches again)")
             scaled = set()
             if name in norms:
                 norm_name, norm = norms[name]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from qatkit.core import interrupts
 from qatkit.core.errors import RecipeError
 from qatkit.quant.patches import fake_quant_off
 from qatkit.quant.plan import stable_fqn
@@ -165,6 +166,7 @@ def gptq_(
         else:
             hidden, layer_kwargs = _layer_inputs(decoder, layers, input_ids, attention_mask)
             for layer, kwargs in zip(layers, layer_kwargs, strict=True):
+                interrupts.stop_if_requested("in GPTQ (--resume starts it again)")
                 linears = _learned_scale_linears(layer, prefix=names[id(layer)] + ".")
                 hessians = _Hessians(linears, mask)
                 with fake_quant_off(m.weight_fake_quantizer for m in linears.values()):
