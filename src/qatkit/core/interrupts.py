@@ -5,8 +5,9 @@ a finalizer that the garbage collector runs, Python prints it as "Exception igno
 raised before the optimizer exists, there is nothing to checkpoint. Inside `deferred()` the first Ctrl-C only
 records the request, and training acts on it at the next step boundary (`StopAtStepEnd`); a second Ctrl-C raises
 KeyboardInterrupt at once. The long phases before training (sampling the teacher's text, AWQ's and GPTQ's
-searches) stop between their pieces (`stop_if_requested`). SIGTERM (`kill`, a scheduler preempting the job, torchrun passing it on to its workers)
-is handled the same way, so a run in the background, where SIGINT starts ignored, can still be stopped gracefully.
+searches) stop between their pieces (`stop_if_requested`). SIGTERM (`kill`, a scheduler preempting the job, torchrun
+passing it on to its workers) is handled the same way, so a run in the background, where SIGINT starts ignored, can
+still be stopped gracefully.
 """
 
 from __future__ import annotations
