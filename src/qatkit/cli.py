@@ -277,6 +277,13 @@ def pack(
         Path, typer.Argument(help="A run directory (or a `bench recovery --out` folder), finished or not.")
     ],
     dest: Annotated[Path, typer.Argument(help="A new folder for the parts and their state.json.")],
+    keep_converted: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the converted checkpoint of a finished fine-tune (left out, --resume converts again in seconds;"
+            " an unfinished eval then scores that conversion again)."
+        ),
+    ] = False,
 ) -> None:
     """Pack a run directory, mid-training included, into parts small enough to commit (45 MB each), to continue
     it on another machine: `qatkit unpack` there, then the same command with --resume.
@@ -285,7 +292,7 @@ def pack(
     """
     from qatkit.run.state import pack as pack_run
 
-    _show("packed_state", dest, _guard(pack_run, run_dir, dest))
+    _show("packed_state", dest, _guard(pack_run, run_dir, dest, keep_converted=keep_converted))
 
 
 @app.command()

@@ -97,6 +97,8 @@ def packed_state(where: Path, manifest: dict) -> None:
     console.print(f"{where}: {len(files)} files, {size / 2**20:.1f} MB in {manifest['parts']} parts")
     for checkpoint in checkpoints:
         console.print(f"  trainer checkpoint: {checkpoint}")
+    for converted in manifest.get("left_out", []):
+        console.print(f"  left out: {converted} (--resume converts the finished fine-tune again)")
 
 
 def eval_results(model_dir: Path, results: dict) -> None:

@@ -49,6 +49,45 @@ def test_pack_keeps_the_last_complete_checkpoint_and_unpacks_byte_for_byte(tmp_p
     assert _files(tmp_path / "elsewhere") == kept
 
 
+def _finished_run(root):
+    """A `bench recovery --out` folder: one scheme's run with its fine-tune and convert finished, eval under way."""
+    files = {
+        "recovery.json": b"{}",
+        "int8-int4-merged/manifest.json": b"{}",
+        "int8-int4-merged/finetune/DONE": b"",
+        "int8-int4-merged/finetune/adapter/adapter_model.safetensors": bytes(range(256)) * 40,
+        "int8-int4-merged/convert/DONE": b"",
+        "int8-int4-merged/convert/model.safetensors": b"m" * 9000,
+        "int8-int4-merged/.eval.partial/variants/qat.json": b'{"text_nll": 3.4}',
+    }
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+@pytest.mark.parametrize("keep_converted", [False, True])
+def test_the_converted_checkpoint_of_a_finished_fine_tune_is_left_for_resume_to_rebuild(tmp_path, keep_converted):
+    run = tmp_path / "run"
+    files = _finished_run(run)
+    manifest = pack(run, tmp_path / "state", part_bytes=4096, keep_converted=keep_converted)
+    unpack(tmp_path / "state", tmp_path / "elsewhere")
+    if keep_converted:
+        assert manifest["left_out"] == [] and _files(tmp_path / "elsewhere") == files
+    else:
+        assert manifest["left_out"] == ["int8-int4-merged/convert"]
+        assert _files(tmp_path / "elsewhere") == {k: v for k, v in files.items() if "/convert/" not in k}
+
+
+def test_a_conversion_is_kept_while_its_fine_tune_is_unfinished(tmp_path):
+    run = tmp_path / "run"
+    files = _finished_run(run)
+    (run / "int8-int4-merged/finetune/DONE").unlink()
+    assert pack(run, tmp_path / "state")["left_out"] == []
+    unpack(tmp_path / "state", tmp_path / "elsewhere")
+    assert _files(tmp_path / "elsewhere") == {k: v for k, v in files.items() if k != "int8-int4-merged/finetune/DONE"}
+
+
 def test_pack_and_unpack_refuse_what_they_would_damage(tmp_path):
     run = tmp_path / "run"
     _run_dir(run)

@@ -2,9 +2,11 @@
 machine's lease continues on a fresh machine from committed state with `--resume`.
 
 Kept: every file of the run directory, finished stages and the unfinished one's work dir alike, except trainer
-checkpoints older than the newest complete one (`--resume` continues from that one). A file whose bytes an earlier
-file already holds is stored once. The bytes are cut into parts of at most `part_bytes` (git hosts refuse large
-files); `state.json` lists each file with its size and sha256, checked when unpacked.
+checkpoints older than the newest complete one (`--resume` continues from that one) and, once the fine-tune is
+finished, the converted checkpoint unless asked to keep it (`--resume` converts the packed fine-tune again, in
+seconds, to the same tensors; an unfinished eval then scores the new conversion again, its baselines kept). A file
+whose bytes an earlier file already holds is stored once. The bytes are cut into parts of at most `part_bytes` (git
+hosts refuse large files); `state.json` lists each file with its size and sha256, checked when unpacked.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from pathlib import Path
 
 from qatkit.core.cache import file_digest
 from qatkit.core.errors import RecipeError
-from qatkit.core.io import read_json, write_json_atomic
+from qatkit.core.io import is_done, read_json, write_json_atomic
 from qatkit.run.layout import LEARNED_SCALES, last_checkpoint
 
 MANIFEST = "state.json"
@@ -35,23 +37,35 @@ def _stale_checkpoints(run: Path) -> set[Path]:
     return stale
 
 
-def _kept_files(run: Path) -> list[Path]:
-    stale = _stale_checkpoints(run)
+def _rebuilt_conversions(run: Path) -> set[Path]:
+    """Convert stages (finished or not) beside a finished fine-tune: `--resume` rebuilds them from it."""
+    return {
+        converted
+        for finetune in run.rglob("finetune")
+        if is_done(finetune)
+        for converted in (finetune.with_name("convert"), finetune.with_name(".convert.partial"))
+        if converted.is_dir()
+    }
+
+
+def _kept_files(run: Path, left_out: set[Path]) -> list[Path]:
     return sorted(
-        p for p in run.rglob("*") if p.is_file() and not any(c in p.parents for c in stale) and p.suffix != ".lock"
+        p for p in run.rglob("*") if p.is_file() and not any(c in p.parents for c in left_out) and p.suffix != ".lock"
     )
 
 
-def pack(run: Path, dest: Path, part_bytes: int = PART_BYTES) -> dict:
-    """Write `run`'s state into the empty or missing folder `dest`; returns the manifest."""
+def pack(run: Path, dest: Path, part_bytes: int = PART_BYTES, keep_converted: bool = False) -> dict:
+    """Write `run`'s state into the empty or missing folder `dest`; returns the manifest, whose `left_out` lists
+    the converted checkpoints left for `--resume` to rebuild."""
     if not (run / "manifest.json").is_file() and not any(run.glob("*/manifest.json")):
         raise RecipeError(f"{run} is not a qatkit run directory (no manifest.json in it or its sub-folders)")
     if dest.exists() and any(dest.iterdir()):
         raise RecipeError(f"{dest} is not empty: pack into a new folder")
     dest.mkdir(parents=True, exist_ok=True)
+    rebuilt = set() if keep_converted else _rebuilt_conversions(run)
     files, first_with = [], {}
     parts = _PartWriter(dest, part_bytes)
-    for path in _kept_files(run):
+    for path in _kept_files(run, _stale_checkpoints(run) | rebuilt):
         sha = file_digest(path)
         entry = {"path": path.relative_to(run).as_posix(), "bytes": path.stat().st_size, "sha256": sha}
         if sha in first_with:
@@ -63,7 +77,8 @@ def pack(run: Path, dest: Path, part_bytes: int = PART_BYTES) -> dict:
                     parts.write(chunk)
         files.append(entry)
     parts.close()
-    manifest = {"format": 1, "parts": parts.count, "files": files}
+    left_out = sorted(c.relative_to(run).as_posix() for c in rebuilt)
+    manifest = {"format": 1, "parts": parts.count, "files": files, "left_out": left_out}
     write_json_atomic(dest / MANIFEST, manifest)
     return manifest
 
