@@ -19,7 +19,7 @@ from pathlib import Path
 from qatkit.core.cache import file_digest
 from qatkit.core.errors import RecipeError
 from qatkit.core.io import is_done, read_json, write_json_atomic
-from qatkit.run.layout import LEARNED_SCALES, last_checkpoint
+from qatkit.run.layout import LEARNED_SCALES, RunLayout, last_checkpoint
 
 MANIFEST = "state.json"
 PART = "part-{:03d}.bin"
@@ -37,13 +37,19 @@ def _stale_checkpoints(run: Path) -> set[Path]:
     return stale
 
 
-def _rebuilt_conversions(run: Path) -> set[Path]:
+def _run_layouts(run: Path) -> list[RunLayout]:
+    """The run directories in `run`: itself, or each scheme's of a `bench recovery --out` folder."""
+    candidates = [run, *run.iterdir()] if run.is_dir() else []
+    return [RunLayout(d) for d in candidates if (d / "manifest.json").is_file()]
+
+
+def _rebuilt_conversions(runs: list[RunLayout]) -> set[Path]:
     """Convert stages (finished or not) beside a finished fine-tune: `--resume` rebuilds them from it."""
     return {
         converted
-        for finetune in run.rglob("finetune")
-        if is_done(finetune)
-        for converted in (finetune.with_name("convert"), finetune.with_name(".convert.partial"))
+        for layout in runs
+        if is_done(layout.stage("finetune"))
+        for converted in (layout.stage("convert"), layout.partial("convert"))
         if converted.is_dir()
     }
 
@@ -57,12 +63,13 @@ def _kept_files(run: Path, left_out: set[Path]) -> list[Path]:
 def pack(run: Path, dest: Path, part_bytes: int = PART_BYTES, keep_converted: bool = False) -> dict:
     """Write `run`'s state into the empty or missing folder `dest`; returns the manifest, whose `left_out` lists
     the converted checkpoints left for `--resume` to rebuild."""
-    if not (run / "manifest.json").is_file() and not any(run.glob("*/manifest.json")):
+    runs = _run_layouts(run)
+    if not runs:
         raise RecipeError(f"{run} is not a qatkit run directory (no manifest.json in it or its sub-folders)")
     if dest.exists() and any(dest.iterdir()):
         raise RecipeError(f"{dest} is not empty: pack into a new folder")
     dest.mkdir(parents=True, exist_ok=True)
-    rebuilt = set() if keep_converted else _rebuilt_conversions(run)
+    rebuilt = set() if keep_converted else _rebuilt_conversions(runs)
     files, first_with = [], {}
     parts = _PartWriter(dest, part_bytes)
     for path in _kept_files(run, _stale_checkpoints(run) | rebuilt):
